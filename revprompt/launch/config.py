@@ -1,0 +1,254 @@
+"""Typed run configuration: one dataclass per TOML section, overrides, validation, saving."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import sys
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import tomli_w
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+PRESETS = ("tiny", "sd2-blip")
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the file or field."""
+
+
+def _f(default: Any, doc: str, *, min: float | None = None, max: float | None = None,
+       choices: tuple | None = None) -> Any:
+    """A field with a one-line doc and the bounds that validation enforces."""
+    meta = {"doc": doc, "min": min, "max": max, "choices": choices}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class RunConfig:
+    dir: str = _f("runs/tiny", "run directory: config, shards, checkpoints, reports, logs")
+    seed: int = _f(0, "global seed; every sample's seed derives from it and the sample key", min=0)
+    log_level: str = _f("INFO", "logging level of every rank's log file",
+                        choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    timeout_s: int = _f(1800, "collective timeout: a rank that stops answering fails the job after this",
+                        min=10)
+    device: str = _f("auto", "auto (CUDA when present), cuda or cpu", choices=("auto", "cuda", "cpu"))
+
+
+@dataclass
+class PromptsConfig:
+    path: str = _f("bundled", "prompt file (.csv styles.csv-shaped, .jsonl, .txt) or 'bundled' for the "
+                   "synthetic fashion set shipped with revprompt")
+    format: str = _f("auto", "file format; auto decides by extension", choices=("auto", "csv", "jsonl", "txt"))
+    template: str = _f("auto", "prompt text as a str.format template over the row's columns; auto = "
+                       "{productDisplayName} for CSV, {prompt} for JSONL and TXT")
+    id_field: str = _f("id", "column/key holding a stable prompt id; absent ids derive from the text")
+    limit: int = _f(0, "use only the first N prompts after cleaning (0 = all)", min=0)
+    val_fraction: float = _f(0.05, "share of prompts in the val split (by hash of the normalised text)",
+                             min=0.0, max=1.0)
+    test_fraction: float = _f(0.05, "share of prompts in the test split (by hash of the normalised text)",
+                              min=0.0, max=1.0)
+
+
+@dataclass
+class GenerateConfig:
+    model: str = _f("tiny", "Stable Diffusion: hub id, local diffusers directory, or 'tiny' (random, offline)")
+    scheduler: str = _f("dpmsolver++", "sampler", choices=("dpmsolver++", "euler", "ddim"))
+    steps: int = _f(25, "denoising steps per image", min=1, max=1000)
+    guidance_scale: float = _f(7.5, "classifier-free guidance scale (<= 1 disables CFG)", min=0.0, max=50.0)
+    negative_prompt: str = _f("", "negative prompt used for every image")
+    height: int = _f(512, "image height in pixels (multiple of 8)", min=8, max=4096)
+    width: int = _f(512, "image width in pixels (multiple of 8)", min=8, max=4096)
+    images_per_prompt: int = _f(1, "images generated per prompt, each with its own seed", min=1, max=1000)
+    batch_size: int = _f(8, "images per pipeline call (per rank)", min=1, max=4096)
+    shard_size: int = _f(1000, "samples per tar shard", min=1, max=1_000_000)
+    dtype: str = _f("auto", "model dtype: auto = bf16 on CUDA, fp32 on CPU",
+                    choices=("auto", "fp32", "bf16", "fp16"))
+    image_format: str = _f("jpg", "encoding of the images in the shards", choices=("jpg", "png", "webp"))
+    jpeg_quality: int = _f(95, "JPEG/WebP quality", min=1, max=100)
+    splits: list = _f(["train", "val", "test"], "splits to generate")
+    compile: bool = _f(False, "torch.compile the UNet (GPU; pays off from a few hundred batches)")
+    grid_images: int = _f(16, "images in the TensorBoard sample grid (0 = none)", min=0, max=256)
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = _f(100, "optimizer steps of the captioner fine-tune (read by `revprompt train`)", min=0)
+
+
+@dataclass
+class EvaluateConfig:
+    max_samples: int = _f(0, "evaluate only the first N test samples (0 = all; read by `revprompt evaluate`)",
+                          min=0)
+
+
+@dataclass
+class DriftConfig:
+    iterations: int = _f(3, "prompt -> image -> caption rounds (read by `revprompt drift`)", min=0)
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    drift: DriftConfig = field(default_factory=DriftConfig)
+
+    def to_dict(self) -> dict:
+        """Plain nested dict, as written to config.toml."""
+        return dataclasses.asdict(self)
+
+    def fingerprint(self, *sections: str) -> str:
+        """Hash of the named sections ('run.seed' style keys allowed): what a stage's outputs depend on."""
+        full = self.to_dict()
+        picked = {}
+        for name in sections:
+            sec, _, key = name.partition(".")
+            picked[name] = full[sec][key] if key else full[sec]
+        blob = json.dumps(picked, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _coerce(value: Any, typ: Any, name: str, from_cli: bool) -> Any:
+    """Convert a TOML value (or a CLI string) to the field's type; ConfigError names the field."""
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if from_cli and str(value).lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return str(value).lower() in ("1", "true", "yes", "on")
+        raise ConfigError(f"{name}: expected true or false, got {value!r}")
+    if typ is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{name}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if from_cli:
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{name}: expected an integer, got {value!r}")
+    if typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if from_cli:
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{name}: expected a number, got {value!r}")
+    if typ is list:
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return value
+        if from_cli and isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        raise ConfigError(f"{name}: expected a list of strings, got {value!r}")
+    if not isinstance(value, str):
+        raise ConfigError(f"{name}: expected a string, got {value!r}")
+    return value
+
+
+def _set(cfg: Config, dotted: str, value: Any, from_cli: bool) -> None:
+    sec_name, _, key = dotted.partition(".")
+    section = getattr(cfg, sec_name, None) if not sec_name.startswith("_") else None
+    if section is None or not dataclasses.is_dataclass(section):
+        known = ", ".join(f.name for f in dataclasses.fields(Config))
+        raise ConfigError(f"{dotted}: unknown section [{sec_name}] (known: {known})")
+    hints = get_type_hints(type(section))
+    if key not in hints:
+        known = ", ".join(f.name for f in dataclasses.fields(section))
+        raise ConfigError(f"{dotted}: unknown key in [{sec_name}] (known: {known})")
+    setattr(section, key, _coerce(value, hints[key], dotted, from_cli))
+
+
+def validate(cfg: Config) -> Config:
+    """Check every field's bounds and choices plus cross-field rules; raise ConfigError naming the field."""
+    for sec in dataclasses.fields(cfg):
+        section = getattr(cfg, sec.name)
+        for f in dataclasses.fields(section):
+            name, value, meta = f"{sec.name}.{f.name}", getattr(section, f.name), f.metadata
+            if meta.get("choices") and value not in meta["choices"]:
+                raise ConfigError(f"{name}: {value!r} is not one of {', '.join(meta['choices'])}")
+            if meta.get("min") is not None and value < meta["min"]:
+                raise ConfigError(f"{name}: must be >= {meta['min']}, got {value}")
+            if meta.get("max") is not None and value > meta["max"]:
+                raise ConfigError(f"{name}: must be <= {meta['max']}, got {value}")
+    g, p = cfg.generate, cfg.prompts
+    for name in ("height", "width"):
+        if getattr(g, name) % 8:
+            raise ConfigError(f"generate.{name}: must be a multiple of 8, got {getattr(g, name)}")
+    bad = [s for s in g.splits if s not in ("train", "val", "test")]
+    if bad or not g.splits:
+        raise ConfigError(f"generate.splits: expected a non-empty subset of train, val, test, got {g.splits}")
+    if p.val_fraction + p.test_fraction > 1.0:
+        raise ConfigError("prompts.val_fraction + prompts.test_fraction: must be <= 1, got "
+                          f"{p.val_fraction + p.test_fraction}")
+    if not cfg.run.dir:
+        raise ConfigError("run.dir: must not be empty")
+    return cfg
+
+
+def preset_path(name: str) -> Path:
+    """Path of a packaged preset (`tiny`, `sd2-blip`)."""
+    return Path(str(resources.files("revprompt.launch") / "configs" / f"{name}.toml"))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a TOML file (or a preset name; default `tiny`), apply `section.key=value` overrides, validate."""
+    path = path or "tiny"
+    file = preset_path(str(path)) if str(path) in PRESETS else Path(path)
+    try:
+        data = tomllib.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{file}: config file not found (presets: {', '.join(PRESETS)})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{file}: cannot read: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{file}: invalid TOML: {exc}") from None
+    cfg = Config()
+    for sec_name, body in data.items():
+        if not isinstance(body, dict):
+            raise ConfigError(f"{file}: {sec_name}: expected a [section], got a value")
+        for key, value in body.items():
+            try:
+                _set(cfg, f"{sec_name}.{key}", value, from_cli=False)
+            except ConfigError as exc:
+                raise ConfigError(f"{file}: {exc}") from None
+    for item in overrides or []:
+        dotted, sep, value = item.removeprefix("--").partition("=")
+        if not sep:
+            raise ConfigError(f"override {item!r}: expected --section.key=value")
+        _set(cfg, dotted, value, from_cli=True)
+    return validate(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as TOML, atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(tomli_w.dumps(cfg.to_dict()), encoding="utf-8")
+    tmp.replace(path)
+
+
+def describe() -> str:
+    """Every section and key with its default and doc, for `revprompt config --help`-style output."""
+    lines = []
+    for sec in dataclasses.fields(Config):
+        lines.append(f"[{sec.name}]")
+        for f in dataclasses.fields(sec.default_factory()):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"  {f.name} = {default!r}  # {f.metadata['doc']}")
+    return "\n".join(lines)

@@ -1,0 +1,148 @@
+"""Distributed runtime: process-group set-up on accelerate's PartialState, rank helpers, per-rank logs.
+
+This is the only module that reads RANK, WORLD_SIZE, LOCAL_RANK and SLURM_*; everything else asks it.
+Every helper also works in a single process without a process group.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process stands in the job."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        """True on global rank 0, the rank that prints progress and writes TensorBoard."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        """True when a process group with more than one rank is up."""
+        return self.world_size > 1
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """First host name of a Slurm node list such as 'gpu-[07-09,12],cpu1' (no scontrol needed)."""
+    match = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())
+    if not match:
+        raise ValueError(f"SLURM_JOB_NODELIST: cannot parse {nodelist!r}")
+    prefix, _, ranges = match.groups()
+    if not ranges:
+        return prefix
+    return prefix + ranges.split(",")[0].split("-")[0]
+
+
+def map_slurm_env(env: dict[str, str] | None = None) -> bool:
+    """When srun started one task per GPU (and no torchrun), fill the torchrun variables from SLURM_*."""
+    env = os.environ if env is None else env
+    if "RANK" in env or int(env.get("SLURM_NTASKS", "1")) <= 1 or "SLURM_PROCID" not in env:
+        return False
+    env["RANK"] = env["SLURM_PROCID"]
+    env["WORLD_SIZE"] = env["SLURM_NTASKS"]
+    env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+    env.setdefault("LOCAL_WORLD_SIZE", env.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0])
+    if "MASTER_ADDR" not in env:
+        nodelist = env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "127.0.0.1"))
+        host = None
+        if shutil.which("scontrol"):
+            out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True)
+            host = out.stdout.split()[0] if out.returncode == 0 and out.stdout.strip() else None
+        env["MASTER_ADDR"] = host or first_slurm_host(nodelist)
+    env.setdefault("MASTER_PORT", str(29500 + int(env.get("SLURM_JOB_ID", "0")) % 1000))
+    return True
+
+
+def _want_cuda(device: str) -> bool:
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("run.device: 'cuda' requested but CUDA is not available on this machine")
+    return device != "cpu" and torch.cuda.is_available()
+
+
+def init(device: str = "auto", timeout_s: int = 1800) -> DistInfo:
+    """Join the job's process group (NCCL on CUDA, gloo on CPU) or run alone; return this rank's place."""
+    from accelerate import PartialState
+
+    map_slurm_env()
+    cuda = _want_cuda(device)
+    state = PartialState(cpu=not cuda, timeout=datetime.timedelta(seconds=timeout_s))
+    dev = torch.device("cuda", state.local_process_index) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(dev)
+    return DistInfo(state.process_index, state.num_processes, state.local_process_index, dev)
+
+
+def close() -> None:
+    """Leave the process group, if one is up."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def barrier() -> None:
+    """Wait until every rank arrives; a no-op without a process group."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's `obj`, in rank order, on every rank (objects are picklable values built here, not data)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [obj]
+    out: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank `src`'s `obj` on every rank."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def setup_logging(log_dir: str | Path, rank: int, level: str = "INFO") -> Path:
+    """Log every rank to `log_dir/rank-N.log`; only rank 0 echoes INFO to the console, others errors."""
+    log_dir = Path(log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    path = log_dir / f"rank-{rank}.log"
+    fmt = logging.Formatter(f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s")
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if getattr(handler, "_revprompt", False):
+            root.removeHandler(handler)
+            handler.close()
+    file_handler = logging.FileHandler(path, encoding="utf-8")
+    file_handler.setFormatter(fmt)
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(fmt)
+    console.setLevel(logging.INFO if rank == 0 else logging.ERROR)
+    for handler in (file_handler, console):
+        handler._revprompt = True  # type: ignore[attr-defined]
+        root.addHandler(handler)
+    root.setLevel(getattr(logging, level))
+    # third-party libraries are chatty at INFO; their warnings still reach the log files
+    for noisy in ("diffusers", "transformers", "accelerate", "torch.distributed", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    return path

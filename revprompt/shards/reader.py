@@ -1,0 +1,154 @@
+"""The shard reader later stages use: marked shards only, rank and worker split, safe decoding.
+
+Decoding is an allow-list: images, text and JSON are decoded; pickle members (.pyd, .pickle, ...)
+make the whole sample rejected and are never deserialised; anything else is dropped.
+Corrupt tars and undecodable samples are skipped and counted, never fatal.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import webdataset as wds
+from PIL import Image
+
+from .writer import IMAGE_EXTS, is_complete
+
+log = logging.getLogger(__name__)
+
+PICKLE_EXTS = frozenset({"pyd", "pickle", "pkl", "pth", "pt", "npy", "npz", "mp", "msgpack"})
+TEXT_EXTS = frozenset({"txt"})
+JSON_EXTS = frozenset({"json"})
+
+
+@dataclass
+class ReadStats:
+    """Counters of one reading process (a DataLoader worker has its own copy)."""
+
+    samples: int = 0
+    corrupt: int = 0
+    rejected: int = 0
+    incomplete: int = 0
+
+    def as_dict(self) -> dict:
+        """Plain dict for logs and reports."""
+        return asdict(self)
+
+
+def list_shards(root: str | Path, split: str) -> list[str]:
+    """Paths of the complete shards of `split` under `root`, sorted; unmarked tars do not exist here."""
+    folder = Path(root) / split
+    tars = sorted(folder.glob("[0-9]*.tar")) if folder.is_dir() else []
+    return [str(t) for t in tars if is_complete(t)]
+
+
+def split_by_rank(rank: int, world_size: int):
+    """Pipeline stage: keep every `world_size`-th shard starting at `rank` (shard s belongs to rank s % world)."""
+
+    def stage(src: Iterable[dict]) -> Iterator[dict]:
+        for index, item in enumerate(src):
+            if index % world_size == rank:
+                yield item
+
+    return stage
+
+
+def decode_sample(sample: dict, require: tuple[str, ...] = ("image", "txt")) -> dict:
+    """Decode one raw sample into {'__key__', 'image' (PIL RGB), 'txt', 'json', ...}; raises on bad input.
+
+    Raises `RejectedSample` for pickle members and `ValueError` for missing or undecodable parts.
+    """
+    exts = {k for k in sample if not k.startswith("__")}
+    unsafe = exts & PICKLE_EXTS
+    if unsafe:
+        raise RejectedSample(f"{sample.get('__key__')}: refusing serialised members {sorted(unsafe)}")
+    out = {"__key__": sample["__key__"], "__url__": sample.get("__url__")}
+    for ext in sorted(exts):
+        data = sample[ext]
+        if ext in IMAGE_EXTS or ext == "jpeg":
+            if "image" in out:
+                raise ValueError(f"{sample['__key__']}: more than one image")
+            with Image.open(io.BytesIO(data)) as img:
+                out["image"] = img.convert("RGB")
+            out["image_ext"] = ext
+        elif ext in TEXT_EXTS:
+            out[ext] = data.decode("utf-8")
+        elif ext in JSON_EXTS:
+            out[ext] = json.loads(data.decode("utf-8"))
+    missing = [name for name in require if name not in out]
+    if missing:
+        raise IncompleteSample(f"{sample['__key__']}: missing {', '.join(missing)}")
+    return out
+
+
+class RejectedSample(ValueError):
+    """A sample carrying members that would need unpickling."""
+
+
+class IncompleteSample(ValueError):
+    """A sample without one of the required parts."""
+
+
+class SafeDecoder:
+    """Pipeline stage that decodes samples with `decode_sample`, skipping and counting bad ones."""
+
+    def __init__(self, stats: ReadStats, require: tuple[str, ...] = ("image", "txt")):
+        self.stats = stats
+        self.require = require
+
+    def __call__(self, src: Iterable[dict]) -> Iterator[dict]:
+        for sample in src:
+            try:
+                out = decode_sample(sample, self.require)
+            except RejectedSample as exc:
+                self.stats.rejected += 1
+                log.warning("rejected sample: %s (%s)", exc, sample.get("__url__"))
+                continue
+            except IncompleteSample as exc:
+                self.stats.incomplete += 1
+                log.warning("incomplete sample: %s (%s)", exc, sample.get("__url__"))
+                continue
+            except Exception as exc:  # undecodable image, bad UTF-8, bad JSON
+                self.stats.corrupt += 1
+                log.warning("corrupt sample %s in %s: %s", sample.get("__key__"), sample.get("__url__"), exc)
+                continue
+            self.stats.samples += 1
+            yield out
+
+
+def counting_handler(stats: ReadStats):
+    """WebDataset exception handler: count a corrupt tar or member, warn, and go on."""
+
+    def handler(exc: Exception) -> bool:
+        stats.corrupt += 1
+        log.warning("skipping corrupt shard data: %s", exc)
+        return True
+
+    return handler
+
+
+def build_reader(shards: list[str], *, rank: int = 0, world_size: int = 1, stats: ReadStats | None = None,
+                 require: tuple[str, ...] = ("image", "txt"), shuffle_shards_seed: int | None = None
+                 ) -> wds.DataPipeline:
+    """A WebDataset pipeline over `shards`: this rank's shards, then this worker's, decoded safely."""
+    stats = stats if stats is not None else ReadStats()
+    shards = list(shards)
+    if shuffle_shards_seed is not None:
+        # the same order on every rank, so the rank split below stays a partition
+        random.Random(shuffle_shards_seed).shuffle(shards)
+    stages: list = [
+        wds.SimpleShardList(shards),
+        split_by_rank(rank, world_size),
+        wds.split_by_worker,
+        wds.tarfile_to_samples(handler=counting_handler(stats)),
+        SafeDecoder(stats, require),
+    ]
+    pipeline = wds.DataPipeline(*stages)
+    pipeline.read_stats = stats
+    return pipeline

@@ -1,0 +1,172 @@
+"""The shard writer: deterministic tar members, atomic completion, a stats marker, a background thread."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import queue
+import tarfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from PIL import Image
+
+from .keys import is_safe_key
+
+log = logging.getLogger(__name__)
+
+# Fixed tar header fields: the same samples always give the same bytes.
+TAR_MTIME = 1_700_000_000
+IMAGE_EXTS = ("jpg", "png", "webp")
+
+
+def shard_name(split: str, index: int) -> str:
+    """Relative path of a shard: '{split}/{index:06d}.tar'."""
+    return f"{split}/{index:06d}.tar"
+
+
+def stats_path(tar_path: Path) -> Path:
+    """The completion marker beside a shard: '{index:06d}.stats.json'."""
+    return tar_path.with_name(tar_path.name.removesuffix(".tar") + ".stats.json")
+
+
+def partial_path(tar_path: Path) -> Path:
+    """Where a shard is written before it is complete (hidden; readers only list marked shards)."""
+    return tar_path.with_name(f".{tar_path.name}.partial")
+
+
+def is_complete(tar_path: Path) -> bool:
+    """A shard exists for readers only once its stats marker does."""
+    return stats_path(tar_path).is_file() and tar_path.is_file()
+
+
+def encode_image(pixels: np.ndarray, fmt: str = "jpg", quality: int = 95) -> bytes:
+    """Encode an HxWx3 uint8 array; same pixels, same bytes."""
+    buf = io.BytesIO()
+    image = Image.fromarray(pixels, mode="RGB") if pixels.ndim == 3 else Image.fromarray(pixels)
+    if fmt == "jpg":
+        image.save(buf, format="JPEG", quality=quality, optimize=False, progressive=False)
+    elif fmt == "png":
+        image.save(buf, format="PNG", compress_level=6)
+    elif fmt == "webp":
+        image.save(buf, format="WEBP", quality=quality, method=4)
+    else:
+        raise ValueError(f"unknown image format {fmt!r} (known: {', '.join(IMAGE_EXTS)})")
+    return buf.getvalue()
+
+
+def encode_json(obj: Any) -> bytes:
+    """Canonical JSON bytes (sorted keys, no spaces) so metadata is byte-stable."""
+    return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON to a temporary file and rename it, so readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+class ShardWriter:
+    """Writes one shard: members go to a hidden partial file, `close()` renames it and writes the marker."""
+
+    def __init__(self, tar_path: str | Path):
+        self.path = Path(tar_path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._partial = partial_path(self.path)
+        self._file = open(self._partial, "wb")
+        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
+        self._start = time.monotonic()
+        self.count = 0
+        self.failures = 0
+
+    def write(self, key: str, members: dict[str, bytes]) -> None:
+        """Add one sample: `members` maps extension ('jpg', 'txt', 'json') to bytes, written in sorted order."""
+        if not is_safe_key(key):
+            raise ValueError(f"unsafe sample key {key!r}")
+        for ext in sorted(members):
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size = len(members[ext])
+            info.mtime = TAR_MTIME
+            info.mode = 0o644
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            self._tar.addfile(info, io.BytesIO(members[ext]))
+        self.count += 1
+
+    def close(self) -> dict:
+        """Finish the tar, fsync, rename into place, then write the stats marker; returns the stats."""
+        self._tar.close()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.replace(self._partial, self.path)
+        stats = {
+            "count": self.count,
+            "bytes": self.path.stat().st_size,
+            "seconds": round(time.monotonic() - self._start, 3),
+            "failures": self.failures,
+        }
+        write_json_atomic(stats_path(self.path), stats)
+        return stats
+
+    def abort(self) -> None:
+        """Drop the partial file; nothing becomes visible."""
+        try:
+            self._tar.close()
+            self._file.close()
+        finally:
+            self._partial.unlink(missing_ok=True)
+
+
+class BackgroundWorker:
+    """Runs submitted calls in order on one thread, so encoding and tar I/O overlap the model.
+
+    The queue is bounded: a slow disk applies back-pressure instead of growing memory. The first
+    exception raised on the thread is re-raised in the caller at the next `submit` or `join`.
+    """
+
+    def __init__(self, max_pending: int = 4, name: str = "shard-writer"):
+        self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            task = self._queue.get()
+            try:
+                if task is None:
+                    return
+                if self._error is None:
+                    task()
+            except BaseException as exc:  # surfaced in the caller's thread
+                self._error = exc
+            finally:
+                self._queue.task_done()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def submit(self, task: Callable[[], None]) -> None:
+        """Queue `task`; blocks while `max_pending` tasks wait."""
+        self._raise()
+        self._queue.put(task)
+
+    def join(self) -> None:
+        """Wait for every queued task; re-raise the first failure."""
+        self._queue.join()
+        self._raise()
+
+    def close(self) -> None:
+        """Finish queued work and stop the thread."""
+        self._queue.put(None)
+        self._thread.join()
+        self._raise()
