@@ -1,0 +1,59 @@
+"""Shared helpers: offline environment, tiny-preset overrides, running the real CLI."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def tiny_args(run_dir: Path, limit: int = 24, **overrides: object) -> list[str]:
+    """CLI arguments for a small, fast tiny-preset run in `run_dir`."""
+    values = {"run.dir": run_dir, "prompts.limit": limit, "generate.steps": 2, "generate.batch_size": 4,
+              "generate.shard_size": 6, "generate.height": 32, "generate.width": 32, "generate.grid_images": 4}
+    values.update({k.replace("__", "."): v for k, v in overrides.items()})
+    return ["--config", "tiny"] + [f"--{k}={v}" for k, v in values.items()]
+
+
+def cli_env(threads: int = 1) -> dict[str, str]:
+    """The environment the CLI runs in: offline, a fixed thread count so runs are comparable."""
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
+    return env
+
+
+def run_cli(*args: str, nproc: int = 0, timeout: int = 600, check: bool = True, threads: int = 1,
+            extra: list[str] | None = None) -> subprocess.CompletedProcess:
+    """`revprompt ARGS` directly (nproc=0) or under `torchrun --nproc_per_node nproc`."""
+    if nproc:
+        cmd = [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={nproc}", *(extra or []),
+               "--no-python", str(BIN / "revprompt"), *args]
+    else:
+        cmd = [str(BIN / "revprompt"), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=cli_env(threads), cwd=ROOT)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+    return proc
+
+
+def shard_digests(run_dir: Path) -> dict[str, str]:
+    """sha256 of every shard tar under run_dir/shards, by relative path."""
+    root = Path(run_dir) / "shards"
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*.tar"))}
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path) -> Path:
+    """A fresh run directory."""
+    return tmp_path / "run"
