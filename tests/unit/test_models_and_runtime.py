@@ -1,0 +1,89 @@
+"""The Stable Diffusion factory (tiny and the from_pretrained path) and the single-process runtime helpers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from revprompt.generation.job import generate_batch, plan_shards, to_uint8
+from revprompt.generation.models import build_pipeline
+from revprompt.generation.prompts import Prompt
+from revprompt.launch import dist
+from revprompt.launch.config import load_config
+
+
+def cfg_for(**overrides):
+    return load_config("tiny", [f"--{k.replace('__', '.')}={v}" for k, v in
+                                dict(generate__steps=2, generate__height=32, generate__width=32, **overrides).items()])
+
+
+def samples(n: int, seed: int = 0):
+    prompts = {"train": [Prompt(id=f"p{i}", text=f"Nike Men Red T-shirt number {i}") for i in range(n)]}
+    return list(plan_shards(prompts, 1, 100, seed)[0].samples)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return build_pipeline("tiny")
+
+
+def test_tiny_pipeline_has_no_safety_checker_and_uses_sdpa(pipe):
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    assert pipe.safety_checker is None
+    assert all(isinstance(p, AttnProcessor2_0) for p in pipe.unet.attn_processors.values())
+    assert pipe.tokenizer.model_max_length == 77
+
+
+def test_saved_pipeline_loads_through_from_pretrained_and_draws_the_same(tmp_path, pipe):
+    cfg = cfg_for()
+    pipe.save_pretrained(tmp_path / "sd")
+    loaded = build_pipeline(str(tmp_path / "sd"))
+    batch = samples(2)
+    assert np.array_equal(to_uint8(generate_batch(pipe, batch, cfg)), to_uint8(generate_batch(loaded, batch, cfg)))
+
+
+def test_images_depend_on_seed_not_batch_position(pipe):
+    cfg = cfg_for()
+    batch = samples(3)
+    together = generate_batch(pipe, batch, cfg)
+    reversed_ = generate_batch(pipe, batch[::-1], cfg)[::-1]
+    np.testing.assert_allclose(together, reversed_, atol=1e-5)
+    assert not np.allclose(together[0], together[1])
+
+
+@pytest.mark.parametrize("scheduler", ["dpmsolver++", "euler", "ddim"])
+def test_every_scheduler_and_negative_prompt(scheduler):
+    cfg = cfg_for(generate__scheduler=scheduler)
+    pipe = build_pipeline("tiny", scheduler=scheduler)
+    batch = samples(1)
+    plain = generate_batch(pipe, batch, cfg)
+    assert plain.shape == (1, 32, 32, 3) and np.isfinite(plain).all()
+    negative = generate_batch(pipe, batch, cfg_for(generate__scheduler=scheduler, generate__negative_prompt="blurry"))
+    assert not np.allclose(plain, negative)
+
+
+def test_bf16_dtype():
+    pipe = build_pipeline("tiny", dtype="bf16")
+    assert pipe.unet.dtype == torch.bfloat16
+
+
+def test_helpers_work_without_a_process_group():
+    assert not torch.distributed.is_initialized()
+    dist.barrier()
+    assert dist.all_gather_object({"a": 1}) == [{"a": 1}]
+    assert dist.broadcast_object(5) == 5
+
+
+def test_slurm_variables_map_to_torchrun_ones():
+    env = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_NTASKS_PER_NODE": "4(x2)",
+           "SLURM_JOB_NODELIST": "gpu-[07-08]", "SLURM_JOB_ID": "1234", "PATH": ""}
+    assert dist.map_slurm_env(env)
+    assert {k: env[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT")} == \
+        {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4", "MASTER_PORT": "29734"}
+    assert env["MASTER_ADDR"] in ("gpu-07",)  # from scontrol when present, else parsed
+    torchrun_env = {"RANK": "0", "SLURM_PROCID": "0", "SLURM_NTASKS": "2"}
+    assert not dist.map_slurm_env(torchrun_env)  # torchrun already set the ranks
+    assert dist.first_slurm_host("node1,node2") == "node1"
+    assert dist.first_slurm_host("a[3,5-9]") == "a3"
