@@ -1,0 +1,392 @@
+"""Overhead of the `revprompt generate` job against a bare diffusers loop, on the CPU (tiny preset).
+
+What is measured
+    Both sides generate the same prepared prompts with the same pipeline (`build_pipeline` from
+    `revprompt.generation.models`: tiny random Stable Diffusion, DPM-Solver++, fp32, CPU):
+
+    job   the real CLI in a subprocess: `revprompt generate --config tiny --run.dir=<fresh dir> ...`.
+          It writes JPEG samples into tar shards, the manifest, logs, TensorBoard scalars and the sample
+          grid, exactly as a user's run does.
+    bare  a subprocess of this script that builds the pipeline with `build_pipeline(...)` and calls
+          `pipe(prompt=..., generator=[torch.Generator().manual_seed(i), ...], output_type="np")` over
+          the same prompts in batches of `batch_size` (train, val and test concatenated), discarding
+          the images.
+
+    Primary metric: wall time of the whole process, from spawn to exit, on both sides, so interpreter
+    start-up, imports and the pipeline build count on both sides. `prepare` runs once before any
+    timing; every job run gets a fresh run directory holding a copy of the prepared prompts, so its
+    own `prepare` only confirms them and each job run writes every shard from scratch.
+
+    Secondary metrics (in the JSON and the table):
+      build+generate  bare: pipeline build + generation loop, timed inside the worker; job: the
+                      seconds of its own "generated N images in S s" log line, which also start
+                      just before the pipeline build and end once the last shard is written.
+      steady img/s    images after the first batch / time from the end of the first batch to the end
+                      of the last (bare: timestamps in the worker; job: wall times of its
+                      `perf/images_per_s` TensorBoard events, one per batch).
+
+    The job cuts batches at split and shard boundaries (e.g. 73 train prompts in shards of 32 give
+    batches 16, 16, 16, 16, 9), the bare loop does not; the JSON records each side's pipeline calls.
+    Both sides get the same OMP_NUM_THREADS / MKL_NUM_THREADS (`--threads`, default: all cores), the
+    only thread setting the CLI honours; the bare worker checks that torch picked it up. Runs
+    alternate job, bare, job, bare, ... and the report gives each side's median and the ratio
+    job / bare (target: <= 1.10), plus the per-pair ratios and each side's process CPU time.
+
+    On a small shared machine another process on the cores slows a run several-fold (the OpenMP
+    threads of torch wait for each other). So before each run the script waits (up to
+    `--quiet-wait` s) for the machine to go idle, measures during the run the CPU time that other
+    processes used (`other_cpu_s`, from /proc/stat minus the child's own rusage), and reruns a run
+    where that exceeds 5 % of one core (up to `--retries` times; the discarded runs stay in the JSON,
+    and a run still disturbed after the retries is kept and flagged).
+
+Reproduce (from the repository root, about 2 minutes on 2 idle cores):
+    .venv/bin/python benchmarks/generation_overhead.py --prompts 96 --steps 10 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = ROOT / "benchmarks" / "results" / "generation_overhead.json"
+BARE_MARKER = "BARE_RESULT "
+JOB_LOG_LINE = re.compile(r"generated (\d+) images in ([\d.]+) s")
+TARGET_RATIO = 1.10
+# a run during which other processes used more than this share of one core is rerun
+DISTURBED_CORES = 0.05
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Benchmark options; sizes default to the tiny preset's at 96 prompts."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--prompts", type=int, default=96, help="prompts (= images) per run")
+    parser.add_argument("--steps", type=int, default=10, help="denoising steps per image")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each side, alternating (>= 2)")
+    parser.add_argument("--size", type=int, default=64, help="image height and width in pixels")
+    parser.add_argument("--batch", type=int, default=16, help="images per pipeline call")
+    parser.add_argument("--shard-size", type=int, default=32, help="samples per shard (job only)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="OMP/MKL threads on both sides")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file")
+    parser.add_argument("--retries", type=int, default=2,
+                        help="reruns of a run that other processes disturbed (see other_cpu_s)")
+    parser.add_argument("--quiet-wait", type=float, default=20.0,
+                        help="before each run, wait up to this many seconds for other processes to go idle")
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="keep run directories here instead of a deleted temp dir")
+    args = parser.parse_args(argv)
+    if args.repeats < 2:
+        parser.error("--repeats: need at least 2 runs per side")
+    return args
+
+
+def config_overrides(args: argparse.Namespace, run_dir: Path) -> list[str]:
+    """The `--section.key=value` overrides of the tiny preset shared by both sides."""
+    return [f"--run.dir={run_dir}", "--run.device=cpu", f"--prompts.limit={args.prompts}",
+            f"--generate.steps={args.steps}", f"--generate.height={args.size}", f"--generate.width={args.size}",
+            f"--generate.batch_size={args.batch}", f"--generate.shard_size={args.shard_size}",
+            "--generate.dtype=fp32"]
+
+
+def subprocess_env(threads: int) -> dict[str, str]:
+    """The same thread settings for both sides; no network."""
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1",
+               TRANSFORMERS_OFFLINE="1")
+    return env
+
+
+def revprompt_command() -> list[str]:
+    """The installed `revprompt` console script next to this interpreter (module fallback)."""
+    script = Path(sys.executable).parent / "revprompt"
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "revprompt.launch.cli"]
+
+
+def steady_rate(stamps: list[tuple[int, float]]) -> float | None:
+    """Images/s from (images done, time) pairs, one per batch, leaving out the first batch."""
+    if len(stamps) < 2:
+        return None
+    (n0, t0), (n1, t1) = stamps[0], stamps[-1]
+    return (n1 - n0) / (t1 - t0) if t1 > t0 else None
+
+
+def read_job_batches(run_dir: Path) -> list[tuple[int, float]]:
+    """(images done, wall time) of each batch from the job's `perf/images_per_s` TensorBoard events."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tb" / "generate"), size_guidance={"scalars": 0})
+    acc.Reload()
+    if "perf/images_per_s" not in acc.Tags().get("scalars", []):
+        return []
+    return [(e.step, e.wall_time) for e in acc.Scalars("perf/images_per_s")]
+
+
+def job_calls(run_dir: Path, batch: int) -> int:
+    """Pipeline calls the job made: per shard, ceil(samples / batch), from the shard markers."""
+    calls = 0
+    for marker in (run_dir / "shards").glob("*/*.stats.json"):
+        stats = json.loads(marker.read_text())
+        calls += -(-(stats["count"] + stats["failures"]) // batch)
+    return calls
+
+
+def system_busy_s() -> float | None:
+    """CPU-seconds all cores have spent busy since boot (Linux /proc/stat; None elsewhere)."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_for_quiet(max_wait_s: float, threshold_cores: float = 0.25) -> float:
+    """Wait (at most `max_wait_s`) until other processes use under `threshold_cores`; return the wait."""
+    start = time.perf_counter()
+    while time.perf_counter() - start < max_wait_s:
+        before = system_busy_s()
+        time.sleep(1.0)
+        after = system_busy_s()
+        if before is None or after is None or after - before < threshold_cores:
+            break
+    return time.perf_counter() - start
+
+
+def timed_run(cmd: list[str], env: dict[str, str],
+              quiet_wait_s: float) -> tuple[subprocess.CompletedProcess, dict[str, Any]]:
+    """Run `cmd` to completion; its wall and CPU time, and the CPU time other processes took meanwhile.
+
+    `other_cpu_s` is the machine's busy CPU time during the run minus the child's own: a run with a
+    large value shared the cores with something else and is less trustworthy.
+    """
+    waited = wait_for_quiet(quiet_wait_s) if quiet_wait_s > 0 else 0.0
+    usage0, busy0 = resource.getrusage(resource.RUSAGE_CHILDREN), system_busy_s()
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    usage1, busy1 = resource.getrusage(resource.RUSAGE_CHILDREN), system_busy_s()
+    cpu = (usage1.ru_utime - usage0.ru_utime) + (usage1.ru_stime - usage0.ru_stime)
+    other = busy1 - busy0 - cpu if busy0 is not None and busy1 is not None else None
+    return proc, {"wall_s": wall, "cpu_s": cpu, "other_cpu_s": max(other, 0.0) if other is not None else None,
+                  "quiet_wait_s": waited}
+
+
+def run_job(args: argparse.Namespace, run_dir: Path, prepared: Path, env: dict[str, str]) -> dict[str, Any]:
+    """One `revprompt generate` process on a fresh run dir seeded with the prepared prompts."""
+    shutil.copytree(prepared / "prompts", run_dir / "prompts")
+    cmd = revprompt_command() + ["generate", "--config", "tiny"] + config_overrides(args, run_dir)
+    proc, timing = timed_run(cmd, env, args.quiet_wait)
+    if proc.returncode != 0:
+        raise RuntimeError(f"job failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-4000:]}")
+    log_text = (run_dir / "logs" / "rank-0.log").read_text(encoding="utf-8")
+    match = JOB_LOG_LINE.search(log_text)
+    if match is None:
+        raise RuntimeError(f"{run_dir}/logs/rank-0.log: no 'generated N images' line")
+    manifest = json.loads((run_dir / "shards" / "manifest.json").read_text())
+    return {**timing, "images": int(match.group(1)), "build_generate_s": float(match.group(2)),
+            "steady_images_per_s": steady_rate(read_job_batches(run_dir)),
+            "pipeline_calls": job_calls(run_dir, args.batch), "complete": manifest["complete"]}
+
+
+def run_bare(args: argparse.Namespace, prepared: Path, env: dict[str, str]) -> dict[str, Any]:
+    """One bare-loop process (this script's worker mode) over the prepared prompts."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "_bare", str(args.threads)]
+    cmd += config_overrides(args, prepared)
+    proc, timing = timed_run(cmd, env, args.quiet_wait)
+    if proc.returncode != 0:
+        raise RuntimeError(f"bare loop failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-4000:]}")
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(BARE_MARKER)]
+    if not lines:
+        raise RuntimeError(f"bare loop printed no result line:\n{proc.stdout[-2000:]}")
+    return {**timing, **json.loads(lines[-1][len(BARE_MARKER):])}
+
+
+def bare_worker(argv: list[str]) -> None:
+    """Worker mode: build the pipeline, loop over the prepared prompts, print one JSON result line."""
+    threads, overrides = int(argv[0]), argv[1:]
+    import torch
+
+    from revprompt.generation.models import build_pipeline
+    from revprompt.generation.prepare import load_split
+    from revprompt.launch.config import load_config
+
+    if torch.get_num_threads() != threads:
+        raise RuntimeError(f"torch uses {torch.get_num_threads()} threads, OMP_NUM_THREADS asked for {threads}")
+    start = time.perf_counter()
+    cfg = load_config("tiny", overrides)
+    g = cfg.generate
+    texts = [p.text for split in g.splits for p in load_split(cfg.run.dir, split)]
+    pipe = build_pipeline(g.model, scheduler=g.scheduler, dtype=g.dtype, device="cpu", seed=cfg.run.seed)
+    built = time.perf_counter()
+    stamps: list[tuple[int, float]] = []
+    with torch.inference_mode():
+        for first in range(0, len(texts), g.batch_size):
+            batch = texts[first:first + g.batch_size]
+            pipe(prompt=batch, num_inference_steps=g.steps, guidance_scale=g.guidance_scale, height=g.height,
+                 width=g.width, generator=[torch.Generator().manual_seed(i) for i in range(first, first + len(batch))],
+                 output_type="np")
+            stamps.append((first + len(batch), time.perf_counter()))
+    end = time.perf_counter()
+    print(BARE_MARKER + json.dumps({
+        "images": len(texts), "build_s": built - start, "generate_s": end - built, "build_generate_s": end - start,
+        "steady_images_per_s": steady_rate(stamps), "pipeline_calls": len(stamps),
+        "threads": torch.get_num_threads()}), flush=True)
+
+
+def is_disturbed(run: dict[str, Any]) -> bool:
+    """True when other processes took more than DISTURBED_CORES of a core (at least 0.5 CPU-s) during it."""
+    other = run["other_cpu_s"]
+    return other is not None and other > max(0.5, DISTURBED_CORES * run["wall_s"])
+
+
+def measure(label: str, retries: int, discarded: list[dict[str, Any]],
+            attempt: Callable[[int], dict[str, Any]]) -> dict[str, Any]:
+    """`attempt(n)` until a run is undisturbed or `retries` reruns are spent; disturbed ones go to `discarded`."""
+    for n in range(retries + 1):
+        run = attempt(n)
+        run["side"], run["disturbed"] = label.split()[-1], is_disturbed(run)
+        print(f"{label} {describe_run(run)}{'  [disturbed]' if run['disturbed'] else ''}", flush=True)
+        if not run["disturbed"] or n == retries:
+            return run
+        discarded.append(run)
+    raise AssertionError("unreachable")
+
+
+def describe_run(run: dict[str, Any]) -> str:
+    """One progress line per run."""
+    other = run["other_cpu_s"]
+    return (f"{run['wall_s']:6.2f} s wall, {run['cpu_s']:6.2f} s CPU, {run['pipeline_calls']} pipeline calls, "
+            f"other processes {'n/a' if other is None else format(other, '.1f')} CPU-s")
+
+
+def median_of(runs: list[dict[str, Any]], key: str) -> float | None:
+    """Median of `key` over runs that have it."""
+    values = [r[key] for r in runs if r.get(key) is not None]
+    return statistics.median(values) if values else None
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    """a / b, or None when either is missing."""
+    return a / b if a is not None and b else None
+
+
+def summarise(args: argparse.Namespace, job: list[dict[str, Any]], bare: list[dict[str, Any]],
+              discarded: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians, ratios and the raw runs, as written to the JSON file."""
+    import diffusers
+    import torch
+
+    summary = {
+        side: {key: median_of(runs, key) for key in ("wall_s", "cpu_s", "build_generate_s", "steady_images_per_s",
+                                                      "other_cpu_s")}
+        for side, runs in (("job", job), ("bare", bare))}
+    job_wall, bare_wall = summary["job"]["wall_s"], summary["bare"]["wall_s"]
+    return {
+        "benchmark": "generation_overhead",
+        "command": " ".join([Path(sys.executable).name, "benchmarks/generation_overhead.py"] + sys.argv[1:]),
+        "timing": "wall time of the whole subprocess (start-up, imports, pipeline build, generation, writes)",
+        "settings": {"preset": "tiny", "prompts": args.prompts, "steps": args.steps, "size": args.size,
+                     "batch": args.batch, "shard_size": args.shard_size, "dtype": "fp32", "device": "cpu",
+                     "threads": args.threads, "repeats": args.repeats, "order": "job, bare, job, bare, ..."},
+        "environment": {"python": platform.python_version(), "torch": torch.__version__,
+                        "diffusers": diffusers.__version__, "cpu_count": os.cpu_count(),
+                        "machine": platform.machine()},
+        "median": summary,
+        "ratio_job_over_bare": {
+            "wall": ratio(job_wall, bare_wall),
+            "cpu": ratio(summary["job"]["cpu_s"], summary["bare"]["cpu_s"]),
+            "build_generate": ratio(summary["job"]["build_generate_s"], summary["bare"]["build_generate_s"]),
+            # a rate: bare / job is the time ratio
+            "steady": ratio(summary["bare"]["steady_images_per_s"], summary["job"]["steady_images_per_s"]),
+        },
+        # job run i against the bare run right after it: less sensitive to slow drifts of the machine
+        "paired_wall_ratios": [j["wall_s"] / b["wall_s"] for j, b in zip(job, bare)],
+        "target_ratio": TARGET_RATIO,
+        "meets_target": bool(job_wall and bare_wall and job_wall / bare_wall <= TARGET_RATIO),
+        "disturbed_runs_kept": sum(r["disturbed"] for r in job + bare),
+        "runs": {"job": job, "bare": bare},
+        "discarded_runs": discarded,
+    }
+
+
+def print_table(result: dict[str, Any]) -> None:
+    """Medians per side and the job / bare ratios."""
+    med, rat = result["median"], result["ratio_job_over_bare"]
+
+    def fmt(value: float | None, spec: str) -> str:
+        return format(value, spec) if value is not None else "n/a"
+
+    rows = [("process wall time (s)", "wall_s", ".2f", rat["wall"]),
+            ("process CPU time (s)", "cpu_s", ".2f", rat["cpu"]),
+            ("build+generate (s)", "build_generate_s", ".2f", rat["build_generate"]),
+            ("steady images/s", "steady_images_per_s", ".2f", rat["steady"]),
+            ("other processes' CPU (s)", "other_cpu_s", ".2f", None)]
+    print(f"\n{'median over ' + str(result['settings']['repeats']) + ' runs':<26}{'job':>10}{'bare':>10}"
+          f"{'job/bare':>10}")
+    for label, key, spec, r in rows:
+        print(f"{label:<26}{fmt(med['job'][key], spec):>10}{fmt(med['bare'][key], spec):>10}{fmt(r, '.3f'):>10}")
+    print("(steady images/s: the ratio is the time ratio, bare rate / job rate)")
+    kept = len(result["runs"]["job"]) + len(result["runs"]["bare"])
+    print(f"disturbed by other processes: {result['disturbed_runs_kept']} of {kept} kept runs, "
+          f"{len(result['discarded_runs'])} runs discarded and rerun")
+    print("paired wall ratios (job i / bare i): " + ", ".join(f"{r:.3f}" for r in result["paired_wall_ratios"]))
+    verdict = "meets" if result["meets_target"] else "misses"
+    print(f"wall-time ratio job/bare = {fmt(rat['wall'], '.3f')}: {verdict} the target <= {TARGET_RATIO}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Prepare once, then alternate job and bare runs; print the table and write the JSON."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "_bare":
+        bare_worker(argv[1:])
+        return 0
+    args = parse_args(argv)
+    from revprompt.generation.models import build_pipeline
+    from revprompt.generation.prepare import prepare
+    from revprompt.launch.config import load_config
+
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="revprompt-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    env = subprocess_env(args.threads)
+    try:
+        prepared = workdir / "prepared"
+        report = prepare(load_config("tiny", config_overrides(args, prepared)))
+        print(f"prepared {report['kept']} prompts {report['splits']} in {prepared}")
+        build_pipeline("tiny")  # untimed: warms the page cache for the imports both sides pay
+        job: list[dict[str, Any]] = []
+        bare: list[dict[str, Any]] = []
+        discarded: list[dict[str, Any]] = []
+        for i in range(args.repeats):
+            job.append(measure(f"run {i + 1}/{args.repeats} job ", args.retries, discarded,
+                               lambda attempt: run_job(args, workdir / f"job-{i}-{attempt}", prepared, env)))
+            bare.append(measure(f"run {i + 1}/{args.repeats} bare", args.retries, discarded,
+                                lambda attempt: run_bare(args, prepared, env)))
+        if {r["images"] for r in job + bare} != {report["kept"]}:
+            raise RuntimeError(f"image counts differ: job {[r['images'] for r in job]}, "
+                               f"bare {[r['images'] for r in bare]}, prepared {report['kept']}")
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+    result = summarise(args, job, bare, discarded)
+    print_table(result)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    print(f"results: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
