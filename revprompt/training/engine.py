@@ -1,0 +1,138 @@
+"""The DeepSpeed engine: ZeRO config from training/deepspeed/, AdamW, warm-up + cosine, safe checkpoints."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from ..launch.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+def load_ds_config(train: TrainConfig, world_size: int, device: torch.device) -> dict:
+    """The ZeRO stage's JSON with its "auto" fields filled from [train]."""
+    text = (resources.files("revprompt.training") / "deepspeed" / f"zero{train.zero_stage}.json").read_text()
+    config = json.loads(text)
+    config.pop("_comment", None)
+    config["train_micro_batch_size_per_gpu"] = train.micro_batch_size
+    config["gradient_accumulation_steps"] = train.grad_accum
+    config["train_batch_size"] = train.micro_batch_size * train.grad_accum * world_size
+    config["gradient_clipping"] = train.grad_clip
+    config["bf16"] = {"enabled": resolve_precision(train.precision, device) == torch.bfloat16}
+    return config
+
+
+def resolve_precision(name: str, device: torch.device) -> torch.dtype:
+    """`auto` is bf16 on CUDA and fp32 on CPU."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
+
+
+def lr_lambda(train: TrainConfig):
+    """Linear warm-up to 1, then cosine to `min_lr_ratio` at `max_steps`."""
+
+    def factor(step: int) -> float:
+        if step < train.warmup_steps:
+            return (step + 1) / max(1, train.warmup_steps)
+        span = max(1, train.max_steps - train.warmup_steps)
+        progress = min(1.0, (step - train.warmup_steps) / span)
+        return train.min_lr_ratio + (1 - train.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def build_optimizer(model: torch.nn.Module, train: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW over trainable parameters; no decay on biases and norms. A torch optimizer on purpose:
+    DeepSpeed's FusedAdam JIT build fails for arch lists such as 9.0a, and on CPU it is not needed."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+    groups = [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    kwargs = {"fused": True} if device.type == "cuda" else {}
+    return torch.optim.AdamW(groups, lr=train.lr, betas=(0.9, 0.999), **kwargs)
+
+
+def initialize(model: torch.nn.Module, train: TrainConfig, world_size: int, device: torch.device):
+    """deepspeed.initialize on the job's process group; returns (engine, optimizer, scheduler)."""
+    import deepspeed
+
+    config = load_ds_config(train, world_size, device)
+    optimizer = build_optimizer(model, train, device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(train))
+    engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                           config=config, dist_init_required=False)
+    return engine, optimizer, scheduler
+
+
+def allow_deepspeed_checkpoint_types() -> None:
+    """Let weights-only loading accept the few plain DeepSpeed types its checkpoints carry (no code runs)."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    torch.serialization.add_safe_globals([ZeroStageEnum, LossScaler, fragment_address])
+
+
+def gathered_state_dict(engine, is_main: bool) -> dict[str, torch.Tensor] | None:
+    """The full model state on rank 0 (ZeRO-3 partitions gathered, one parameter at a time); None elsewhere.
+
+    Every rank must call this: under ZeRO-3 each gather is a collective.
+    """
+    module = engine.module
+    if engine.zero_optimization_stage() == 3:
+        import deepspeed
+
+        state: dict[str, torch.Tensor] = {}
+        for name, param in module.named_parameters():
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+                if is_main:
+                    state[name] = param.detach().to("cpu", torch.float32).clone()
+        if is_main:
+            for name, buf in module.named_buffers():
+                state[name] = buf.detach().to("cpu").clone()
+        return state if is_main else None
+    if not is_main:
+        return None
+    return {k: (v.detach().to("cpu", torch.float32) if v.is_floating_point() else v.detach().cpu()).clone()
+            for k, v in module.state_dict().items()}
+
+
+def checkpoint_dirs(root: Path) -> list[Path]:
+    """step-N folders under `root`, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and p.name[5:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def prune_checkpoints(root: Path, keep: int) -> list[Path]:
+    """Delete all but the newest `keep` checkpoints; returns what was deleted."""
+    import shutil
+
+    old = checkpoint_dirs(root)[:-keep]
+    for path in old:
+        shutil.rmtree(path, ignore_errors=True)
+    return old
+
+
+def latest_tag(root: Path) -> str | None:
+    """The tag DeepSpeed recorded as latest, if its folder still exists."""
+    latest = root / "latest"
+    if not latest.is_file():
+        return None
+    tag = latest.read_text().strip()
+    return tag if (root / tag).is_dir() else None
+
+
+def force_weights_only_loads() -> None:
+    """Every torch.load in this process (DeepSpeed's included) refuses arbitrary pickles."""
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"

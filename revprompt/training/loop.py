@@ -1,0 +1,313 @@
+"""`revprompt train`: DeepSpeed ZeRO fine-tuning of the BLIP captioner, streaming from the shards."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..launch import dist
+from ..launch.metrics import captioned_grid
+from ..launch.runner import StageContext, StageError, build_parser, run_stage
+from ..shards.manifest import read_manifest
+from .captioner import build_captioner, freeze_vision, generate_captions, image_size_of, preprocess_image
+from .data import DataPlanError, TrainStream, build_loader
+from .engine import (allow_deepspeed_checkpoint_types, checkpoint_dirs, force_weights_only_loads,
+                     gathered_state_dict, initialize, latest_tag, prune_checkpoints)
+from .export import HF_SUBDIR, save_hf_dir
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Position:
+    """Where training stands; saved in every checkpoint."""
+
+    step: int = 0
+    samples_seen: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0  # micro-batches of this epoch already consumed
+
+    def as_dict(self) -> dict:
+        """Plain dict for checkpoints and logs."""
+        return dict(step=self.step, samples_seen=self.samples_seen, epoch=self.epoch,
+                    batch_in_epoch=self.batch_in_epoch)
+
+
+def split_shards(run_dir: Path, split: str) -> list[tuple[str, int]]:
+    """(path, count) of a split's complete shards, from the manifest."""
+    root = run_dir / "shards"
+    manifest = read_manifest(root)
+    if manifest is None or split not in manifest["splits"]:
+        raise StageError(f"{root}: no {split} shards; run `revprompt generate` first")
+    if not manifest["complete"]:
+        raise StageError(f"{root}/manifest.json: generation is incomplete; rerun `revprompt generate` to finish it")
+    return [(str(root / s["name"]), s["count"]) for s in manifest["splits"][split]["shards"]]
+
+
+class Trainer:
+    """Owns the engine, the data stream, validation, checkpoints and export for one run."""
+
+    def __init__(self, ctx: StageContext):
+        self.ctx, self.cfg, self.info = ctx, ctx.cfg, ctx.info
+        self.t = ctx.cfg.train
+        self.ckpt_root = ctx.run_dir / "checkpoints"
+        self.export_dir = ctx.run_dir / "captioner"
+        force_weights_only_loads()
+        allow_deepspeed_checkpoint_types()
+        dist.ensure_group(self.info)
+        self.train_shards = split_shards(ctx.run_dir, "train")
+        self.val_shards = split_shards(ctx.run_dir, "val") if "val" in self.cfg.generate.splits else []
+        model, self.processor = build_captioner(self.t.captioner, self.cfg.run.seed)
+        if self.t.freeze_vision:
+            log.info("froze %d vision parameters", freeze_vision(model))
+        model.config.text_config.label_smoothing = self.t.label_smoothing
+        model.text_decoder.label_smoothing = self.t.label_smoothing
+        self.image_size = image_size_of(model)
+        # rank 0 keeps a plain copy for captioning during validation and for export (ZeRO-3 partitions the original)
+        self.twin = copy.deepcopy(model).eval() if self.info.is_main else None
+        self.engine, self.optimizer, self.scheduler = initialize(model, self.t, self.info.world_size, self.info.device)
+        if self.t.compile:
+            self.engine.compile()
+        self.pos = Position()
+        self.samples_log = None
+        if self.t.record_samples:
+            self.samples_log = open(ctx.run_dir / "logs" / f"samples-rank-{self.info.rank}.jsonl", "a")
+
+    # ---------------------------------------------------------------- checkpoints
+    def resume(self) -> bool:
+        """Load the latest checkpoint if there is one; True when resumed."""
+        tag = latest_tag(self.ckpt_root)
+        if tag is None:
+            return False
+        _, client = self.engine.load_checkpoint(str(self.ckpt_root), tag=tag)
+        if client is None:
+            raise StageError(f"{self.ckpt_root / tag}: checkpoint could not be loaded")
+        self.pos = Position(**{k: client[k] for k in Position().as_dict()})
+        log.info("resumed from %s: %s, lr %.3g", self.ckpt_root / tag, self.pos.as_dict(),
+                 self.scheduler.get_last_lr()[0])
+        return True
+
+    def save(self) -> None:
+        """Checkpoint on every rank, then the HF config/processor and position (rank 0); prune old ones."""
+        tag = f"step-{self.pos.step}"
+        self.engine.save_checkpoint(str(self.ckpt_root), tag=tag, client_state=self.pos.as_dict())
+        if self.info.is_main:
+            hf = self.ckpt_root / tag / HF_SUBDIR
+            self.twin.config.save_pretrained(hf)
+            self.processor.save_pretrained(hf)
+            (hf / "position.json").write_text(json.dumps(self.pos.as_dict()) + "\n")
+        dist.barrier()
+        if self.info.is_main:
+            for old in prune_checkpoints(self.ckpt_root, self.t.keep_checkpoints):
+                log.info("deleted old checkpoint %s", old)
+        dist.barrier()
+
+    def export(self) -> None:
+        """Consolidate the weights (a collective) and write captioner/ in Hugging Face format (rank 0)."""
+        state = gathered_state_dict(self.engine, self.info.is_main)
+        if self.info.is_main:
+            save_hf_dir(self.twin, self.processor, state, self.export_dir, {"step": self.pos.step,
+                                                                            **self.pos.as_dict()})
+            log.info("exported the captioner at step %d to %s", self.pos.step, self.export_dir)
+        dist.barrier()
+
+    def exported_step(self) -> int | None:
+        """The step of the current export, if any."""
+        info = self.export_dir / "revprompt.json"
+        return json.loads(info.read_text()).get("step") if info.is_file() else None
+
+    # ---------------------------------------------------------------- data
+    def stream(self, shards, *, epoch: int, batch: int, train: bool) -> TrainStream:
+        """A batch stream over `shards` from (epoch, batch); val streams read everything in order."""
+        rank, world = self.info.rank, self.info.world_size
+        if not train and len(shards) < world:
+            rank, world = 0, 1  # too few val shards to split: every rank reads them all
+        return TrainStream(shards, seed=self.cfg.run.seed, rank=rank, world_size=world,
+                           num_workers=self.t.num_workers if train else 1, batch_size=self.t.micro_batch_size,
+                           image_size=self.image_size, tokenizer=self.processor.tokenizer,
+                           max_length=self.t.max_length, shuffle_buffer=self.t.shuffle_buffer if train else 0,
+                           start_epoch=epoch, start_batch=batch)
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        """The language-modelling loss of one micro-batch."""
+        dev = self.engine.device
+        dtype = next(p for p in self.engine.module.parameters()).dtype
+        out = self.engine(pixel_values=batch["pixel_values"].to(dev, dtype, non_blocking=True),
+                          input_ids=batch["input_ids"].to(dev, non_blocking=True),
+                          attention_mask=batch["attention_mask"].to(dev, non_blocking=True),
+                          labels=batch["labels"].to(dev, non_blocking=True))
+        return out.loss
+
+    # ---------------------------------------------------------------- validation
+    def validate(self) -> dict:
+        """Val loss over equal batch counts on every rank, and MiniLM similarity of captions on a fixed subset."""
+        metrics: dict[str, float] = {}
+        if not self.val_shards:
+            return metrics
+        stream = self.stream(self.val_shards, epoch=0, batch=0, train=False)
+        n_batches = stream.plan(0).batches
+        if self.t.val_batches:
+            n_batches = min(n_batches, self.t.val_batches)
+        total = torch.zeros(2, dtype=torch.float64)
+        self.engine.eval()
+        with torch.no_grad():
+            for i, batch in zip(range(n_batches), stream):
+                loss = self.forward(batch)
+                total += torch.tensor([loss.item() * len(batch["keys"]), len(batch["keys"])], dtype=torch.float64)
+        self.engine.train()
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(total)
+        metrics["val/loss"] = float(total[0] / max(total[1], 1))
+        if self.t.val_captions:
+            state = gathered_state_dict(self.engine, self.info.is_main)
+            if self.info.is_main:
+                metrics.update(self._caption_similarity(state))
+            dist.barrier()
+        return metrics
+
+    def _caption_similarity(self, state: dict) -> dict:
+        from ..evaluation.similarity import pairwise_cosine
+        from ..shards.reader import build_reader
+
+        self.twin.load_state_dict(state, strict=False)
+        self.twin.to(self.info.device)
+        samples = []
+        for sample in build_reader([p for p, _ in self.val_shards], split_workers=False):
+            samples.append(sample)
+            if len(samples) == self.t.val_captions:
+                break
+        pixels = torch.from_numpy(np.stack([preprocess_image(s["image"], self.image_size) for s in samples]))
+        e = self.cfg.evaluate
+        captions = []
+        for start in range(0, len(samples), 32):
+            chunk = pixels[start:start + 32].to(self.info.device, next(self.twin.parameters()).dtype)
+            captions += generate_captions(self.twin, self.processor.tokenizer, chunk, e.max_new_tokens,
+                                          e.num_beams, e.repetition_penalty)
+        self.twin.to("cpu")
+        prompts = [s["txt"] for s in samples]
+        sims = pairwise_cosine(captions, prompts, e.text_model)
+        shown = min(8, len(samples))
+        grid = captioned_grid(np.stack([np.asarray(s["image"].resize((96, 96))) for s in samples[:shown]]),
+                              [f"P: {p} | C: {c}" for p, c in zip(prompts[:shown], captions[:shown])],
+                              caption_lines=4)
+        self.ctx.metrics.log_image("val/examples", grid, self.pos.step)
+        self.ctx.metrics.log_text("val/captions", "\n\n".join(f"- **prompt** {p}  \n  **caption** {c}"
+                                                              for p, c in zip(prompts, captions)), self.pos.step)
+        return {"val/similarity": float(np.mean(sims))}
+
+    # ---------------------------------------------------------------- training
+    def train(self) -> Position:
+        """Run until train.max_steps, checkpointing and validating on schedule; export at the end."""
+        resumed = self.resume()
+        if resumed and self.pos.step >= self.t.max_steps:
+            log.info("training already reached step %d (train.max_steps=%d)", self.pos.step, self.t.max_steps)
+            if self.exported_step() != self.pos.step:
+                self.export()
+            return self.pos
+        stream = self.stream(self.train_shards, epoch=self.pos.epoch, batch=self.pos.batch_in_epoch, train=True)
+        epoch_batches = {self.pos.epoch: stream.plan(self.pos.epoch).batches}
+        loader = build_loader(stream, self.t.num_workers, pin_memory=self.info.device.type == "cuda")
+        log.info("training from step %d to %d: %d train shards, %d micro-batches per epoch per rank, ZeRO-%d, %s",
+                 self.pos.step, self.t.max_steps, len(self.train_shards), epoch_batches[self.pos.epoch],
+                 self.t.zero_stage, "bf16" if self.engine.bfloat16_enabled() else "fp32")
+        bar = None
+        if self.info.is_main:
+            from tqdm import tqdm
+
+            bar = tqdm(total=self.t.max_steps, initial=self.pos.step, unit="step", desc="train", dynamic_ncols=True)
+        window = {"loss": 0.0, "micro": 0, "samples": 0, "start": time.monotonic()}
+        read_stats: dict[int, torch.Tensor] = {}
+        try:
+            data = iter(loader)
+            while self.pos.step < self.t.max_steps:
+                batch = next(data)
+                if (batch["epoch"], batch["position"]) != (self.pos.epoch, self.pos.batch_in_epoch):
+                    raise RuntimeError(f"data stream out of step: got batch {batch['position']} of epoch "
+                                       f"{batch['epoch']}, expected {self.pos.batch_in_epoch} of {self.pos.epoch}")
+                read_stats[batch["worker"]] = batch["read_stats"]
+                loss = self.forward(batch)
+                self.engine.backward(loss)
+                boundary = self.engine.is_gradient_accumulation_boundary()
+                self.engine.step()
+                window["loss"] += loss.item()
+                window["micro"] += 1
+                window["samples"] += len(batch["keys"])
+                self.pos.samples_seen += len(batch["keys"]) * self.info.world_size
+                self.pos.batch_in_epoch += 1
+                if self.pos.batch_in_epoch == epoch_batches[self.pos.epoch]:
+                    self.pos.epoch += 1
+                    self.pos.batch_in_epoch = 0
+                    epoch_batches[self.pos.epoch] = stream.plan(self.pos.epoch).batches
+                if self.samples_log is not None:
+                    self.samples_log.write(json.dumps({"step": self.pos.step, "epoch": batch["epoch"],
+                                                       "position": batch["position"], "keys": batch["keys"]}) + "\n")
+                if not boundary:
+                    continue
+                self.pos.step += 1
+                if bar is not None:
+                    bar.update(1)
+                if self.pos.step % self.t.log_every == 0 or self.pos.step == self.t.max_steps:
+                    self._log_window(window, read_stats)
+                    window = {"loss": 0.0, "micro": 0, "samples": 0, "start": time.monotonic()}
+                if self.t.val_every and self.pos.step % self.t.val_every == 0 and self.pos.step < self.t.max_steps:
+                    self._log(self.validate())
+                if self.pos.step % self.t.save_every == 0 and self.pos.step < self.t.max_steps:
+                    self.save()
+        finally:
+            if bar is not None:
+                bar.close()
+            if self.samples_log is not None:
+                self.samples_log.close()
+        self._log(self.validate())
+        self.save()
+        self.export()
+        return self.pos
+
+    def _log_window(self, window: dict, read_stats: dict[int, torch.Tensor]) -> None:
+        seconds = time.monotonic() - window["start"]
+        # every rank reaches this step, so the all-reduce is matched everywhere
+        stats = torch.tensor([window["loss"], window["micro"], window["samples"]], dtype=torch.float64)
+        reads = sum(read_stats.values()) if read_stats else torch.zeros(5, dtype=torch.long)
+        stats = torch.cat([stats, reads.to(torch.float64)])
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(stats)
+        grad_norm = self.engine.get_global_grad_norm()
+        scalars = {
+            "train/loss": float(stats[0] / max(stats[1], 1)),
+            "train/lr": self.scheduler.get_last_lr()[0],
+            "perf/samples_per_s": float(stats[2]) / max(seconds, 1e-9),
+            "data/corrupt": float(stats[4]), "data/rejected": float(stats[5]), "data/incomplete": float(stats[6]),
+            "data/resampled": float(stats[7]),
+        }
+        if grad_norm is not None:
+            scalars["train/grad_norm"] = float(grad_norm)
+        self._log(scalars)
+
+    def _log(self, scalars: dict) -> None:
+        if scalars:
+            self.ctx.metrics.log(scalars, self.pos.step)
+            log.info("step %d: %s", self.pos.step, ", ".join(f"{k} {v:.4g}" for k, v in sorted(scalars.items())))
+
+
+def run_training(ctx: StageContext) -> None:
+    """Build the trainer and run it."""
+    try:
+        trainer = Trainer(ctx)
+    except DataPlanError as exc:
+        raise StageError(str(exc)) from None
+    pos = trainer.train()
+    log.info("training done at step %d (%d samples seen, epoch %d); captioner in %s", pos.step, pos.samples_seen,
+             pos.epoch, trainer.export_dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `revprompt train`."""
+    parser = build_parser("train", "Fine-tune the BLIP captioner on the generated shards with DeepSpeed ZeRO.")
+    return run_stage("train", argv if argv is not None else [], parser, run_training)
