@@ -57,3 +57,43 @@ def shard_digests(run_dir: Path) -> dict[str, str]:
 def run_dir(tmp_path: Path) -> Path:
     """A fresh run directory."""
     return tmp_path / "run"
+
+
+@pytest.fixture(scope="session")
+def generated_run(tmp_path_factory) -> Path:
+    """One tiny generation shared by the training tests (copy it before writing into it)."""
+    run_dir = tmp_path_factory.mktemp("generated") / "run"
+    run_cli("generate", *tiny_args(run_dir, limit=120, generate__shard_size=12, generate__height=64,
+                                   generate__width=64), threads=2)
+    return run_dir
+
+
+def copy_run(src: Path, dst: Path) -> Path:
+    """A private copy of a generated run (prompts, shards, config) to train in."""
+    import shutil
+
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("logs", "tb"))
+    return dst
+
+
+def train_args(run_dir: Path, **overrides: object) -> list[str]:
+    """CLI arguments for a short tiny-preset training run on shards made by `generated_run`."""
+    values = {"run.dir": run_dir, "prompts.limit": 120, "generate.shard_size": 12, "generate.height": 64,
+              "generate.width": 64, "generate.steps": 2, "generate.batch_size": 4, "train.micro_batch_size": 8,
+              "train.max_steps": 12, "train.log_every": 2, "train.val_every": 0, "train.val_batches": 1,
+              "train.val_captions": 4, "train.save_every": 100, "train.num_workers": 1}
+    values.update({k.replace("__", "."): v for k, v in overrides.items()})
+    return ["--config", "tiny"] + [f"--{k}={v}" for k, v in values.items()]
+
+
+def scalars(tb_dir: Path, tag: str) -> dict[int, float]:
+    """step -> value of a TensorBoard scalar over every event file in `tb_dir` (later files win)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out: dict[int, float] = {}
+    for events_file in sorted(Path(tb_dir).glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime):
+        acc = EventAccumulator(str(events_file))
+        acc.Reload()
+        if tag in acc.Tags()["scalars"]:
+            out.update({e.step: e.value for e in acc.Scalars(tag)})
+    return out

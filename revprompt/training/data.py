@@ -70,6 +70,17 @@ def plan_epoch(shards: list[tuple[str, int]], epoch: int, seed: int, rank: int, 
     return EpochPlan(epoch, mine, quota)
 
 
+def smallest_share(shards: list[tuple[str, int]], world_size: int, num_workers: int = 1) -> int:
+    """The fewest samples any (rank, worker) receives when `shards` are dealt (any epoch's order)."""
+    workers = max(1, num_workers)
+    if len(shards) < world_size * workers:
+        return 0
+    counts = sorted(c for _, c in shards)
+    # the worst deal puts the smallest shards together: a lower bound that holds for every shuffle
+    per_share = len(shards) // (world_size * workers)
+    return sum(counts[:per_share])
+
+
 def skipped_batches(position: int, worker: int, workers: int) -> int:
     """How many of worker `worker`'s batches fall before batch `position` of the epoch (round-robin)."""
     return max(0, (position - worker + workers - 1) // workers)

@@ -97,8 +97,10 @@ def gathered_state_dict(engine, is_main: bool) -> dict[str, torch.Tensor] | None
                 if is_main:
                     state[name] = param.detach().to("cpu", torch.float32).clone()
         if is_main:
+            persistent = set(module.state_dict().keys())  # non-persistent buffers are not part of a model's state
             for name, buf in module.named_buffers():
-                state[name] = buf.detach().to("cpu").clone()
+                if name in persistent:
+                    state[name] = buf.detach().to("cpu").clone()
         return state if is_main else None
     if not is_main:
         return None

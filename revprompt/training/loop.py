@@ -17,7 +17,7 @@ from ..launch.metrics import captioned_grid
 from ..launch.runner import StageContext, StageError, build_parser, run_stage
 from ..shards.manifest import read_manifest
 from .captioner import build_captioner, freeze_vision, generate_captions, image_size_of, preprocess_image
-from .data import DataPlanError, TrainStream, build_loader
+from .data import DataPlanError, TrainStream, build_loader, smallest_share
 from .engine import (allow_deepspeed_checkpoint_types, checkpoint_dirs, force_weights_only_loads,
                      gathered_state_dict, initialize, latest_tag, prune_checkpoints)
 from .export import HF_SUBDIR, save_hf_dir
@@ -152,6 +152,11 @@ class Trainer:
         if not self.val_shards:
             return metrics
         stream = self.stream(self.val_shards, epoch=0, batch=0, train=False)
+        # val sets are small: shrink the batch so that every rank gets at least one, never a partial one
+        stream.batch_size = min(self.t.micro_batch_size, smallest_share(self.val_shards, stream.world_size))
+        if stream.batch_size == 0:
+            log.warning("no val samples to validate on")
+            return metrics
         n_batches = stream.plan(0).batches
         if self.t.val_batches:
             n_batches = min(n_batches, self.t.val_batches)
