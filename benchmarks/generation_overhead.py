@@ -50,23 +50,21 @@ import json
 import os
 import platform
 import re
-import resource
 import shutil
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (ROOT, measure, median_of, ratio, revprompt_command,  # noqa: E402
+                     subprocess_env, timed_run)
+
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "generation_overhead.json"
 BARE_MARKER = "BARE_RESULT "
 JOB_LOG_LINE = re.compile(r"generated (\d+) images in ([\d.]+) s")
 TARGET_RATIO = 1.10
-# a run during which other processes used more than this share of one core is rerun
-DISTURBED_CORES = 0.05
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -101,20 +99,6 @@ def config_overrides(args: argparse.Namespace, run_dir: Path) -> list[str]:
             "--generate.dtype=fp32"]
 
 
-def subprocess_env(threads: int) -> dict[str, str]:
-    """The same thread settings for both sides; no network."""
-    env = dict(os.environ)
-    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1",
-               TRANSFORMERS_OFFLINE="1")
-    return env
-
-
-def revprompt_command() -> list[str]:
-    """The installed `revprompt` console script next to this interpreter (module fallback)."""
-    script = Path(sys.executable).parent / "revprompt"
-    return [str(script)] if script.is_file() else [sys.executable, "-m", "revprompt.launch.cli"]
-
-
 def steady_rate(stamps: list[tuple[int, float]]) -> float | None:
     """Images/s from (images done, time) pairs, one per batch, leaving out the first batch."""
     if len(stamps) < 2:
@@ -141,47 +125,6 @@ def job_calls(run_dir: Path, batch: int) -> int:
         stats = json.loads(marker.read_text())
         calls += -(-(stats["count"] + stats["failures"]) // batch)
     return calls
-
-
-def system_busy_s() -> float | None:
-    """CPU-seconds all cores have spent busy since boot (Linux /proc/stat; None elsewhere)."""
-    try:
-        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-    except (OSError, ValueError):
-        return None
-    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
-def wait_for_quiet(max_wait_s: float, threshold_cores: float = 0.25) -> float:
-    """Wait (at most `max_wait_s`) until other processes use under `threshold_cores`; return the wait."""
-    start = time.perf_counter()
-    while time.perf_counter() - start < max_wait_s:
-        before = system_busy_s()
-        time.sleep(1.0)
-        after = system_busy_s()
-        if before is None or after is None or after - before < threshold_cores:
-            break
-    return time.perf_counter() - start
-
-
-def timed_run(cmd: list[str], env: dict[str, str],
-              quiet_wait_s: float) -> tuple[subprocess.CompletedProcess, dict[str, Any]]:
-    """Run `cmd` to completion; its wall and CPU time, and the CPU time other processes took meanwhile.
-
-    `other_cpu_s` is the machine's busy CPU time during the run minus the child's own: a run with a
-    large value shared the cores with something else and is less trustworthy.
-    """
-    waited = wait_for_quiet(quiet_wait_s) if quiet_wait_s > 0 else 0.0
-    usage0, busy0 = resource.getrusage(resource.RUSAGE_CHILDREN), system_busy_s()
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    usage1, busy1 = resource.getrusage(resource.RUSAGE_CHILDREN), system_busy_s()
-    cpu = (usage1.ru_utime - usage0.ru_utime) + (usage1.ru_stime - usage0.ru_stime)
-    other = busy1 - busy0 - cpu if busy0 is not None and busy1 is not None else None
-    return proc, {"wall_s": wall, "cpu_s": cpu, "other_cpu_s": max(other, 0.0) if other is not None else None,
-                  "quiet_wait_s": waited}
 
 
 def run_job(args: argparse.Namespace, run_dir: Path, prepared: Path, env: dict[str, str]) -> dict[str, Any]:
@@ -246,41 +189,11 @@ def bare_worker(argv: list[str]) -> None:
         "threads": torch.get_num_threads()}), flush=True)
 
 
-def is_disturbed(run: dict[str, Any]) -> bool:
-    """True when other processes took more than DISTURBED_CORES of a core (at least 0.5 CPU-s) during it."""
-    other = run["other_cpu_s"]
-    return other is not None and other > max(0.5, DISTURBED_CORES * run["wall_s"])
-
-
-def measure(label: str, retries: int, discarded: list[dict[str, Any]],
-            attempt: Callable[[int], dict[str, Any]]) -> dict[str, Any]:
-    """`attempt(n)` until a run is undisturbed or `retries` reruns are spent; disturbed ones go to `discarded`."""
-    for n in range(retries + 1):
-        run = attempt(n)
-        run["side"], run["disturbed"] = label.split()[-1], is_disturbed(run)
-        print(f"{label} {describe_run(run)}{'  [disturbed]' if run['disturbed'] else ''}", flush=True)
-        if not run["disturbed"] or n == retries:
-            return run
-        discarded.append(run)
-    raise AssertionError("unreachable")
-
-
 def describe_run(run: dict[str, Any]) -> str:
     """One progress line per run."""
     other = run["other_cpu_s"]
     return (f"{run['wall_s']:6.2f} s wall, {run['cpu_s']:6.2f} s CPU, {run['pipeline_calls']} pipeline calls, "
             f"other processes {'n/a' if other is None else format(other, '.1f')} CPU-s")
-
-
-def median_of(runs: list[dict[str, Any]], key: str) -> float | None:
-    """Median of `key` over runs that have it."""
-    values = [r[key] for r in runs if r.get(key) is not None]
-    return statistics.median(values) if values else None
-
-
-def ratio(a: float | None, b: float | None) -> float | None:
-    """a / b, or None when either is missing."""
-    return a / b if a is not None and b else None
 
 
 def summarise(args: argparse.Namespace, job: list[dict[str, Any]], bare: list[dict[str, Any]],
@@ -371,9 +284,10 @@ def main(argv: list[str] | None = None) -> int:
         discarded: list[dict[str, Any]] = []
         for i in range(args.repeats):
             job.append(measure(f"run {i + 1}/{args.repeats} job ", args.retries, discarded,
-                               lambda attempt: run_job(args, workdir / f"job-{i}-{attempt}", prepared, env)))
+                               lambda attempt: run_job(args, workdir / f"job-{i}-{attempt}", prepared, env),
+                               describe_run))
             bare.append(measure(f"run {i + 1}/{args.repeats} bare", args.retries, discarded,
-                                lambda attempt: run_bare(args, prepared, env)))
+                                lambda attempt: run_bare(args, prepared, env), describe_run))
         if {r["images"] for r in job + bare} != {report["kept"]}:
             raise RuntimeError(f"image counts differ: job {[r['images'] for r in job]}, "
                                f"bare {[r['images'] for r in bare]}, prepared {report['kept']}")

@@ -97,3 +97,21 @@ def scalars(tb_dir: Path, tag: str) -> dict[int, float]:
         if tag in acc.Tags()["scalars"]:
             out.update({e.step: e.value for e in acc.Scalars(tag)})
     return out
+
+
+def kill_tree(pid: int) -> int:
+    """SIGKILL a process and every descendant (torchrun starts its ranks in sessions of their own)."""
+    import psutil
+
+    try:
+        parent = psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return 0
+    procs = parent.children(recursive=True) + [parent]
+    for proc in procs:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=30)
+    return len(procs)

@@ -78,7 +78,8 @@ class Trainer:
         self.pos = Position()
         self.samples_log = None
         if self.t.record_samples:
-            self.samples_log = open(ctx.run_dir / "logs" / f"samples-rank-{self.info.rank}.jsonl", "a")
+            self.samples_log = open(ctx.run_dir / "logs" / f"samples-rank-{self.info.rank}.jsonl", "a",
+                                    buffering=1)  # line-buffered: a killed run keeps what it recorded
 
     # ---------------------------------------------------------------- checkpoints
     def resume(self) -> bool:

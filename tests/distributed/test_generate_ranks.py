@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import time
 from pathlib import Path
 
 from revprompt.shards.reader import list_shards
-from tests.conftest import BIN, ROOT, cli_env, run_cli, shard_digests, tiny_args
+from tests.conftest import BIN, ROOT, cli_env, kill_tree, run_cli, shard_digests, tiny_args
 
 
 def test_two_ranks_write_the_same_bytes_as_one(tmp_path: Path):
@@ -49,7 +47,7 @@ def test_sigkill_mid_shard_then_rerun_gives_the_uninterrupted_shards(tmp_path: P
         else:
             raise AssertionError("no shard completed in time")
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        assert kill_tree(proc.pid) >= 3  # torchrun and both ranks
         proc.wait()
     # what readers see after the kill: only complete shards, never the partial file
     partials = list((killed / "shards").rglob(".*.partial"))

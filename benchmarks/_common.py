@@ -1,0 +1,218 @@
+"""Helpers the CPU benchmarks share: thread settings, idle-wait, disturbance accounting, medians.
+
+The benchmarks run on small machines whose cores other people's processes also use. Another process
+on the cores slows a torch run several-fold (its OpenMP threads wait for each other), so:
+
+- `wait_for_quiet` waits, before a run, until the other processes are idle (or a time limit passes);
+- `timed_run` runs a subprocess and reports, besides its wall and CPU time, `other_cpu_s`: the
+  CPU-seconds the rest of the machine used meanwhile (/proc/stat busy time minus the child's rusage);
+- `CpuMonitor` samples the same two quantities twice a second while a subprocess runs, so that a
+  benchmark can ask how much other processes used during one window of the run (e.g. the steady
+  part of a training run, whose start-up does not count);
+- `measure` reruns a run whose `other_cpu_s` says it was disturbed (`is_disturbed`), and keeps the
+  discarded runs for the JSON.
+
+Import from a benchmark script (scripts run as `python benchmarks/x.py` have benchmarks/ on sys.path):
+    from _common import timed_run, measure, ...
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+# a run during which other processes used more than this share of one core is rerun
+DISTURBED_CORES = 0.05
+# ... but never for less than this many CPU-seconds (a stray `ls` is not a disturbance)
+DISTURBED_MIN_S = 0.5
+
+
+def subprocess_env(threads: int) -> dict[str, str]:
+    """The same thread settings for every side; no network."""
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1",
+               TRANSFORMERS_OFFLINE="1")
+    return env
+
+
+def revprompt_command() -> list[str]:
+    """The installed `revprompt` console script next to this interpreter (module fallback)."""
+    script = Path(sys.executable).parent / "revprompt"
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "revprompt.launch.cli"]
+
+
+def system_busy_s() -> float | None:
+    """CPU-seconds all cores have spent busy since boot (Linux /proc/stat; None elsewhere)."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_for_quiet(max_wait_s: float, threshold_cores: float = 0.25) -> float:
+    """Wait (at most `max_wait_s`) until other processes use under `threshold_cores`; return the wait."""
+    start = time.perf_counter()
+    while time.perf_counter() - start < max_wait_s:
+        before = system_busy_s()
+        time.sleep(1.0)
+        after = system_busy_s()
+        if before is None or after is None or after - before < threshold_cores:
+            break
+    return time.perf_counter() - start
+
+
+def process_tree_cpu_s(pid: int) -> float | None:
+    """CPU-seconds of a live process, its live descendants and its reaped children (psutil; None if gone)."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [root] + root.children(recursive=True)
+    except psutil.Error:
+        return None
+    total = 0.0
+    for i, proc in enumerate(procs):
+        try:
+            t = proc.cpu_times()
+        except psutil.Error:
+            continue
+        total += t.user + t.system + (t.children_user + t.children_system if i == 0 else 0.0)
+    return total
+
+
+class CpuMonitor:
+    """Samples (wall time, machine busy CPU-s, process tree CPU-s) every `interval` s in a thread.
+
+    `pid` is a child's (the tree of a subprocess) or `os.getpid()` (this process and its workers).
+
+    `other_cpu_s(t0, t1)` is the CPU time processes outside the child's tree used between two
+    `time.time()` instants, interpolated between samples: the disturbance of that window alone.
+    """
+
+    def __init__(self, pid: int, interval: float = 0.5):
+        self.pid, self.interval = pid, interval
+        self.samples: list[tuple[float, float, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cpu-monitor", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            busy, tree = system_busy_s(), process_tree_cpu_s(self.pid)
+            if busy is not None and tree is not None:
+                self.samples.append((time.time(), busy, tree))
+            self._stop.wait(self.interval)
+
+    def stop(self) -> None:
+        """Stop sampling."""
+        self._stop.set()
+        self._thread.join()
+
+    def _at(self, t: float) -> tuple[float, float] | None:
+        s = self.samples
+        if len(s) < 2 or t < s[0][0] - self.interval or t > s[-1][0] + self.interval:
+            return None
+        for (ta, ba, ca), (tb, bb, cb) in zip(s, s[1:]):
+            if ta <= t <= tb:
+                f = (t - ta) / (tb - ta) if tb > ta else 0.0
+                return ba + f * (bb - ba), ca + f * (cb - ca)
+        return (s[0][1], s[0][2]) if t < s[0][0] else (s[-1][1], s[-1][2])
+
+    def other_cpu_s(self, t0: float, t1: float) -> float | None:
+        """CPU-seconds used outside the child's process tree between `t0` and `t1` (time.time())."""
+        a, b = self._at(t0), self._at(t1)
+        if a is None or b is None:
+            return None
+        return max(0.0, (b[0] - a[0]) - (b[1] - a[1]))
+
+    def tree_cpu_s(self, t0: float, t1: float) -> float | None:
+        """CPU-seconds the child's process tree used between `t0` and `t1` (time.time())."""
+        a, b = self._at(t0), self._at(t1)
+        return None if a is None or b is None else b[1] - a[1]
+
+
+def timed_run(cmd: list[str], env: dict[str, str], quiet_wait_s: float, monitor: bool = False,
+              timeout_s: float | None = None) -> tuple[subprocess.CompletedProcess, dict[str, Any]]:
+    """Run `cmd` to completion; its wall and CPU time, and the CPU time other processes took meanwhile.
+
+    `other_cpu_s` is the machine's busy CPU time during the run minus the child's own: a run with a
+    large value shared the cores with something else and is less trustworthy. With `monitor`, the
+    timing dict also carries the `CpuMonitor` under "_monitor" (for windowed disturbance; drop it
+    before writing JSON).
+    """
+    waited = wait_for_quiet(quiet_wait_s) if quiet_wait_s > 0 else 0.0
+    usage0, busy0 = resource.getrusage(resource.RUSAGE_CHILDREN), system_busy_s()
+    start = time.perf_counter()
+    mon = None
+    with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as popen:
+        if monitor:
+            mon = CpuMonitor(popen.pid)
+        try:
+            stdout, stderr = popen.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            popen.kill()
+            stdout, stderr = popen.communicate()
+            stderr += f"\n[benchmark] killed after {timeout_s} s"
+        finally:
+            if mon is not None:
+                mon.stop()
+    proc = subprocess.CompletedProcess(cmd, popen.returncode, stdout, stderr)
+    wall = time.perf_counter() - start
+    usage1, busy1 = resource.getrusage(resource.RUSAGE_CHILDREN), system_busy_s()
+    cpu = (usage1.ru_utime - usage0.ru_utime) + (usage1.ru_stime - usage0.ru_stime)
+    other = busy1 - busy0 - cpu if busy0 is not None and busy1 is not None else None
+    timing = {"wall_s": wall, "cpu_s": cpu, "other_cpu_s": max(other, 0.0) if other is not None else None,
+              "quiet_wait_s": waited}
+    if mon is not None:
+        timing["_monitor"] = mon
+    return proc, timing
+
+
+def is_disturbed(run: dict[str, Any], key: str = "other_cpu_s", seconds_key: str = "wall_s") -> bool:
+    """True when other processes took more than DISTURBED_CORES of a core (at least DISTURBED_MIN_S CPU-s)
+    during the run (or the window that `key` / `seconds_key` describe)."""
+    other, seconds = run.get(key), run.get(seconds_key)
+    if other is None or seconds is None:
+        return False
+    return other > max(DISTURBED_MIN_S, DISTURBED_CORES * seconds)
+
+
+def measure(label: str, retries: int, discarded: list[dict[str, Any]], attempt: Callable[[int], dict[str, Any]],
+            describe: Callable[[dict[str, Any]], str], disturbed: Callable[[dict[str, Any]], bool] = is_disturbed,
+            side: str | None = None) -> dict[str, Any]:
+    """`attempt(n)` until a run is undisturbed or `retries` reruns are spent; disturbed ones go to `discarded`."""
+    for n in range(retries + 1):
+        run = attempt(n)
+        run["side"], run["disturbed"] = side or label.split()[-1], disturbed(run)
+        print(f"{label} {describe(run)}{'  [disturbed]' if run['disturbed'] else ''}", flush=True)
+        if not run["disturbed"] or n == retries:
+            return run
+        discarded.append(run)
+    raise AssertionError("unreachable")
+
+
+def median_of(runs: list[dict[str, Any]], key: str) -> float | None:
+    """Median of `key` over runs that have it."""
+    values = [r[key] for r in runs if r.get(key) is not None]
+    return statistics.median(values) if values else None
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    """a / b, or None when either is missing."""
+    return a / b if a is not None and b else None
+
+
+def fmt(value: float | None, spec: str) -> str:
+    """`format(value, spec)`, or n/a."""
+    return format(value, spec) if value is not None else "n/a"
