@@ -11,15 +11,18 @@ STAGES = {
     "generate": "revprompt.generation.job",
     "train": "revprompt.training.loop",
     "export": "revprompt.training.export",
+    "caption": "revprompt.evaluation.caption",
 }
 
 USAGE = """usage: revprompt <stage> [--config FILE|PRESET] [--section.key=value ...]
+       revprompt caption --captioner DIR INPUT... --out FILE.jsonl
 
 stages:
   prepare    read, clean, de-duplicate and split the prompt set
   generate   Stable Diffusion images into WebDataset shards (runs prepare first)
   train      fine-tune the BLIP captioner on the shards with DeepSpeed ZeRO
   export     consolidate a checkpoint into a Hugging Face captioner (--checkpoint DIR --out DIR)
+  caption    recover prompts for images, folders or shards: --captioner DIR INPUT... --out FILE.jsonl
   config     print every config key with its default and meaning
 
 Under torchrun: torchrun --nproc_per_node N --no-python revprompt <stage> ...
