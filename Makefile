@@ -13,12 +13,16 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH)
 	$(BIN)/python -m pip install -q -e '.[dev]'
+	# DeepSpeed compiles its CPU shared-memory op at first use; build it now, not inside a job or a test
+	$(BIN)/python -c "import torch; torch.cuda.is_available() or __import__('os').environ.setdefault('DS_ACCELERATOR', 'cpu'); from deepspeed.accelerator import get_accelerator as a; b = a().create_op_builder('ShareMemCommBuilder'); b and b.load()"
 	touch $@
 
 install: $(BIN)/.installed
 
 demo: install
 	$(BIN)/revprompt generate --config tiny
+	$(BIN)/revprompt train --config tiny
+	$(BIN)/revprompt caption --captioner runs/tiny/captioner runs/tiny/shards/test --out runs/tiny/test-captions.jsonl
 
 test: install
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
