@@ -67,7 +67,7 @@ def on_main_first(info: dist.DistInfo, fn: Callable[[], Any]) -> Any:
     if info.is_main:
         try:
             result = fn()
-        except (ConfigError, ValueError, OSError, RuntimeError) as exc:
+        except Exception as exc:  # shared with every rank below, so none waits for rank 0 in vain
             error = f"{type(exc).__name__}: {exc}"
             log.debug("%s", traceback.format_exc())
     result, error = dist.broadcast_object((result, error))

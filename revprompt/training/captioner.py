@@ -75,7 +75,6 @@ def build_captioner(name: str = TINY, seed: int = 0):
         except OSError as exc:
             raise RuntimeError(f"train.captioner: cannot load BLIP from {name!r}: {exc}") from None
     check_special_tokens(model, processor.tokenizer)
-    # eager attention is what transformers gives BLIP; say so rather than let it surprise anyone profiling
     return model, processor
 
 

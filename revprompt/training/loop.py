@@ -18,7 +18,7 @@ from ..launch.runner import StageContext, StageError, build_parser, run_stage
 from ..shards.manifest import read_manifest
 from .captioner import build_captioner, freeze_vision, generate_captions, image_size_of, preprocess_image
 from .data import DataPlanError, TrainStream, build_loader, smallest_share
-from .engine import (allow_deepspeed_checkpoint_types, checkpoint_dirs, force_weights_only_loads,
+from .engine import (allow_deepspeed_checkpoint_types, force_weights_only_loads,
                      gathered_state_dict, initialize, latest_tag, prune_checkpoints)
 from .export import HF_SUBDIR, save_hf_dir
 
@@ -164,7 +164,7 @@ class Trainer:
         total = torch.zeros(2, dtype=torch.float64)
         self.engine.eval()
         with torch.no_grad():
-            for i, batch in zip(range(n_batches), stream):
+            for _, batch in zip(range(n_batches), stream):
                 loss = self.forward(batch)
                 total += torch.tensor([loss.item() * len(batch["keys"]), len(batch["keys"])], dtype=torch.float64)
         self.engine.train()

@@ -14,7 +14,7 @@ from tests.conftest import BIN, ROOT, cli_env, kill_tree, run_cli, shard_digests
 def test_two_ranks_write_the_same_bytes_as_one(tmp_path: Path):
     one, two, again = tmp_path / "one", tmp_path / "two", tmp_path / "again"
     run_cli("generate", *tiny_args(one, limit=30), nproc=1)
-    proc = run_cli("generate", *tiny_args(two, limit=30), nproc=2)
+    run_cli("generate", *tiny_args(two, limit=30), nproc=2)
     run_cli("generate", *tiny_args(again, limit=30), nproc=1)
     digests = shard_digests(one)
     manifest = json.loads((two / "shards" / "manifest.json").read_text())

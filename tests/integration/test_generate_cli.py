@@ -12,7 +12,7 @@ from tests.conftest import run_cli, shard_digests, tiny_args
 
 
 def test_cli_writes_shards_that_plain_readers_read(run_dir: Path):
-    proc = run_cli("generate", *tiny_args(run_dir, limit=30), threads=2)
+    run_cli("generate", *tiny_args(run_dir, limit=30), threads=2)
     manifest = json.loads((run_dir / "shards" / "manifest.json").read_text())
     assert manifest["complete"] is True
     report = json.loads((run_dir / "prompts" / "report.json").read_text())
