@@ -36,11 +36,13 @@ def cli_env(threads: int = 1) -> dict[str, str]:
 def run_cli(*args: str, nproc: int = 0, timeout: int = 600, check: bool = True, threads: int = 1,
             extra: list[str] | None = None) -> subprocess.CompletedProcess:
     """`revprompt ARGS` directly (nproc=0) or under `torchrun --nproc_per_node nproc`."""
-    if nproc:
-        cmd = [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={nproc}", *(extra or []),
-               "--no-python", str(BIN / "revprompt"), *args]
+    script = BIN / "revprompt"
+    if nproc:  # torchrun; the installed console script, or the module where revprompt is only on PYTHONPATH
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               *(extra or []), *(["--no-python", str(script)] if script.exists() else ["-m", "revprompt.launch.cli"])]
     else:
-        cmd = [str(BIN / "revprompt"), *args]
+        cmd = [str(script)] if script.exists() else [sys.executable, "-m", "revprompt.launch.cli"]
+    cmd += list(args)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=cli_env(threads), cwd=ROOT)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")

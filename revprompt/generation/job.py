@@ -81,13 +81,19 @@ def sample_metadata(sample: Sample, cfg) -> dict:
             "negative_prompt": g.negative_prompt, "height": g.height, "width": g.width, "drift_iteration": 0}
 
 
-def to_uint8(images: np.ndarray) -> np.ndarray:
-    """Pipeline output in [0, 1] (NHWC float) to uint8 pixels."""
-    return (np.clip(images, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+def to_pixels(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Pipeline output (NCHW float in [0, 1], on its device) to NHWC uint8 pixels and a finite-mask.
+
+    The conversion runs where the images are (the GPU), so the host only receives bytes and the
+    writer thread only encodes: less CPU work competing with the thread that launches the model.
+    """
+    finite = torch.isfinite(images).flatten(1).all(dim=1)
+    pixels = (images.float().clamp(0.0, 1.0) * 255.0).round().to(torch.uint8).permute(0, 2, 3, 1)
+    return pixels.cpu().numpy(), finite.cpu().numpy()
 
 
-def generate_batch(pipe, samples: list[Sample], cfg) -> np.ndarray:
-    """Images for `samples` (NHWC float in [0, 1]); each image's noise comes from its own seed.
+def generate_batch(pipe, samples: list[Sample], cfg) -> torch.Tensor:
+    """Images for `samples` (NCHW float in [0, 1], on the model's device); each from its own seed.
 
     The generators live on the CPU so that the same key draws the same noise on any device.
     """
@@ -97,7 +103,7 @@ def generate_batch(pipe, samples: list[Sample], cfg) -> np.ndarray:
     with torch.inference_mode():
         out = pipe(prompt=[s.prompt.text for s in samples], negative_prompt=negative,
                    num_inference_steps=g.steps, guidance_scale=g.guidance_scale, height=g.height,
-                   width=g.width, generator=generators, output_type="np")
+                   width=g.width, generator=generators, output_type="pt")
     return out.images
 
 
@@ -164,16 +170,16 @@ def check_or_reset(root: Path, fingerprint: str, overwrite: bool) -> None:
     (root / "manifest.json").unlink()
 
 
-def write_samples(pairs: list[tuple[Sample, np.ndarray]], cfg, writer: ShardWriter) -> None:
+def write_samples(samples: list[Sample], pixels: np.ndarray, finite: np.ndarray, cfg, writer: ShardWriter) -> None:
     """Encode and append one batch's samples to the open shard (runs on the background thread)."""
     g = cfg.generate
-    for sample, pixels in pairs:
-        if not np.isfinite(pixels).all():
+    for sample, image, ok in zip(samples, pixels, finite):
+        if not ok:
             writer.failures += 1
             log.warning("sample %s produced non-finite pixels; left out of %s", sample.key, writer.path)
             continue
         writer.write(sample.key, {
-            g.image_format: encode_image(to_uint8(pixels), g.image_format, g.jpeg_quality),
+            g.image_format: encode_image(image, g.image_format, g.jpeg_quality),
             "txt": sample.prompt.text.encode("utf-8"),
             "json": encode_json(sample_metadata(sample, cfg)),
         })
@@ -242,12 +248,12 @@ def _generate_shards(ctx: StageContext, pending: list[ShardTask], root: Path, pr
             writer = ShardWriter(root / shard_name(task.split, task.shard))
             for start in range(0, len(task.samples), g.batch_size):
                 batch = list(task.samples[start:start + g.batch_size])
-                images = generate_batch(pipe, batch, cfg)
-                worker.submit(lambda pairs=list(zip(batch, images)), w=writer: write_samples(pairs, cfg, w))
+                pixels, finite = to_pixels(generate_batch(pipe, batch, cfg))
+                worker.submit(lambda b=batch, p=pixels, f=finite, w=writer: write_samples(b, p, f, cfg, w))
                 done = progress.add(len(batch))
                 ctx.metrics.log({"perf/images_per_s": progress.rate()}, step=done)
                 if not grid_logged:
-                    _log_grid(ctx, batch, images)
+                    _log_grid(ctx, batch, pixels)
                     grid_logged = True
             worker.submit(writer.close)
             writer = None
@@ -262,10 +268,10 @@ def _generate_shards(ctx: StageContext, pending: list[ShardTask], root: Path, pr
     worker.close()
 
 
-def _log_grid(ctx: StageContext, batch: list[Sample], images: np.ndarray) -> None:
+def _log_grid(ctx: StageContext, batch: list[Sample], pixels: np.ndarray) -> None:
     shown = min(len(batch), ctx.cfg.generate.grid_images)
     texts = [s.prompt.text for s in batch[:shown]]
-    ctx.metrics.log_image("generate/samples", captioned_grid(to_uint8(images[:shown]), texts), step=0)
+    ctx.metrics.log_image("generate/samples", captioned_grid(pixels[:shown], texts), step=0)
     ctx.metrics.log_text("generate/prompts", "\n\n".join(
         f"{i}. `{s.key}`: {s.prompt.text}" for i, s in enumerate(batch[:shown])), step=0)
 

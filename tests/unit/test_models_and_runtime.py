@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from revprompt.generation.job import generate_batch, plan_shards, to_uint8
+from revprompt.generation.job import generate_batch, plan_shards, to_pixels
 from revprompt.generation.models import build_pipeline
 from revprompt.generation.prompts import Prompt
 from revprompt.launch import dist
@@ -41,16 +41,16 @@ def test_saved_pipeline_loads_through_from_pretrained_and_draws_the_same(tmp_pat
     pipe.save_pretrained(tmp_path / "sd")
     loaded = build_pipeline(str(tmp_path / "sd"))
     batch = samples(2)
-    assert np.array_equal(to_uint8(generate_batch(pipe, batch, cfg)), to_uint8(generate_batch(loaded, batch, cfg)))
+    assert np.array_equal(to_pixels(generate_batch(pipe, batch, cfg))[0], to_pixels(generate_batch(loaded, batch, cfg))[0])
 
 
 def test_images_depend_on_seed_not_batch_position(pipe):
     cfg = cfg_for()
     batch = samples(3)
     together = generate_batch(pipe, batch, cfg)
-    reversed_ = generate_batch(pipe, batch[::-1], cfg)[::-1]
-    np.testing.assert_allclose(together, reversed_, atol=1e-5)
-    assert not np.allclose(together[0], together[1])
+    reversed_ = generate_batch(pipe, batch[::-1], cfg).flip(0)
+    torch.testing.assert_close(together, reversed_, atol=1e-5, rtol=0)
+    assert not torch.allclose(together[0], together[1])
 
 
 @pytest.mark.parametrize("scheduler", ["dpmsolver++", "euler", "ddim"])
@@ -59,9 +59,11 @@ def test_every_scheduler_and_negative_prompt(scheduler):
     pipe = build_pipeline("tiny", scheduler=scheduler)
     batch = samples(1)
     plain = generate_batch(pipe, batch, cfg)
-    assert plain.shape == (1, 32, 32, 3) and np.isfinite(plain).all()
+    pixels, finite = to_pixels(plain)
+    assert plain.shape == (1, 3, 32, 32) and pixels.shape == (1, 32, 32, 3) and pixels.dtype == np.uint8
+    assert finite.tolist() == [True]
     negative = generate_batch(pipe, batch, cfg_for(generate__scheduler=scheduler, generate__negative_prompt="blurry"))
-    assert not np.allclose(plain, negative)
+    assert not torch.allclose(plain, negative)
 
 
 def test_bf16_dtype():
@@ -87,3 +89,11 @@ def test_slurm_variables_map_to_torchrun_ones():
     assert not dist.map_slurm_env(torchrun_env)  # torchrun already set the ranks
     assert dist.first_slurm_host("node1,node2") == "node1"
     assert dist.first_slurm_host("a[3,5-9]") == "a3"
+
+
+def test_non_finite_images_are_flagged():
+    images = torch.rand(3, 3, 8, 8)
+    images[1, 0, 2, 2] = float("nan")
+    pixels, finite = to_pixels(images)
+    assert finite.tolist() == [True, False, True]
+    assert np.array_equal(pixels[0], (images[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
