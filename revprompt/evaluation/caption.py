@@ -9,7 +9,6 @@ import os
 from pathlib import Path
 from typing import Iterator
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -63,7 +62,7 @@ def caption_all(captioner: str, inputs: list[str], out: str, *, batch_size: int 
     from tqdm import tqdm
     from transformers import BlipForConditionalGeneration, BlipProcessor
 
-    from ..training.captioner import generate_captions, image_size_of, preprocess_image
+    from ..training.captioner import generate_captions, image_size_of, preprocess_images
 
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
@@ -81,7 +80,7 @@ def caption_all(captioner: str, inputs: list[str], out: str, *, batch_size: int 
 
         def flush() -> None:
             nonlocal written
-            pixels = torch.from_numpy(np.stack([preprocess_image(img, size) for _, _, img in batch]))
+            pixels = preprocess_images([img for _, _, img in batch], size)
             captions = generate_captions(model, processor.tokenizer, pixels.to(dev, dtype), max_new_tokens,
                                          num_beams, repetition_penalty)
             for (field, value, _), caption in zip(batch, captions):

@@ -103,14 +103,23 @@ def image_size_of(model) -> int:
     return int(size if isinstance(size, int) else size[0])
 
 
-def preprocess_image(image: Image.Image, size: int) -> np.ndarray:
-    """RGB -> bicubic resize -> [0,1] -> BLIP normalisation, CHW float32 (as BlipImageProcessor does)."""
-    image = image.convert("RGB")
-    if image.size != (size, size):
-        image = image.resize((size, size), Image.BICUBIC)
-    pixels = np.asarray(image, dtype=np.float32) / 255.0
-    pixels = (pixels - np.asarray(IMAGE_MEAN, np.float32)) / np.asarray(IMAGE_STD, np.float32)
-    return np.ascontiguousarray(pixels.transpose(2, 0, 1))
+def preprocess_images(images: list[Image.Image], size: int) -> torch.Tensor:
+    """RGB, bicubic resize, [0,1], BLIP normalisation: NCHW float32, as BlipImageProcessor does.
+
+    The normalisation runs once over the whole batch rather than per image: on a CPU the loader's
+    time is taken from the model's.
+    """
+    arrays = []
+    for image in images:
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        if image.size != (size, size):
+            image = image.resize((size, size), Image.BICUBIC)
+        arrays.append(np.asarray(image))
+    pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div_(255.0)
+    mean = torch.tensor(IMAGE_MEAN, dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGE_STD, dtype=torch.float32).view(1, 3, 1, 1)
+    return pixels.sub_(mean).div_(std).contiguous()
 
 
 @dataclass

@@ -18,12 +18,11 @@ import random
 from dataclasses import dataclass
 from typing import Iterator
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..shards.reader import ReadStats, build_reader
-from .captioner import encode_prompts, preprocess_image
+from .captioner import encode_prompts, preprocess_images
 
 log = logging.getLogger(__name__)
 
@@ -148,10 +147,10 @@ class TrainStream(IterableDataset):
 
     def _collate(self, samples: list[dict], epoch: int, position: int, worker: int, stats: ReadStats,
                  resampled: int) -> dict:
-        pixels = np.stack([preprocess_image(s["image"], self.image_size) for s in samples])
+        pixels = preprocess_images([s["image"] for s in samples], self.image_size)
         text = encode_prompts(self.tokenizer, [s["txt"] for s in samples], self.max_length)
         return {
-            "pixel_values": torch.from_numpy(pixels),
+            "pixel_values": pixels,
             "input_ids": text.input_ids,
             "attention_mask": text.attention_mask,
             "labels": text.labels,

@@ -16,7 +16,7 @@ from ..launch import dist
 from ..launch.metrics import captioned_grid
 from ..launch.runner import StageContext, StageError, build_parser, run_stage
 from ..shards.manifest import read_manifest
-from .captioner import build_captioner, freeze_vision, generate_captions, image_size_of, preprocess_image
+from .captioner import build_captioner, freeze_vision, generate_captions, image_size_of, preprocess_images
 from .data import DataPlanError, TrainStream, build_loader, smallest_share
 from .engine import (allow_deepspeed_checkpoint_types, force_weights_only_loads,
                      gathered_state_dict, initialize, latest_tag, prune_checkpoints)
@@ -189,7 +189,7 @@ class Trainer:
             samples.append(sample)
             if len(samples) == self.t.val_captions:
                 break
-        pixels = torch.from_numpy(np.stack([preprocess_image(s["image"], self.image_size) for s in samples]))
+        pixels = preprocess_images([s["image"] for s in samples], self.image_size)
         e = self.cfg.evaluate
         captions = []
         for start in range(0, len(samples), 32):
