@@ -136,6 +136,17 @@ class CpuMonitor:
             return None
         return max(0.0, (b[0] - a[0]) - (b[1] - a[1]))
 
+    def busy_cores(self, t0: float, t1: float) -> float | None:
+        """Mean number of busy cores on the whole machine between `t0` and `t1` (time.time()).
+
+        A compute-bound run with as many OpenMP threads as cores keeps every core busy (the threads
+        spin between parallel regions); markedly fewer means the machine's host did not run the
+        threads (a virtual machine's vCPUs starved), which /proc/stat shows as idle, not as other
+        processes' time.
+        """
+        a, b = self._at(t0), self._at(t1)
+        return None if a is None or b is None or t1 <= t0 else (b[0] - a[0]) / (t1 - t0)
+
     def tree_cpu_s(self, t0: float, t1: float) -> float | None:
         """CPU-seconds the child's process tree used between `t0` and `t1` (time.time())."""
         a, b = self._at(t0), self._at(t1)

@@ -43,7 +43,12 @@ What is measured
     runs, and computes `other_cpu_s`: the CPU time processes outside the child's tree used *during
     the steady window*. A run where that exceeds 5 % of a core (at least 0.5 CPU-s) is rerun (up to
     `--retries` times; discarded runs stay in the JSON; a run still disturbed after the retries is
-    kept and flagged).
+    kept and flagged). So is a run during whose window the machine was more than 0.15 cores short of
+    `--threads` busy cores (`window_busy_cores`): both sides keep every core busy while they compute
+    (OpenMP threads spin between parallel regions), so idle cores mean the virtual machine's host
+    did not run our threads, a slowdown that shows up in /proc/stat as idle time, not as other
+    processes' time. Even undisturbed, step times on a small shared VM drift by +-10 % between
+    processes, hence the alternation, the medians and the per-round ratios.
 
     Configurations (`--configs stage:workers,...`, default `2:1,0:1,2:0`; the first, ZeRO-2 with
     the preset's one DataLoader worker, is the headline). Each round runs one trainer run per
@@ -80,13 +85,15 @@ DEFAULT_OUT = RESULTS / "train_overhead.json"
 BARE_MARKER = "BARE_RESULT "
 TARGET_RATIO = 0.90
 RUN_TIMEOUT_S = 900
+# a steady window during which the machine was this many cores short of busy counts as disturbed
+STARVED_CORES = 0.15
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Benchmark options; sizes default to the tiny preset's."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--steps", type=int, default=60, help="optimizer steps per run (train.max_steps)")
-    parser.add_argument("--log-every", type=int, default=10,
+    parser.add_argument("--steps", type=int, default=160, help="optimizer steps per run (train.max_steps)")
+    parser.add_argument("--log-every", type=int, default=20,
                         help="train.log_every; the first this many steps are the excluded warm-up")
     parser.add_argument("--micro-batch", type=int, default=16, help="train.micro_batch_size (preset: 16)")
     parser.add_argument("--prompts", type=int, default=240, help="prompts generated once (train/val/test split)")
@@ -173,6 +180,9 @@ def finish(run: dict[str, Any], timing: dict[str, Any]) -> dict[str, Any]:
     window = run.pop("window", None)
     run.update(timing)
     run["window_other_cpu_s"] = monitor.other_cpu_s(*window) if monitor is not None and window else None
+    run["window_busy_cores"] = monitor.busy_cores(*window) if monitor is not None and window else None
+    run["window_own_cores"] = (monitor.tree_cpu_s(*window) / (window[1] - window[0])
+                               if monitor is not None and window and monitor.tree_cpu_s(*window) is not None else None)
     return run
 
 
@@ -273,10 +283,17 @@ def bare_worker(argv: list[str]) -> None:
         "stamps": stamps}), flush=True)
 
 
-def window_disturbed(run: dict[str, Any]) -> bool:
-    """Disturbed during the steady window (falls back to the whole run when the window is unknown)."""
+def starved(run: dict[str, Any], threads: int) -> bool:
+    """The machine was markedly less busy than `threads` cores during the window: the host did not run us."""
+    busy = run.get("window_busy_cores")
+    return busy is not None and busy < min(threads, os.cpu_count() or threads) - STARVED_CORES
+
+
+def window_disturbed(run: dict[str, Any], threads: int) -> bool:
+    """Disturbed during the steady window (falls back to the whole run when the window is unknown):
+    other processes used the cores, or the cores sat idle while our threads wanted them."""
     if run.get("window_other_cpu_s") is not None and run.get("window_s"):
-        return is_disturbed(run, "window_other_cpu_s", "window_s")
+        return is_disturbed(run, "window_other_cpu_s", "window_s") or starved(run, threads)
     return is_disturbed(run)
 
 
@@ -285,7 +302,8 @@ def describe_run(run: dict[str, Any]) -> str:
     return (f"{run['config']:<17} steady {fmt(run.get('steady_samples_per_s'), '7.2f')} samples/s over "
             f"{fmt(run.get('window_s'), '.1f')} s, process {run['wall_s']:6.1f} s wall / {run['cpu_s']:6.1f} s CPU, "
             f"others {fmt(run.get('window_other_cpu_s'), '.2f')} CPU-s in the window "
-            f"({fmt(run.get('other_cpu_s'), '.1f')} in the run)")
+            f"({fmt(run.get('other_cpu_s'), '.1f')} in the run), machine busy {fmt(run.get('window_busy_cores'), '.2f')} "
+            f"cores, own {fmt(run.get('window_own_cores'), '.2f')}")
 
 
 def config_names(args: argparse.Namespace) -> list[str]:
@@ -376,10 +394,10 @@ def main(argv: list[str] | None = None) -> int:
                     f"round {i + 1}/{args.repeats} trainer", args.retries, discarded,
                     lambda n: run_trainer(args, stage, workers, generated, workdir / f"train-{i}-{stage}-{workers}-{n}",
                                           env),
-                    describe_run, window_disturbed, side="trainer"))
+                    describe_run, lambda r: window_disturbed(r, args.threads), side="trainer"))
             bare.append(measure(f"round {i + 1}/{args.repeats} bare   ", args.retries, discarded,
-                                lambda n: run_bare(args, generated, env), describe_run, window_disturbed,
-                                side="bare"))
+                                lambda n: run_bare(args, generated, env), describe_run,
+                                lambda r: window_disturbed(r, args.threads), side="bare"))
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
