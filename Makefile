@@ -29,6 +29,8 @@ test: install
 
 bench: install
 	$(BIN)/python benchmarks/generation_overhead.py
+	$(BIN)/python benchmarks/train_overhead.py
+	$(BIN)/python benchmarks/loader_throughput.py
 
 clean:
 	rm -rf runs/tiny
