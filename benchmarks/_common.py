@@ -10,7 +10,8 @@ on the cores slows a torch run several-fold (its OpenMP threads wait for each ot
   benchmark can ask how much other processes used during one window of the run (e.g. the steady
   part of a training run, whose start-up does not count);
 - `measure` reruns a run whose `other_cpu_s` says it was disturbed (`is_disturbed`), and keeps the
-  discarded runs for the JSON.
+  discarded runs for the JSON; `timed_run(..., abort=...)` can stop a run early once it is known to
+  be disturbed.
 
 Import from a benchmark script (scripts run as `python benchmarks/x.py` have benchmarks/ on sys.path):
     from _common import timed_run, measure, ...
@@ -18,6 +19,7 @@ Import from a benchmark script (scripts run as `python benchmarks/x.py` have ben
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import statistics
@@ -136,6 +138,14 @@ class CpuMonitor:
             return None
         return max(0.0, (b[0] - a[0]) - (b[1] - a[1]))
 
+    def recent_other_cores(self, seconds: float) -> float | None:
+        """Mean cores other processes used over the last `seconds` (None until that much is sampled)."""
+        if not self.samples or self.samples[-1][0] - self.samples[0][0] < seconds:
+            return None
+        t1 = self.samples[-1][0]
+        other = self.other_cpu_s(t1 - seconds, t1)
+        return None if other is None else other / seconds
+
     def busy_cores(self, t0: float, t1: float) -> float | None:
         """Mean number of busy cores on the whole machine between `t0` and `t1` (time.time()).
 
@@ -153,26 +163,61 @@ class CpuMonitor:
         return None if a is None or b is None else b[1] - a[1]
 
 
+def stop_tree(pid: int, grace_s: float = 10.0) -> None:
+    """Terminate a child this benchmark started and its descendants (by pid), then kill what is left."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = root.children(recursive=True) + [root]
+    except psutil.Error:
+        return
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            proc.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+
+
 def timed_run(cmd: list[str], env: dict[str, str], quiet_wait_s: float, monitor: bool = False,
-              timeout_s: float | None = None) -> tuple[subprocess.CompletedProcess, dict[str, Any]]:
+              timeout_s: float | None = None,
+              abort: Callable[[CpuMonitor], bool] | None = None) -> tuple[subprocess.CompletedProcess, dict[str, Any]]:
     """Run `cmd` to completion; its wall and CPU time, and the CPU time other processes took meanwhile.
 
     `other_cpu_s` is the machine's busy CPU time during the run minus the child's own: a run with a
     large value shared the cores with something else and is less trustworthy. With `monitor`, the
     timing dict also carries the `CpuMonitor` under "_monitor" (for windowed disturbance; drop it
-    before writing JSON).
+    before writing JSON). `abort(monitor)`, polled every second, stops the child early (its process
+    tree, by pid) and sets "aborted": for a run that is already known to be disturbed, so that it
+    does not go on for minutes at a fraction of its speed. The caller must only return True when
+    stopping the child is safe (e.g. not while it may be compiling an extension).
     """
     waited = wait_for_quiet(quiet_wait_s) if quiet_wait_s > 0 else 0.0
     usage0, busy0 = resource.getrusage(resource.RUSAGE_CHILDREN), system_busy_s()
     start = time.perf_counter()
     mon = None
+    aborted = False
     with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as popen:
-        if monitor:
+        if monitor or abort is not None:
             mon = CpuMonitor(popen.pid)
         try:
-            stdout, stderr = popen.communicate(timeout=timeout_s)
+            while True:
+                left = None if timeout_s is None else timeout_s - (time.perf_counter() - start)
+                if left is not None and left <= 0:
+                    raise subprocess.TimeoutExpired(cmd, timeout_s)
+                try:
+                    stdout, stderr = popen.communicate(timeout=1.0 if left is None else min(1.0, left))
+                    break
+                except subprocess.TimeoutExpired:
+                    if left is not None and left <= 1.0:
+                        raise
+                    if abort is not None and not aborted and abort(mon):
+                        aborted = True
+                        stop_tree(popen.pid)
         except subprocess.TimeoutExpired:
-            popen.kill()
+            stop_tree(popen.pid, grace_s=0.0)
             stdout, stderr = popen.communicate()
             stderr += f"\n[benchmark] killed after {timeout_s} s"
         finally:
@@ -185,7 +230,9 @@ def timed_run(cmd: list[str], env: dict[str, str], quiet_wait_s: float, monitor:
     other = busy1 - busy0 - cpu if busy0 is not None and busy1 is not None else None
     timing = {"wall_s": wall, "cpu_s": cpu, "other_cpu_s": max(other, 0.0) if other is not None else None,
               "quiet_wait_s": waited}
-    if mon is not None:
+    if abort is not None:
+        timing["aborted"] = aborted
+    if mon is not None and monitor:
         timing["_monitor"] = mon
     return proc, timing
 

@@ -23,6 +23,12 @@ What is measured
              padded lengths follow the same prompt length distribution) and runs N steps of
              forward, backward, clip, `optimizer.step()`, `scheduler.step()`, `zero_grad`,
              `loss.item()`, a timestamp after each step.
+    bare_stream  the same bare loop fed by the trainer's data path instead of memory: `TrainStream`
+             + `build_loader` over the same shards, built as `Trainer.stream` builds them, with the
+             headline configuration's DataLoader workers. It splits the trainer's overhead in two:
+             bare_stream / bare is the cost of streaming, trainer / bare_stream the cost of DeepSpeed
+             and the rest of the trainer (tqdm, TensorBoard, position bookkeeping). Skipped with
+             `--no-stream-side`.
 
     Primary metric, the same definition on both sides: steady samples/s = samples of steps K+1..N
     / time from the end of step K to the end of step N, with K = train.log_every (`--log-every`).
@@ -45,23 +51,31 @@ What is measured
     runs, and computes `other_cpu_s`: the CPU time processes outside the child's tree used *during
     the steady window*. A run where that exceeds 5 % of a core (at least 0.5 CPU-s) is rerun (up to
     `--retries` times; discarded runs stay in the JSON; a run still disturbed after the retries is
-    kept and flagged). So is a run during whose window the machine was more than 0.15 cores short of
-    `--threads` busy cores (`window_busy_cores`): both sides keep every core busy while they compute
+    kept and flagged; a run that is not the last try is stopped as soon as other processes have
+    used a third of a core for 5 s, once the trainer is past its start-up). So is a run during
+    whose window the machine was more than 0.15 cores short of `--threads` busy cores (`window_busy_cores`): both sides keep every core busy while they compute
     (OpenMP threads spin between parallel regions), so idle cores mean the virtual machine's host
     did not run our threads, a slowdown that shows up in /proc/stat as idle time, not as other
     processes' time. Even undisturbed, step times on a small shared VM drift by +-10 % between
     processes, hence the alternation, the medians and the per-round ratios.
 
-    Configurations (`--configs stage:workers,...`, default `2:1,0:1,2:0`; the first, ZeRO-2 with
-    the preset's one DataLoader worker, is the headline). Each round runs one trainer run per
-    configuration, then one bare run; rounds repeat `--repeats` times. Reported per configuration:
-    the median steady samples/s of its trainer runs, the median of all bare runs, and the ratio
-    trainer / bare (target: >= 0.90, i.e. streaming + DeepSpeed cost at most 10 %), plus the
-    per-round ratios (trainer run / the bare run of the same round).
+    Configurations (`--configs stage:workers,...`, default `2:1,0:1`; the first, ZeRO-2 with the
+    preset's one DataLoader worker, is the headline; `2:0` adds the loader in the training
+    process). Each round runs one trainer run per configuration, then one bare and one bare_stream
+    run; rounds repeat `--repeats` times. Reported per configuration: the median steady samples/s
+    of its trainer runs, the median of all bare runs, and the ratio trainer / bare (target:
+    >= 0.90, i.e. streaming + DeepSpeed cost at most 10 %), plus the per-round ratios (trainer run
+    / the bare run of the same round), and the streaming / DeepSpeed split described above.
+
+    Note on the CPU setting: with OMP_NUM_THREADS equal to the core count (2 here) the model's
+    threads use every core, so whatever CPU time the DataLoader worker spends (JPEG decode,
+    normalisation, tokenising, handing the batch over) is taken from the model; on a GPU machine
+    the workers run on cores the model does not use.
 
 Reproduce (from the repository root; about 4 minutes on 2 idle cores, more while others use them):
     .venv/bin/python benchmarks/train_overhead.py
-    .venv/bin/python benchmarks/train_overhead.py --configs 2:1 --repeats 3     # headline only
+    .venv/bin/python benchmarks/train_overhead.py --configs 2:1 --repeats 3 --no-stream-side   # headline only
+    .venv/bin/python benchmarks/train_overhead.py --configs 2:1,0:1,2:0                       # + loader in-process
 """
 
 from __future__ import annotations
@@ -89,6 +103,10 @@ TARGET_RATIO = 0.90
 RUN_TIMEOUT_S = 900
 # a steady window during which the machine was this many cores short of busy counts as disturbed
 STARVED_CORES = 0.15
+# a run (not the last try) is stopped early when other processes used more than this many cores
+# over the last ABORT_WINDOW_S seconds: it would be discarded anyway, at a fraction of its speed
+ABORT_OTHER_CORES = 0.3
+ABORT_WINDOW_S = 5.0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -99,9 +117,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="train.log_every; the first this many steps are the excluded warm-up")
     parser.add_argument("--micro-batch", type=int, default=16, help="train.micro_batch_size (preset: 16)")
     parser.add_argument("--prompts", type=int, default=240, help="prompts generated once (train/val/test split)")
-    parser.add_argument("--configs", default="2:1,0:1,2:0",
-                        help="trainer configurations as zero_stage:num_workers, comma-separated; first = headline")
+    parser.add_argument("--configs", default="2:1,0:1",
+                        help="trainer configurations as zero_stage:num_workers, comma-separated; first = headline "
+                             "(add 2:0 for the loader in the training process)")
     parser.add_argument("--repeats", type=int, default=2, help="rounds (each: one run per config, then bare)")
+    parser.add_argument("--no-stream-side", dest="stream_side", action="store_false",
+                        help="skip the bare_stream side (bare loop over the trainer's streaming loader)")
     parser.add_argument("--threads", type=int, default=2, help="OMP/MKL threads on both sides")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file")
     parser.add_argument("--retries", type=int, default=2,
@@ -159,6 +180,8 @@ def warm_up(args: argparse.Namespace, generated: Path, run_dir: Path, env: dict[
 
 def fresh_copy(generated: Path, run_dir: Path) -> None:
     """prompts/, shards/ and config.toml of the generated run; no tb/, logs/, checkpoints/ or captioner/."""
+    if run_dir.exists():
+        shutil.rmtree(run_dir)  # a run dir of an earlier invocation with the same --workdir
     run_dir.mkdir(parents=True)
     for name in ("prompts", "shards"):
         shutil.copytree(generated / name, run_dir / name)
@@ -201,14 +224,36 @@ def finish(run: dict[str, Any], timing: dict[str, Any]) -> dict[str, Any]:
     return run
 
 
+def busy_now(monitor) -> bool:
+    """Other processes have been using the cores for the last few seconds: the run is disturbed."""
+    recent = monitor.recent_other_cores(ABORT_WINDOW_S)
+    return recent is not None and recent > ABORT_OTHER_CORES
+
+
+def aborted_run(config: str, timing: dict[str, Any]) -> dict[str, Any]:
+    """The record of a run stopped early because other processes were using the cores."""
+    timing.pop("_monitor", None)
+    return {"config": config, "steady_samples_per_s": None, **timing}
+
+
 def run_trainer(args: argparse.Namespace, stage: int, workers: int, generated: Path, run_dir: Path,
-                env: dict[str, str]) -> dict[str, Any]:
+                env: dict[str, str], allow_abort: bool) -> dict[str, Any]:
     """One `revprompt train` process on a fresh copy of the generated run."""
     fresh_copy(generated, run_dir)
     cmd = (revprompt_command() + ["train", "--config", "tiny"] + shared_overrides(args, run_dir)
            + [f"--train.zero_stage={stage}", f"--train.num_workers={workers}"])
+    log_path = run_dir / "logs" / "rank-0.log"
+
+    def abort(monitor) -> bool:
+        # only once training runs: DeepSpeed may be compiling its CPU comm op before (never stop that)
+        return (busy_now(monitor) and log_path.is_file()
+                and "training from step" in log_path.read_text(encoding="utf-8", errors="replace"))
+
     called = time.time()
-    proc, timing = timed_run(cmd, env, args.quiet_wait, monitor=True, timeout_s=RUN_TIMEOUT_S)
+    proc, timing = timed_run(cmd, env, args.quiet_wait, monitor=True, timeout_s=RUN_TIMEOUT_S,
+                             abort=abort if allow_abort else None)
+    if timing.get("aborted"):
+        return aborted_run(f"zero{stage}/workers{workers}", timing)
     if proc.returncode != 0:
         raise RuntimeError(f"trainer failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-4000:]}")
     tb = run_dir / "tb" / "train"
@@ -228,11 +273,18 @@ def run_trainer(args: argparse.Namespace, stage: int, workers: int, generated: P
     return finish(run, timing)
 
 
-def run_bare(args: argparse.Namespace, generated: Path, env: dict[str, str]) -> dict[str, Any]:
-    """One bare-loop process (this script's worker mode)."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "_bare", str(args.threads)]
+def run_bare(args: argparse.Namespace, generated: Path, env: dict[str, str], allow_abort: bool,
+             source: str = "memory") -> dict[str, Any]:
+    """One bare-loop process (this script's worker mode) over in-memory batches or the streaming loader."""
+    name = "bare" if source == "memory" else "bare_stream"
+    cmd = [sys.executable, str(Path(__file__).resolve()), "_bare", str(args.threads), source]
     cmd += shared_overrides(args, generated)
-    proc, timing = timed_run(cmd, env, args.quiet_wait, monitor=True, timeout_s=RUN_TIMEOUT_S)
+    if source == "stream":
+        cmd.append(f"--train.num_workers={args.configs[0][1]}")
+    proc, timing = timed_run(cmd, env, args.quiet_wait, monitor=True, timeout_s=RUN_TIMEOUT_S,
+                             abort=busy_now if allow_abort else None)
+    if timing.get("aborted"):
+        return aborted_run(name, timing)
     if proc.returncode != 0:
         raise RuntimeError(f"bare loop failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-4000:]}")
     lines = [line for line in proc.stdout.splitlines() if line.startswith(BARE_MARKER)]
@@ -240,13 +292,16 @@ def run_bare(args: argparse.Namespace, generated: Path, env: dict[str, str]) -> 
         raise RuntimeError(f"bare loop printed no result line:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
     result = json.loads(lines[-1][len(BARE_MARKER):])
     stamps = [tuple(x) for x in result.pop("stamps")]
-    run = {"config": "bare", **result, **steady(stamps, args.log_every, args.micro_batch)}
+    run = {"config": name, **result, **steady(stamps, args.log_every, args.micro_batch)}
     return finish(run, timing)
 
 
 def bare_worker(argv: list[str]) -> None:
-    """Worker mode: the same model, optimizer and schedule; in-memory batches; print one JSON result line."""
-    threads, overrides = int(argv[0]), argv[1:]
+    """Worker mode: the same model, optimizer and schedule; in-memory batches (`memory`) or the trainer's
+    streaming loader over the generated shards (`stream`); print one JSON result line."""
+    threads, source, overrides = int(argv[0]), argv[1], argv[2:]
+    import itertools
+
     import torch
 
     from revprompt.generation.prompts import read_prompts
@@ -268,20 +323,35 @@ def bare_worker(argv: list[str]) -> None:
     params = [p for p in model.parameters() if p.requires_grad]
 
     size, mb = image_size_of(model), t.micro_batch_size
-    prompts = [p.text for p in read_prompts(cfg.prompts.path) if p.text][:cfg.prompts.limit]
-    generator = torch.Generator().manual_seed(cfg.run.seed)
     batches = []
-    for first in range(0, len(prompts) - mb + 1, mb):
-        text = encode_prompts(processor.tokenizer, prompts[first:first + mb], t.max_length)
-        batches.append({"pixel_values": torch.randn(mb, 3, size, size, generator=generator),
-                        "input_ids": text.input_ids, "attention_mask": text.attention_mask, "labels": text.labels})
+    if source == "stream":
+        # the trainer's data path without the trainer: TrainStream + build_loader, as Trainer.stream builds them
+        from revprompt.training.data import TrainStream, build_loader
+        from revprompt.training.loop import split_shards
+
+        stream = TrainStream(split_shards(Path(cfg.run.dir), "train"), seed=cfg.run.seed, rank=0,
+                             world_size=1, num_workers=t.num_workers, batch_size=mb, image_size=size,
+                             tokenizer=processor.tokenizer, max_length=t.max_length, shuffle_buffer=t.shuffle_buffer)
+        feed = iter(build_loader(stream, t.num_workers, pin_memory=False))
+    else:
+        prompts = [p.text for p in read_prompts(cfg.prompts.path) if p.text][:cfg.prompts.limit]
+        generator = torch.Generator().manual_seed(cfg.run.seed)
+        for first in range(0, len(prompts) - mb + 1, mb):
+            text = encode_prompts(processor.tokenizer, prompts[first:first + mb], t.max_length)
+            batches.append({"pixel_values": torch.randn(mb, 3, size, size, generator=generator),
+                            "input_ids": text.input_ids, "attention_mask": text.attention_mask,
+                            "labels": text.labels})
+        feed = itertools.cycle(batches)
     built = time.perf_counter()
 
     stamps: list[tuple[int, float]] = []
     losses = []
+    seq_lens = []
     for step in range(1, t.max_steps + 1):
-        batch = batches[(step - 1) % len(batches)]
-        loss = model(**batch).loss
+        batch = next(feed)
+        seq_lens.append(batch["input_ids"].shape[1])
+        loss = model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"],
+                     attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
         loss.backward()
         if t.grad_clip:
             torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
@@ -292,8 +362,8 @@ def bare_worker(argv: list[str]) -> None:
         stamps.append((step, time.time()))
     end = time.perf_counter()
     print(BARE_MARKER + json.dumps({
-        "steps": t.max_steps, "batches_in_memory": len(batches), "final_loss": losses[-1],
-        "mean_seq_len": statistics.fmean(b["input_ids"].shape[1] for b in batches),
+        "source": source, "steps": t.max_steps, "batches_in_memory": len(batches), "final_loss": losses[-1],
+        "num_workers": t.num_workers if source == "stream" else None, "mean_seq_len": statistics.fmean(seq_lens),
         "build_s": built - start, "loop_s": end - built, "threads": torch.get_num_threads(),
         "stamps": stamps}), flush=True)
 
@@ -307,6 +377,8 @@ def starved(run: dict[str, Any], threads: int) -> bool:
 def window_disturbed(run: dict[str, Any], threads: int) -> bool:
     """Disturbed during the steady window (falls back to the whole run when the window is unknown):
     other processes used the cores, or the cores sat idle while our threads wanted them."""
+    if run.get("aborted"):
+        return True
     if run.get("window_other_cpu_s") is not None and run.get("window_s"):
         return is_disturbed(run, "window_other_cpu_s", "window_s") or starved(run, threads)
     return is_disturbed(run)
@@ -314,6 +386,9 @@ def window_disturbed(run: dict[str, Any], threads: int) -> bool:
 
 def describe_run(run: dict[str, Any]) -> str:
     """One progress line per run."""
+    if run.get("aborted"):
+        return (f"{run['config']:<17} stopped after {run['wall_s']:.1f} s: other processes were using the cores "
+                f"({fmt(run.get('other_cpu_s'), '.1f')} CPU-s)")
     return (f"{run['config']:<17} steady {fmt(run.get('steady_samples_per_s'), '7.2f')} samples/s over "
             f"{fmt(run.get('window_s'), '.1f')} s, process {run['wall_s']:6.1f} s wall / {run['cpu_s']:6.1f} s CPU, "
             f"others {fmt(run.get('window_other_cpu_s'), '.2f')} CPU-s in the window "
@@ -327,14 +402,17 @@ def config_names(args: argparse.Namespace) -> list[str]:
 
 
 def summarise(args: argparse.Namespace, trainer: dict[str, list[dict[str, Any]]], bare: list[dict[str, Any]],
-              discarded: list[dict[str, Any]]) -> dict[str, Any]:
+              bare_stream: list[dict[str, Any]], discarded: list[dict[str, Any]]) -> dict[str, Any]:
     """Medians, ratios and the raw runs, as written to the JSON file."""
     import deepspeed
     import torch
     import transformers
 
-    keys = ("steady_samples_per_s", "logged_samples_per_s", "wall_s", "cpu_s", "window_other_cpu_s")
+    keys = ("steady_samples_per_s", "logged_samples_per_s", "wall_s", "cpu_s", "window_other_cpu_s",
+            "window_busy_cores")
     bare_median = {k: median_of(bare, k) for k in keys + ("build_s",)}
+    stream_median = {k: median_of(bare_stream, k) for k in keys + ("build_s",)} if bare_stream else None
+    stream_rate = stream_median["steady_samples_per_s"] if stream_median else None
     configs = {}
     for name, runs in trainer.items():
         med = {k: median_of(runs, k) for k in keys}
@@ -343,7 +421,10 @@ def summarise(args: argparse.Namespace, trainer: dict[str, list[dict[str, Any]]]
             "median": med, "ratio_trainer_over_bare": r, "meets_target": bool(r is not None and r >= TARGET_RATIO),
             # trainer run of round i against the bare run of the same round: less sensitive to drifts
             "paired_ratios": [ratio(t["steady_samples_per_s"], b["steady_samples_per_s"]) for t, b in zip(runs, bare)],
+            # what is left once the streaming cost is taken out: DeepSpeed and the trainer's own work
+            "ratio_trainer_over_bare_stream": ratio(med["steady_samples_per_s"], stream_rate),
         }
+    all_runs = bare + bare_stream + [x for runs in trainer.values() for x in runs]
     return {
         "benchmark": "train_overhead",
         "command": " ".join([Path(sys.executable).name, "benchmarks/train_overhead.py"] + sys.argv[1:]),
@@ -352,30 +433,41 @@ def summarise(args: argparse.Namespace, trainer: dict[str, list[dict[str, Any]]]
         "settings": {"preset": "tiny", "steps": args.steps, "log_every": args.log_every,
                      "micro_batch": args.micro_batch, "prompts": args.prompts, "threads": args.threads,
                      "precision": "fp32", "device": "cpu", "repeats": args.repeats,
-                     "configs": config_names(args),
-                     "order": "per round: trainer of each config in order, then bare"},
+                     "configs": config_names(args), "bare_stream_workers": args.configs[0][1] if bare_stream else None,
+                     "order": "per round: trainer of each config in order, then bare, then bare_stream"},
         "environment": {"python": platform.python_version(), "torch": torch.__version__,
                         "deepspeed": deepspeed.__version__, "transformers": transformers.__version__,
                         "cpu_count": os.cpu_count(), "machine": platform.machine()},
         "bare_median": bare_median,
+        "bare_stream_median": stream_median,
+        # the bare loop fed by the trainer's streaming loader, against in-memory batches: the streaming cost
+        "ratio_bare_stream_over_bare": ratio(stream_rate, bare_median["steady_samples_per_s"]),
         "configs": configs,
         "headline": config_names(args)[0],
         "target_ratio": TARGET_RATIO,
-        "disturbed_runs_kept": sum(r["disturbed"] for r in bare + [x for runs in trainer.values() for x in runs]),
-        "runs": {"trainer": trainer, "bare": bare},
+        "disturbed_runs_kept": sum(r["disturbed"] for r in all_runs),
+        "runs": {"trainer": trainer, "bare": bare, "bare_stream": bare_stream},
         "discarded_runs": discarded,
     }
 
 
 def print_table(result: dict[str, Any]) -> None:
-    """Per configuration: trainer median, bare median, ratio."""
+    """Per configuration: trainer median, bare median, ratio; then the streaming attribution."""
     bare = result["bare_median"]
     print(f"\n{'steady samples/s (median)':<28}{'trainer':>10}{'bare':>10}{'ratio':>8}  per-round ratios")
     for name, c in result["configs"].items():
         paired = ", ".join(fmt(r, ".3f") for r in c["paired_ratios"])
         print(f"{name:<28}{fmt(c['median']['steady_samples_per_s'], '.2f'):>10}"
               f"{fmt(bare['steady_samples_per_s'], '.2f'):>10}{fmt(c['ratio_trainer_over_bare'], '.3f'):>8}  {paired}")
-    kept = len(result["runs"]["bare"]) + sum(len(r) for r in result["runs"]["trainer"].values())
+    if result["bare_stream_median"]:
+        workers = result["settings"]["bare_stream_workers"]
+        print(f"bare loop over the streaming loader ({workers} worker(s)): "
+              f"{fmt(result['bare_stream_median']['steady_samples_per_s'], '.2f')} samples/s = "
+              f"{fmt(result['ratio_bare_stream_over_bare'], '.3f')} x bare (the streaming cost); trainer / that: "
+              + ", ".join(f"{name} {fmt(c['ratio_trainer_over_bare_stream'], '.3f')}"
+                          for name, c in result["configs"].items()) + " (DeepSpeed + the trainer's own work)")
+    kept = len(result["runs"]["bare"]) + len(result["runs"]["bare_stream"]) + sum(
+        len(r) for r in result["runs"]["trainer"].values())
     print(f"disturbed by other processes: {result['disturbed_runs_kept']} of {kept} kept runs, "
           f"{len(result['discarded_runs'])} runs discarded and rerun")
     head = result["configs"][result["headline"]]
@@ -396,6 +488,7 @@ def main(argv: list[str] | None = None) -> int:
     env = subprocess_env(args.threads)
     trainer: dict[str, list[dict[str, Any]]] = {name: [] for name in config_names(args)}
     bare: list[dict[str, Any]] = []
+    bare_stream: list[dict[str, Any]] = []
     discarded: list[dict[str, Any]] = []
     try:
         generated = args.generated
@@ -409,15 +502,20 @@ def main(argv: list[str] | None = None) -> int:
                 trainer[name].append(measure(
                     f"round {i + 1}/{args.repeats} trainer", args.retries, discarded,
                     lambda n: run_trainer(args, stage, workers, generated, workdir / f"train-{i}-{stage}-{workers}-{n}",
-                                          env),
+                                          env, allow_abort=n < args.retries),
                     describe_run, lambda r: window_disturbed(r, args.threads), side="trainer"))
             bare.append(measure(f"round {i + 1}/{args.repeats} bare   ", args.retries, discarded,
-                                lambda n: run_bare(args, generated, env), describe_run,
+                                lambda n: run_bare(args, generated, env, allow_abort=n < args.retries), describe_run,
                                 lambda r: window_disturbed(r, args.threads), side="bare"))
+            if args.stream_side:
+                bare_stream.append(measure(
+                    f"round {i + 1}/{args.repeats} bare   ", args.retries, discarded,
+                    lambda n: run_bare(args, generated, env, allow_abort=n < args.retries, source="stream"),
+                    describe_run, lambda r: window_disturbed(r, args.threads), side="bare_stream"))
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
-    result = summarise(args, trainer, bare, discarded)
+    result = summarise(args, trainer, bare, bare_stream, discarded)
     print_table(result)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
