@@ -20,6 +20,7 @@ Import from a benchmark script (scripts run as `python benchmarks/x.py` have ben
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import resource
 import statistics
@@ -274,3 +275,10 @@ def ratio(a: float | None, b: float | None) -> float | None:
 def fmt(value: float | None, spec: str) -> str:
     """`format(value, spec)`, or n/a."""
     return format(value, spec) if value is not None else "n/a"
+
+
+def write_results(result: dict[str, Any], out: Path) -> None:
+    """Write a benchmark's JSON results and say where."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    print(f"results: {out}")

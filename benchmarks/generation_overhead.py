@@ -58,7 +58,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (ROOT, measure, median_of, ratio, revprompt_command,  # noqa: E402
+from _common import (write_results, ROOT, measure, median_of, ratio, revprompt_command,  # noqa: E402
                      subprocess_env, timed_run)
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "generation_overhead.json"
@@ -296,9 +296,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(workdir, ignore_errors=True)
     result = summarise(args, job, bare, discarded)
     print_table(result)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    print(f"results: {args.out}")
+    write_results(result, args.out)
     return 0
 
 

@@ -41,7 +41,6 @@ Reproduce (from the repository root; about 2 minutes on 2 idle cores):
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -52,7 +51,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (RESULTS, CpuMonitor, fmt, is_disturbed, measure, median_of, ratio,  # noqa: E402
+from _common import (write_results, RESULTS, CpuMonitor, fmt, is_disturbed, measure, median_of, ratio,  # noqa: E402
                      wait_for_quiet)
 
 DEFAULT_OUT = RESULTS / "loader_throughput.json"
@@ -242,9 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<16}{fmt(m['samples_per_s'], '.2f'):>11}{fmt(m['samples_per_s_per_worker'], '.2f'):>12}"
               f"{fmt(cpu_ms, '.1f'):>15}{fmt(m['to_first_batch_s'], '.1f'):>15}")
     print(f"disturbed by other processes: {result['disturbed_runs_kept']} kept, {len(discarded)} discarded and rerun")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    print(f"results: {args.out}")
+    write_results(result, args.out)
     return 0
 
 
