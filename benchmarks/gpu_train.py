@@ -22,12 +22,14 @@ What is measured
             `zero_grad(set_to_none=True)`. `--compile` wraps the bare model in `torch.compile`.
 
     Both sides call `loss.item()` after every step, as the trainer does (`--no-sync` drops it).
-    Each side: `--warmup` steps (5), `torch.cuda.synchronize()`, `--steps` timed steps (30),
-    synchronize. Metric: samples/s = steps x batch / elapsed. The sides run one after the other in
-    one process (`--order`, default engine then bare; `--repeats` alternates more rounds), each on a
-    freshly built model, the previous side's memory freed. Also reported: peak memory per side, and
-    (`--breakdown`, on by default) ms per phase (forward / backward / step) over a few extra steps
-    with a synchronize after each phase, to show where the engine's extra time goes.
+    Each side: `--warmup` steps (5; a compiled side at least two passes over the 4 batches, whose
+    padded text lengths differ, so that no compilation falls into the timed steps),
+    `torch.cuda.synchronize()`, `--steps` timed steps (30), synchronize. Metric: samples/s =
+    steps x batch / elapsed. The sides run one after the other in one process (`--order`,
+    default engine then bare; `--repeats` alternates more rounds), each on a freshly built model,
+    the previous side's memory freed. Also reported: peak memory per side, and (`--breakdown`, on
+    by default) ms per phase (forward / backward / step) over a few extra steps with a synchronize
+    after each phase, to show where the engine's extra time goes.
 
 Reproduce on one GPU (about 1-2 minutes of GPU time on an H100 with the packages installed):
     python benchmarks/gpu_train.py
@@ -133,7 +135,8 @@ def build_batches(args: argparse.Namespace, tokenizer, device, n: int = 4) -> li
         chunk = [prompts[(i * args.batch + j) % len(prompts)] for j in range(args.batch)]
         text = encode_prompts(tokenizer, chunk, args.max_length)
         batches.append({
-            "pixel_values": torch.randn(args.batch, 3, args.image_size, args.image_size, generator=generator).to(device),
+            "pixel_values": torch.randn(args.batch, 3, args.image_size, args.image_size,
+                                        generator=generator).to(device),
             "input_ids": text.input_ids.to(device), "attention_mask": text.attention_mask.to(device),
             "labels": text.labels.to(device)})
     return batches
@@ -293,15 +296,20 @@ def measure_side(name: str, args: argparse.Namespace, tokenizer, batches, info, 
         dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
         side = BareSide(model, train, device, dtype, args.compile)
     built = time.perf_counter()
-    warm = run_steps(side, batches, args.warmup, sync_loss=True)
+    # batches differ in padded text length: a compiled model must have seen every shape (and recompiled
+    # for dynamic shapes) before the timed steps, or they include compilations
+    compiled = args.compile if name == "bare" else args.compile_engine
+    warmup = max(args.warmup, 2 * len(batches)) if compiled else args.warmup
+    warm = run_steps(side, batches, warmup, sync_loss=True)
     synchronize(device)
     warmed = time.perf_counter()
-    losses = run_steps(side, batches, args.steps, sync_loss=not args.no_sync, offset=args.warmup)
+    losses = run_steps(side, batches, args.steps, sync_loss=not args.no_sync, offset=warmup)
     synchronize(device)
     end = time.perf_counter()
     result = {"side": name, "description": side.description, "samples_per_s": args.steps * args.batch / (end - warmed),
               "step_ms": (end - warmed) / args.steps * 1000, "timed_s": end - warmed, "build_s": built - t_build,
-              "warmup_s": warmed - built, "first_loss": (warm or losses)[0], "last_loss": losses[-1]}
+              "warmup_steps": warmup, "warmup_s": warmed - built, "first_loss": (warm or losses)[0],
+              "last_loss": losses[-1]}
     if args.breakdown:
         result["breakdown"] = breakdown(side, batches, args.breakdown, device)
     if device.type == "cuda":
@@ -363,7 +371,8 @@ def main(argv: list[str] | None = None) -> int:
         "runs": rounds,
         "total_s": time.perf_counter() - t_start,
     }
-    print(f"\n{'side':<8}{'samples/s':>11}{'ms/step':>10}{'fwd ms':>9}{'bwd ms':>9}{'step ms':>9}{'peak GiB':>10}  what")
+    print(f"\n{'side':<8}{'samples/s':>11}{'ms/step':>10}{'fwd ms':>9}{'bwd ms':>9}{'step ms':>9}"
+          f"{'peak GiB':>10}  what")
     for r in rounds:
         b = r.get("breakdown", {})
         cells = [format(b[k], ".1f") if k in b else "-" for k in ("forward_ms", "backward_ms", "step_ms")]

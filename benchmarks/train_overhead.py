@@ -53,8 +53,9 @@ What is measured
     `--retries` times; discarded runs stay in the JSON; a run still disturbed after the retries is
     kept and flagged; a run that is not the last try is stopped as soon as other processes have
     used a third of a core for 5 s, once the trainer is past its start-up). So is a run during
-    whose window the machine was more than 0.15 cores short of `--threads` busy cores (`window_busy_cores`): both sides keep every core busy while they compute
-    (OpenMP threads spin between parallel regions), so idle cores mean the virtual machine's host
+    whose window the machine was more than 0.15 cores short of `--threads` busy cores
+    (`window_busy_cores`): both sides keep every core busy while they compute (OpenMP threads
+    spin between parallel regions), so idle cores mean the virtual machine's host
     did not run our threads, a slowdown that shows up in /proc/stat as idle time, not as other
     processes' time. Even undisturbed, step times on a small shared VM drift by +-10 % between
     processes, hence the alternation, the medians and the per-round ratios.
@@ -392,7 +393,8 @@ def describe_run(run: dict[str, Any]) -> str:
     return (f"{run['config']:<17} steady {fmt(run.get('steady_samples_per_s'), '7.2f')} samples/s over "
             f"{fmt(run.get('window_s'), '.1f')} s, process {run['wall_s']:6.1f} s wall / {run['cpu_s']:6.1f} s CPU, "
             f"others {fmt(run.get('window_other_cpu_s'), '.2f')} CPU-s in the window "
-            f"({fmt(run.get('other_cpu_s'), '.1f')} in the run), machine busy {fmt(run.get('window_busy_cores'), '.2f')} "
+            f"({fmt(run.get('other_cpu_s'), '.1f')} in the run), "
+            f"machine busy {fmt(run.get('window_busy_cores'), '.2f')} "
             f"cores, own {fmt(run.get('window_own_cores'), '.2f')}")
 
 
