@@ -30,7 +30,7 @@ def test_two_ranks_train_and_export(stage: int, generated_run: Path, tmp_path: P
     export = run_dir / "captioner"
     assert json.loads((export / "revprompt.json").read_text())["step"] == 16
     model = BlipForConditionalGeneration.from_pretrained(export)
-    captioner = pipeline("image-to-text", model=str(export))
+    captioner = pipeline("image-text-to-text", model=str(export))
     image = Image.new("RGB", (64, 64), (200, 30, 30))
     caption = captioner(image, text="", max_new_tokens=8)[0]["generated_text"]
     assert isinstance(caption, str) and caption.strip()
