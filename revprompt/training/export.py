@@ -57,7 +57,14 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
         raise FileNotFoundError(f"{checkpoint}: not a revprompt checkpoint (no {HF_SUBDIR}/config.json)")
     force_weights_only_loads()
     allow_deepspeed_checkpoint_types()
-    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
+    if list(checkpoint.glob("*optim_states.pt")):
+        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
+    else:  # ZeRO-0 (what a one-rank job runs): the whole model is in the model-states file
+        files = sorted(checkpoint.glob("mp_rank_*_model_states.pt"))
+        if not files:
+            raise FileNotFoundError(f"{checkpoint}: no DeepSpeed model states (mp_rank_*_model_states.pt)")
+        module = torch.load(files[0], map_location="cpu", weights_only=True)["module"]
+        state = {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
     model = BlipForConditionalGeneration(BlipConfig.from_pretrained(hf))
     processor = BlipProcessor.from_pretrained(hf)
     client = json.loads((hf / "position.json").read_text()) if (hf / "position.json").is_file() else {}

@@ -73,6 +73,10 @@ class Trainer:
         # rank 0 keeps a plain copy for captioning during validation and for export (ZeRO-3 partitions the original)
         self.twin = copy.deepcopy(model).eval() if self.info.is_main else None
         self.engine, self.optimizer, self.scheduler = initialize(model, self.t, self.info.world_size, self.info.device)
+        self.layout = {"zero_stage": self.engine.zero_optimization_stage(), "world_size": self.info.world_size}
+        if self.layout["zero_stage"] != self.t.zero_stage:
+            log.info("train.zero_stage=%d on one rank has nothing to partition: running as ZeRO-%d",
+                     self.t.zero_stage, self.layout["zero_stage"])
         if self.t.compile:
             self.engine.compile()
         self.pos = Position()
@@ -87,13 +91,58 @@ class Trainer:
         tag = latest_tag(self.ckpt_root)
         if tag is None:
             return False
-        _, client = self.engine.load_checkpoint(str(self.ckpt_root), tag=tag)
+        written = self.checkpoint_layout(tag)
+        same_layout = written is None or written == self.layout
+        if not same_layout:
+            # optimizer partitions of another ZeRO stage or rank count do not map onto this engine's:
+            # keep the weights, the position and the schedule, restart the AdamW moments
+            log.warning("%s was written by ZeRO-%d on %d rank(s), this job is ZeRO-%d on %d: loading the weights "
+                        "only; the optimizer's moments start again", self.ckpt_root / tag, written["zero_stage"],
+                        written["world_size"], self.layout["zero_stage"], self.layout["world_size"])
+        _, client = self.engine.load_checkpoint(str(self.ckpt_root), tag=tag, load_module_only=not same_layout,
+                                                load_optimizer_states=same_layout,
+                                                load_lr_scheduler_states=same_layout)
         if client is None:
             raise StageError(f"{self.ckpt_root / tag}: checkpoint could not be loaded")
         self.pos = Position(**{k: client[k] for k in Position().as_dict()})
+        if not same_layout:
+            self.set_schedule(self.pos.step)
+            if written["world_size"] != self.info.world_size:
+                self.convert_position(written["world_size"])
         log.info("resumed from %s: %s, lr %.3g", self.ckpt_root / tag, self.pos.as_dict(),
                  self.scheduler.get_last_lr()[0])
         return True
+
+    def checkpoint_layout(self, tag: str) -> dict | None:
+        """The ZeRO stage and rank count a checkpoint was written with (None for checkpoints without the record)."""
+        record = self.ckpt_root / tag / HF_SUBDIR / "position.json"
+        if not record.is_file():
+            return None
+        saved = json.loads(record.read_text())
+        return {k: saved[k] for k in self.layout} if all(k in saved for k in self.layout) else None
+
+    def convert_position(self, old_world: int) -> None:
+        """Map the data position of a run with `old_world` ranks onto this rank count.
+
+        The position counts micro-batches per rank; the samples of the epoch consumed by all ranks
+        carry over, rounded down, and a position past this rank count's epoch moves to the next epoch.
+        Across a change of rank count the epoch's shard assignment changes too, so a few samples of
+        this epoch may be seen twice or not at all; the log says so.
+        """
+        consumed = self.pos.batch_in_epoch * old_world
+        batch = consumed // self.info.world_size
+        epoch = self.pos.epoch
+        if batch >= self.stream(self.train_shards, epoch=epoch, batch=0, train=True).plan(epoch).batches:
+            epoch, batch = epoch + 1, 0
+        log.warning("data position of epoch %d converted from %d ranks to %d: micro-batch %d -> epoch %d micro-batch "
+                    "%d (within this epoch some samples may repeat or be skipped)", self.pos.epoch, old_world,
+                    self.info.world_size, self.pos.batch_in_epoch, epoch, batch)
+        self.pos.epoch, self.pos.batch_in_epoch = epoch, batch
+
+    def set_schedule(self, step: int) -> None:
+        """Put the LR schedule at `step`, as if it had stepped that many times."""
+        self.scheduler.last_epoch = step - 1
+        self.scheduler.step()
 
     def save(self) -> None:
         """Checkpoint on every rank, then the HF config/processor and position (rank 0); prune old ones."""
@@ -103,7 +152,7 @@ class Trainer:
             hf = self.ckpt_root / tag / HF_SUBDIR
             self.twin.config.save_pretrained(hf)
             self.processor.save_pretrained(hf)
-            (hf / "position.json").write_text(json.dumps(self.pos.as_dict()) + "\n")
+            (hf / "position.json").write_text(json.dumps({**self.pos.as_dict(), **self.layout}) + "\n")
         dist.barrier()
         if self.info.is_main:
             for old in prune_checkpoints(self.ckpt_root, self.t.keep_checkpoints):
@@ -222,7 +271,7 @@ class Trainer:
         loader = build_loader(stream, self.t.num_workers, pin_memory=self.info.device.type == "cuda")
         log.info("training from step %d to %d: %d train shards, %d micro-batches per epoch per rank, ZeRO-%d, %s",
                  self.pos.step, self.t.max_steps, len(self.train_shards), epoch_batches[self.pos.epoch],
-                 self.t.zero_stage, "bf16" if self.engine.bfloat16_enabled() else "fp32")
+                 self.engine.zero_optimization_stage(), "bf16" if self.engine.bfloat16_enabled() else "fp32")
         bar = None
         if self.info.is_main:
             from tqdm import tqdm

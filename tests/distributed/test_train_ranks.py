@@ -42,3 +42,36 @@ def test_two_ranks_train_and_export(stage: int, generated_run: Path, tmp_path: P
     assert ours.keys() == theirs.keys()
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.is_dir()) == ["step-16", "step-8"]
+
+
+def test_one_rank_runs_stage_0_and_resumes_on_two(generated_run: Path, tmp_path: Path):
+    """ZeRO-2 on one rank runs as ZeRO-0; its checkpoint exports on demand and resumes on 2 ranks under ZeRO-2."""
+    from transformers import BlipForConditionalGeneration
+
+    from revprompt.launch.config import load_config
+    from revprompt.training.engine import lr_lambda
+
+    run_dir = copy_run(generated_run, tmp_path / "run")
+    overrides = dict(train__zero_stage=2, train__save_every=4, train__log_every=1, train__val_captions=0)
+    run_cli("train", *train_args(run_dir, train__max_steps=8, **overrides))
+    log = (run_dir / "logs" / "rank-0.log").read_text()
+    assert "train.zero_stage=2 on one rank has nothing to partition: running as ZeRO-0" in log
+    assert "ZeRO-0, fp32" in log
+    step8 = run_dir / "checkpoints" / "step-8"
+    assert json.loads((step8 / "hf" / "position.json").read_text())["zero_stage"] == 0
+    run_cli("export", "--checkpoint", str(step8), "--out", str(tmp_path / "again"))
+    ours = BlipForConditionalGeneration.from_pretrained(run_dir / "captioner").state_dict()
+    again = BlipForConditionalGeneration.from_pretrained(tmp_path / "again").state_dict()
+    assert ours.keys() == again.keys() and all(torch.equal(ours[k], again[k]) for k in ours)
+
+    run_cli("train", *train_args(run_dir, train__max_steps=12, **overrides), nproc=2)
+    log = (run_dir / "logs" / "rank-0.log").read_text()
+    assert f"{step8} was written by ZeRO-0 on 1 rank(s), this job is ZeRO-2 on 2: loading the weights only" in log
+    assert "training from step 8 to 12" in log and "ZeRO-2, fp32" in log
+    assert "converted from 1 ranks to 2: micro-batch 8 -> epoch 0 micro-batch 4" in log
+    # the schedule goes on from step 8 as if the run had never stopped
+    cfg = load_config("tiny", [f"--run.dir={run_dir}", "--train.max_steps=12"])
+    factor = lr_lambda(cfg.train)
+    lr = scalars(run_dir / "tb" / "train", "train/lr")
+    assert sorted(lr) == list(range(1, 13))
+    assert all(abs(lr[s] - cfg.train.lr * factor(s)) < 1e-6 * cfg.train.lr for s in range(9, 13)), lr  # TB keeps float32
