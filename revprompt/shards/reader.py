@@ -59,10 +59,13 @@ def split_by_rank(rank: int, world_size: int):
     return stage
 
 
-def decode_sample(sample: dict, require: tuple[str, ...] = ("image", "txt")) -> dict:
+def decode_sample(sample: dict, require: tuple[str, ...] = ("image", "txt"),
+                  fields: tuple[str, ...] = ("image", "txt", "json")) -> dict:
     """Decode one raw sample into {'__key__', 'image' (PIL RGB), 'txt', 'json', ...}; raises on bad input.
 
-    Raises `RejectedSample` for pickle members and `ValueError` for missing or undecodable parts.
+    Only `fields` are decoded (a reader that never looks at the JSON does not parse it); pickle
+    members reject the sample whatever `fields` says. Raises `RejectedSample` for pickle members
+    and `ValueError` for missing or undecodable parts.
     """
     exts = {k for k in sample if not k.startswith("__")}
     unsafe = exts & PICKLE_EXTS
@@ -71,15 +74,15 @@ def decode_sample(sample: dict, require: tuple[str, ...] = ("image", "txt")) -> 
     out = {"__key__": sample["__key__"], "__url__": sample.get("__url__")}
     for ext in sorted(exts):
         data = sample[ext]
-        if ext in IMAGE_EXTS or ext == "jpeg":
+        if (ext in IMAGE_EXTS or ext == "jpeg") and "image" in fields:
             if "image" in out:
                 raise ValueError(f"{sample['__key__']}: more than one image")
             with Image.open(io.BytesIO(data)) as img:
                 out["image"] = img.convert("RGB")
             out["image_ext"] = ext
-        elif ext in TEXT_EXTS:
+        elif ext in TEXT_EXTS and ext in fields:
             out[ext] = data.decode("utf-8")
-        elif ext in JSON_EXTS:
+        elif ext in JSON_EXTS and ext in fields:
             out[ext] = json.loads(data.decode("utf-8"))
     missing = [name for name in require if name not in out]
     if missing:
@@ -98,14 +101,16 @@ class IncompleteSample(ValueError):
 class SafeDecoder:
     """Pipeline stage that decodes samples with `decode_sample`, skipping and counting bad ones."""
 
-    def __init__(self, stats: ReadStats, require: tuple[str, ...] = ("image", "txt")):
+    def __init__(self, stats: ReadStats, require: tuple[str, ...] = ("image", "txt"),
+                 fields: tuple[str, ...] = ("image", "txt", "json")):
         self.stats = stats
         self.require = require
+        self.fields = fields
 
     def __call__(self, src: Iterable[dict]) -> Iterator[dict]:
         for sample in src:
             try:
-                out = decode_sample(sample, self.require)
+                out = decode_sample(sample, self.require, self.fields)
             except RejectedSample as exc:
                 self.stats.rejected += 1
                 log.warning("rejected sample: %s (%s)", exc, sample.get("__url__"))
@@ -153,11 +158,13 @@ def shuffle_buffer(size: int, rng: random.Random):
 
 def build_reader(shards: list[str], *, rank: int = 0, world_size: int = 1, stats: ReadStats | None = None,
                  require: tuple[str, ...] = ("image", "txt"), shuffle_shards_seed: int | None = None,
-                 buffer: int = 0, buffer_seed: int | str = 0, split_workers: bool = True) -> wds.DataPipeline:
+                 buffer: int = 0, buffer_seed: int | str = 0, split_workers: bool = True,
+                 fields: tuple[str, ...] = ("image", "txt", "json")) -> wds.DataPipeline:
     """A WebDataset pipeline over `shards`: this rank's shards, then this worker's, decoded safely.
 
     `buffer` > 0 shuffles samples through a seeded buffer before decoding. `split_workers=False`
     reads every given shard in this process (for callers that assign shards to workers themselves).
+    `fields` are the parts decoded (see `decode_sample`).
     """
     stats = stats if stats is not None else ReadStats()
     shards = list(shards)
@@ -170,7 +177,7 @@ def build_reader(shards: list[str], *, rank: int = 0, world_size: int = 1, stats
     stages.append(wds.tarfile_to_samples(handler=counting_handler(stats)))
     if buffer > 0:
         stages.append(shuffle_buffer(buffer, random.Random(buffer_seed)))
-    stages.append(SafeDecoder(stats, require))
+    stages.append(SafeDecoder(stats, require, fields))
     pipeline = wds.DataPipeline(*stages)
     pipeline.read_stats = stats
     return pipeline

@@ -131,6 +131,7 @@ class TrainStream(IterableDataset):
             batch: list = []
             got_any = False
             reader = build_reader(shards, stats=stats, buffer=self.shuffle_buffer, split_workers=False,
+                                  fields=("image", "txt"),  # training never reads the JSON: do not parse it
                                   buffer_seed=f"{self.seed}:{plan.epoch}:{self.rank}:{worker}:{passes}")
             for sample in reader:
                 got_any = True
