@@ -93,17 +93,22 @@ def to_pixels(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
 
 
 def generate_batch(pipe, samples: list[Sample], cfg) -> torch.Tensor:
-    """Images for `samples` (NCHW float in [0, 1], on the model's device); each from its own seed.
+    """Images for `samples` (NCHW float in [0, 1], on the model's device); each from its own seed."""
+    return generate_images(pipe, [s.prompt.text for s in samples], [s.seed for s in samples], cfg)
+
+
+def generate_images(pipe, texts: list[str], seeds: list[int], cfg) -> torch.Tensor:
+    """Images for `texts`, one seed each, with the [generate] settings (NCHW float in [0, 1], on the device).
 
     The generators live on the CPU so that the same key draws the same noise on any device.
     """
     g = cfg.generate
-    generators = [torch.Generator("cpu").manual_seed(s.seed) for s in samples]
-    negative = [g.negative_prompt] * len(samples) if g.negative_prompt else None
+    generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+    negative = [g.negative_prompt] * len(texts) if g.negative_prompt else None
     with torch.inference_mode():
-        out = pipe(prompt=[s.prompt.text for s in samples], negative_prompt=negative,
-                   num_inference_steps=g.steps, guidance_scale=g.guidance_scale, height=g.height,
-                   width=g.width, generator=generators, output_type="pt")
+        out = pipe(prompt=list(texts), negative_prompt=negative, num_inference_steps=g.steps,
+                   guidance_scale=g.guidance_scale, height=g.height, width=g.width, generator=generators,
+                   output_type="pt")
     return out.images
 
 

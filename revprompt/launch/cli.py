@@ -12,6 +12,9 @@ STAGES = {
     "train": "revprompt.training.loop",
     "export": "revprompt.training.export",
     "caption": "revprompt.evaluation.caption",
+    "evaluate": "revprompt.evaluation.evaluate",
+    "drift": "revprompt.evaluation.drift",
+    "pipeline": "revprompt.pipeline",
 }
 
 USAGE = """usage: revprompt <stage> [--config FILE|PRESET] [--section.key=value ...]
@@ -23,6 +26,9 @@ stages:
   train      fine-tune the BLIP captioner on the shards with DeepSpeed ZeRO
   export     consolidate a checkpoint into a Hugging Face captioner (--checkpoint DIR --out DIR)
   caption    recover prompts for images, folders or shards: --captioner DIR INPUT... --out FILE.jsonl
+  evaluate   score recovered prompts on the test split (text, attributes, redrawn images) -> eval/
+  drift      iterate prompt -> image -> caption -> image and measure the drift -> drift/
+  pipeline   generate, train, evaluate and drift in one launch, each stage resuming where it stopped
   config     print every config key with its default and meaning
 
 Under torchrun: torchrun --nproc_per_node N --no-python revprompt <stage> ...

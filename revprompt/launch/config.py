@@ -120,11 +120,19 @@ class EvaluateConfig:
     max_new_tokens: int = _f(40, "longest caption generated", min=1, max=512)
     num_beams: int = _f(1, "beam search width (1 = greedy)", min=1, max=32)
     repetition_penalty: float = _f(1.0, "repetition penalty during decoding", min=0.5, max=5.0)
+    batch_size: int = _f(32, "images per captioning forward pass", min=1, max=4096)
+    regenerate: bool = _f(True, "redraw each image from its fine-tuned caption (original seed) and compare images")
+    image_model: str = _f("tiny", "image embedding model for image similarity: CLIP hub id or directory, or "
+                          "'tiny' (random, offline)")
+    real_images: str = _f("", "folder of real product photos named {prompt id}.jpg (Kaggle images/); '' = none")
+    examples: int = _f(4, "best and worst recoveries shown with their images in the report", min=0, max=64)
 
 
 @dataclass
 class DriftConfig:
-    iterations: int = _f(3, "prompt -> image -> caption rounds (read by `revprompt drift`)", min=0)
+    iterations: int = _f(3, "prompt -> image -> caption rounds (read by `revprompt drift`)", min=0, max=100)
+    max_samples: int = _f(0, "drift only the first N test samples (0 = all)", min=0)
+    examples: int = _f(4, "examples drawn as prompt -> image -> caption -> image strips", min=0, max=64)
 
 
 @dataclass

@@ -29,6 +29,11 @@ class Metrics:
         if self._writer is not None:
             self._writer.add_image(tag, image, step, dataformats="HWC")
 
+    def log_histogram(self, tag: str, values: np.ndarray, step: int) -> None:
+        """A histogram of `values` (TensorBoard's histograms and distributions tabs)."""
+        if self._writer is not None and len(values):
+            self._writer.add_histogram(tag, np.asarray(values, dtype=np.float64), step)
+
     def log_text(self, tag: str, text: str, step: int) -> None:
         """Markdown text shown in TensorBoard's text tab."""
         if self._writer is not None:

@@ -44,3 +44,14 @@ def write_manifest(root: str | Path, manifest: dict) -> None:
     """Write the manifest atomically."""
     Path(root).mkdir(parents=True, exist_ok=True)
     write_json_atomic(Path(root) / MANIFEST, manifest)
+
+
+def split_shards(root: str | Path, split: str) -> list[tuple[str, int]]:
+    """(path, count) of a split's shards from a complete manifest; ValueError says what to run first."""
+    root = Path(root)
+    manifest = read_manifest(root)
+    if manifest is None or split not in manifest["splits"]:
+        raise ValueError(f"{root}: no {split} shards; run `revprompt generate` first")
+    if not manifest["complete"]:
+        raise ValueError(f"{root}/manifest.json: generation is incomplete; rerun `revprompt generate` to finish it")
+    return [(str(root / s["name"]), s["count"]) for s in manifest["splits"][split]["shards"]]

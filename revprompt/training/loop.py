@@ -15,7 +15,7 @@ import torch
 from ..launch import dist
 from ..launch.metrics import captioned_grid
 from ..launch.runner import StageContext, StageError, build_parser, run_stage
-from ..shards.manifest import read_manifest
+from ..shards.manifest import split_shards as manifest_split_shards
 from .captioner import build_captioner, freeze_vision, generate_captions, image_size_of, preprocess_images
 from .data import DataPlanError, TrainStream, build_loader, smallest_share
 from .engine import (allow_deepspeed_checkpoint_types, force_weights_only_loads,
@@ -42,13 +42,10 @@ class Position:
 
 def split_shards(run_dir: Path, split: str) -> list[tuple[str, int]]:
     """(path, count) of a split's complete shards, from the manifest."""
-    root = run_dir / "shards"
-    manifest = read_manifest(root)
-    if manifest is None or split not in manifest["splits"]:
-        raise StageError(f"{root}: no {split} shards; run `revprompt generate` first")
-    if not manifest["complete"]:
-        raise StageError(f"{root}/manifest.json: generation is incomplete; rerun `revprompt generate` to finish it")
-    return [(str(root / s["name"]), s["count"]) for s in manifest["splits"][split]["shards"]]
+    try:
+        return manifest_split_shards(run_dir / "shards", split)
+    except ValueError as exc:
+        raise StageError(str(exc)) from None
 
 
 class Trainer:

@@ -1,0 +1,334 @@
+"""What people look at: report.md with tables, PNG plots, and example images for evaluate and drift."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from ..launch.metrics import captioned_grid
+from .attributes import ATTRIBUTES
+
+log = logging.getLogger(__name__)
+
+LABELS = {"zero_shot": "zero-shot", "finetuned": "fine-tuned", "constant": "constant caption"}
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _fmt(value, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def plot_similarity_hist(rows: list[dict], path: Path) -> Path:
+    """Overlaid histograms of prompt similarity, one per captioner."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    bins = np.linspace(-0.2, 1.0, 49)
+    for name, label in LABELS.items():
+        values = [r["similarity"][name] for r in rows]
+        ax.hist(values, bins=bins, alpha=0.5, label=f"{label} (mean {np.mean(values):.3f})")
+    ax.set_xlabel("cosine similarity to the original prompt (all-MiniLM-L6-v2)")
+    ax.set_ylabel("test samples")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_attributes(summary: dict, path: Path) -> Path:
+    """Grouped bars: attribute recovery rate per captioner, with the majority-value floor."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.2
+    x = np.arange(len(ATTRIBUTES))
+    for i, (name, label) in enumerate(LABELS.items()):
+        rates = [summary["attributes"][name][a]["rate"] or 0 for a in ATTRIBUTES]
+        ax.bar(x + (i - 1) * width, rates, width, label=label)
+    chance = [summary["attribute_chance"][a] or 0 for a in ATTRIBUTES]
+    ax.bar(x + 2 * width, chance, width, label="most frequent value", color="lightgrey")
+    ax.set_xticks(x + width / 2, ATTRIBUTES)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("recovered prompt names the value")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_groups(summary: dict, key: str, path: Path) -> Path:
+    """Horizontal bars: mean fine-tuned and zero-shot similarity per group (articleType or gender)."""
+    plt = _pyplot()
+    groups = summary[key]["finetuned"]
+    names = sorted(groups, key=lambda g: groups[g]["mean"])
+    fig, ax = plt.subplots(figsize=(7, max(2.5, 0.28 * len(names) + 1)))
+    y = np.arange(len(names))
+    ax.barh(y + 0.2, [groups[n]["mean"] for n in names], 0.4, label="fine-tuned")
+    ax.barh(y - 0.2, [summary[key]["zero_shot"][n]["mean"] for n in names], 0.4, label="zero-shot")
+    ax.set_yticks(y, [f"{n} ({groups[n]['n']})" for n in names], fontsize=7)
+    ax.set_xlabel("mean similarity to the prompt")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def example_grid(rows: list[dict], originals: dict, redrawn: dict) -> np.ndarray | None:
+    """Original image, then the image redrawn from the recovered prompt, with prompt and caption, per row."""
+    from PIL import Image
+
+    cells, texts = [], []
+    for r in rows:
+        if r["key"] not in originals:
+            continue
+        first = originals[r["key"]]
+        second = redrawn.get(r["key"], Image.new("RGB", first.size, "white"))
+        size = (96, 96)
+        cells += [np.asarray(first.resize(size)), np.asarray(second.resize(size))]
+        texts += [f"P: {r['prompt']}", f"C ({r['similarity']['finetuned']:.2f}): {r['captions']['finetuned']}"]
+    if not cells:
+        return None
+    return captioned_grid(np.stack(cells), texts, columns=4, caption_lines=4)
+
+
+def write_eval_report(rows: list[dict], summary: dict, ctx, shards: list[tuple[str, int]], regen_root: Path) -> Path:
+    """eval/report.md with its PNGs; best and worst recoveries shown with their images."""
+    from PIL import Image
+
+    from .items import image_shard_path, read_images
+
+    out = ctx.run_dir / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    k = ctx.cfg.evaluate.examples
+    ranked = sorted(rows, key=lambda r: (-r["similarity"]["finetuned"], r["order"]))
+    best, worst = ranked[:k], ranked[::-1][:k]
+    wanted = {r["key"] for r in best + worst}
+    originals: dict = {}
+    redrawn: dict = {}
+    from ..shards.reader import build_reader
+
+    for index in sorted(_shards_of(wanted, rows, shards)):
+        for s in build_reader([shards[index][0]], split_workers=False):
+            if s["__key__"] in wanted:
+                originals[s["__key__"]] = s["image"]
+        path = image_shard_path(regen_root, index)
+        if path.is_file():
+            redrawn.update({key: img for key, img in read_images(path).items() if key in wanted})
+    plots = {"similarity": plot_similarity_hist(rows, out / "similarity.png"),
+             "attributes": plot_attributes(summary, out / "attributes.png")}
+    if summary["by_articleType"]["finetuned"]:
+        plots["by_articleType"] = plot_groups(summary, "by_articleType", out / "by_articleType.png")
+    examples = {}
+    for name, chosen in (("best", best), ("worst", worst)):
+        grid = example_grid(chosen, originals, redrawn)
+        if grid is not None:
+            Image.fromarray(grid).save(out / f"examples_{name}.png")
+            examples[name] = out / f"examples_{name}.png"
+            ctx.metrics.log_image(f"eval/examples_{name}", grid, summary["captioner_step"] or 0)
+    path = out / "report.md"
+    path.write_text(_eval_markdown(summary, plots, examples, best, worst), encoding="utf-8")
+    return path
+
+
+def _shards_of(keys: set[str], rows: list[dict], shards: list[tuple[str, int]]) -> set[int]:
+    from .items import shard_offsets
+
+    offsets = shard_offsets(shards)
+    found = set()
+    for r in rows:
+        if r["key"] in keys:
+            found.add(max(i for i, off in enumerate(offsets) if off <= r["order"]))
+    return found
+
+
+def _eval_markdown(summary: dict, plots: dict, examples: dict, best: list[dict], worst: list[dict]) -> str:
+    s = summary["similarity"]
+    lines = [
+        "# Prompt recovery on the test split", "",
+        f"{summary['samples']} test samples; fine-tuned captioner at step {summary['captioner_step']}; "
+        f"text similarity by `{summary['models']['text']}`; decoding: {summary['decoding']}.", "",
+        "## Similarity to the original prompt", "",
+        "| captioner | mean | median | std | 95% CI of the mean |", "|---|---|---|---|---|",
+    ]
+    for name, label in LABELS.items():
+        d = s[name]
+        lines.append(f"| {label} | {_fmt(d['mean'])} | {_fmt(d['median'])} | {_fmt(d['std'])} | "
+                     f"[{_fmt(d['ci95'][0])}, {_fmt(d['ci95'][1])}] |")
+    g = summary["gain"]
+    lines += ["", f"Fine-tuned minus zero-shot: **{_fmt(g['finetuned_minus_zero_shot'])}**; fine-tuned minus "
+              f"constant caption: **{_fmt(g['finetuned_minus_constant'])}**. The constant caption is the train "
+              f"prompt nearest the mean of all train prompts: \"{summary['constant_caption']}\".", "",
+              f"![similarity]({plots['similarity'].name})", "",
+              "## Attribute recovery", "",
+              "How often the recovered prompt names the source row's value (whole words, singular or plural).", "",
+              "| attribute | zero-shot | fine-tuned | constant caption | most frequent value |", "|---|---|---|---|---|"]
+    for a in ATTRIBUTES:
+        cells = [_fmt(summary["attributes"][name][a]["rate"]) for name in LABELS]
+        lines.append(f"| {a} | {' | '.join(cells)} | {_fmt(summary['attribute_chance'][a])} |")
+    lines += ["", f"![attributes]({plots['attributes'].name})", ""]
+    for key in ("by_gender", "by_articleType"):
+        groups = summary[key]["finetuned"]
+        if not groups:
+            continue
+        lines += [f"## Similarity {key.replace('_', ' ')}", "", "| group | n | zero-shot | fine-tuned | constant |",
+                  "|---|---|---|---|---|"]
+        for name, d in groups.items():
+            lines.append(f"| {name} | {d['n']} | {_fmt(summary[key]['zero_shot'][name]['mean'])} | "
+                         f"{_fmt(d['mean'])} | {_fmt(summary[key]['constant'][name]['mean'])} |")
+        if key in plots:
+            lines += ["", f"![{key}]({plots[key].name})"]
+        lines.append("")
+    if summary["image"]:
+        lines += ["## Images redrawn from the recovered prompts", "",
+                  f"Each test image redrawn from its fine-tuned caption with the original seed; image embeddings by "
+                  f"`{summary['models']['image']}`.", "", "| comparison | mean | median | 95% CI |", "|---|---|---|---|"]
+        for key, d in summary["image"].items():
+            lines.append(f"| {key} | {_fmt(d['mean'])} | {_fmt(d['median'])} | "
+                         f"[{_fmt(d['ci95'][0])}, {_fmt(d['ci95'][1])}] |")
+        lines.append("")
+    for name, chosen in (("best", best), ("worst", worst)):
+        lines += [f"## The {len(chosen)} {name} recoveries", ""]
+        if name in examples:
+            lines += ["Left: the original image; right: redrawn from the recovered prompt.", "",
+                      f"![{name}]({examples[name].name})", ""]
+        lines += ["| similarity | prompt | recovered |", "|---|---|---|"]
+        lines += [f"| {r['similarity']['finetuned']:.3f} | {r['prompt']} | {r['captions']['finetuned']} |"
+                  for r in chosen]
+        lines.append("")
+    return "\n".join(lines)
+
+
+DRIFT_CURVES = (("similarity_to_prompt", "caption vs the original prompt"),
+                ("similarity_to_previous", "caption vs the previous text"),
+                ("image_similarity_to_original", "image vs the iteration-0 image"))
+
+
+def plot_drift(summary: dict, path: Path) -> Path:
+    """Curves over iterations with 95% bands: similarities, attribute retention, and diversity."""
+    plt = _pyplot()
+    entries = summary["iterations"]
+    later = [e for e in entries if e["iteration"] > 0]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    ax = axes[0]
+    for key, label in DRIFT_CURVES:
+        x = [0] + [e["iteration"] for e in later]
+        mean = [1.0] + [e[key]["mean"] for e in later]
+        low = [1.0] + [e[key]["ci95"][0] for e in later]
+        high = [1.0] + [e[key]["ci95"][1] for e in later]
+        ax.plot(x, mean, marker="o", label=label)
+        ax.fill_between(x, low, high, alpha=0.2)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("cosine similarity")
+    ax.legend(fontsize=7)
+    ax = axes[1]
+    for a in ATTRIBUTES:
+        ax.plot([0] + [e["iteration"] for e in later],
+                [1.0] + [e["attribute_retention"][a] or 0 for e in later], marker="o", label=a)
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("attribute still named")
+    ax.legend(fontsize=7)
+    ax = axes[2]
+    x = [e["iteration"] for e in entries]
+    ax.plot(x, [e["distinct_2"] for e in entries], marker="o", label="distinct bigrams")
+    ax.plot(x, [e["mean_pairwise_similarity"] or 0 for e in entries], marker="o",
+            label="mean pairwise similarity (collapse)")
+    ax.set_xlabel("iteration")
+    ax.legend(fontsize=7)
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def drift_strip(prompt: str, images: list, captions: list[str]) -> np.ndarray:
+    """prompt -> image -> caption -> image ... as one row of captioned cells."""
+    cells = np.stack([np.asarray(img.resize((96, 96))) for img in images])
+    texts = [f"0: {prompt}"] + [f"{k}: {c}" for k, c in enumerate(captions, start=1)]
+    return captioned_grid(cells, texts, columns=len(cells), caption_lines=4)
+
+
+def write_drift_report(summary: dict, originals: list[tuple], per_iter: dict[int, list[dict]], ctx,
+                       shards: list[tuple[str, int]]) -> Path:
+    """drift/report.md with curves.png and strips of a few examples."""
+    from PIL import Image
+
+    from ..shards.reader import build_reader
+    from .drift import iteration_dir
+    from .items import image_shard_path, read_images
+
+    out = ctx.run_dir / "drift"
+    K = len(per_iter)
+    curves = plot_drift(summary, out / "curves.png") if K else None
+    chosen = originals[:ctx.cfg.drift.examples]
+    strips = []
+    if chosen and K:
+        wanted = {p[1] for p in chosen}
+        index_of = {}
+        offsets = [0]
+        for _, count in shards:
+            offsets.append(offsets[-1] + count)
+        for order, key, _, _ in chosen:
+            index_of[key] = max(i for i in range(len(shards)) if offsets[i] <= order)
+        images = {key: [] for key in wanted}
+        for index in sorted(set(index_of.values())):
+            for s in build_reader([shards[index][0]], split_workers=False):
+                if s["__key__"] in wanted:
+                    images[s["__key__"]].append(s["image"])
+            for k in range(1, K + 1):
+                drawn = read_images(image_shard_path(iteration_dir(ctx.run_dir, k), index))
+                for key in wanted:
+                    if index_of[key] == index and key in drawn:
+                        images[key].append(drawn[key])
+        captions = {key: [next(r["caption"] for r in per_iter[k] if r["key"] == key) for k in range(1, K + 1)]
+                    for key in wanted}
+        for order, key, prompt, _ in chosen:
+            if len(images[key]) == K + 1:
+                strips.append(drift_strip(prompt, images[key], captions[key]))
+    if strips:
+        width = max(s.shape[1] for s in strips)
+        canvas = np.full((sum(s.shape[0] for s in strips), width, 3), 255, np.uint8)
+        y = 0
+        for s in strips:
+            canvas[y:y + s.shape[0], :s.shape[1]] = s
+            y += s.shape[0]
+        Image.fromarray(canvas).save(out / "strips.png")
+        ctx.metrics.log_image("drift/strips", canvas, K)
+    lines = ["# Drift: prompt -> image -> caption -> image ...", "",
+             f"{summary['samples']} test prompts, {K} iterations. Iteration 0 is the test split itself.", "",
+             "| iteration | sim. to prompt | 95% CI | sim. to previous | image sim. to iteration 0 | SSIM | "
+             + " | ".join(f"{a} kept" for a in ATTRIBUTES) + " | words | distinct-2 | mean pairwise sim. |",
+             "|" + "---|" * (9 + len(ATTRIBUTES))]
+    for e in summary["iterations"]:
+        if e["iteration"] == 0:
+            cells = ["1.000", "", "1.000", "1.000", "1.000"] + ["1.000"] * len(ATTRIBUTES)
+        else:
+            cells = [_fmt(e["similarity_to_prompt"]["mean"]),
+                     f"[{_fmt(e['similarity_to_prompt']['ci95'][0])}, {_fmt(e['similarity_to_prompt']['ci95'][1])}]",
+                     _fmt(e["similarity_to_previous"]["mean"]), _fmt(e["image_similarity_to_original"]["mean"]),
+                     _fmt(e["ssim_to_original"]["mean"])] + [_fmt(e["attribute_retention"][a]) for a in ATTRIBUTES]
+        cells += [_fmt(e["caption_length"], 1), _fmt(e["distinct_2"]), _fmt(e["mean_pairwise_similarity"])]
+        lines.append(f"| {e['iteration']} | " + " | ".join(cells) + " |")
+    if curves is not None:
+        lines += ["", f"![curves]({curves.name})"]
+    if strips:
+        lines += ["", "## Examples", "", "Each row: the prompt's image, then each iteration's image with the caption "
+                  "that drew it.", "", "![strips](strips.png)"]
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path

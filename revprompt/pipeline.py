@@ -1,0 +1,92 @@
+"""`revprompt pipeline`: generate -> train -> evaluate -> drift in one launch.
+
+Every stage resumes by itself (shards, checkpoints, evaluation and drift parts), so the pipeline
+only has to run them in order in one process group: a complete stage costs a check, a partial one
+continues, and a requeued Slurm job or a rerun picks up where the last one stopped. Each stage
+keeps its own TensorBoard folder (tb/<stage>/) and the times of the stages go to
+pipeline.json next to the headline numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+from .launch.metrics import Metrics
+from .launch.runner import StageContext, build_parser, run_stage
+from .shards.writer import write_json_atomic
+
+log = logging.getLogger(__name__)
+
+STAGES = ("generate", "train", "evaluate", "drift")
+
+
+def _run(name: str, ctx: StageContext) -> str:
+    """Run one stage with its own metrics; returns 'ran' or 'skipped'."""
+    from .evaluation.drift import is_drifted, run_drift
+    from .evaluation.evaluate import is_evaluated, run_evaluation
+    from .generation.job import run_generation
+    from .training.loop import run_training
+
+    run_dir = ctx.run_dir
+    if name == "train":
+        export = run_dir / "captioner" / "revprompt.json"
+        if export.is_file() and json.loads(export.read_text()).get("step") == ctx.cfg.train.max_steps:
+            return "skipped"
+    if name == "evaluate" and is_evaluated(ctx):
+        return "skipped"
+    if name == "drift" and is_drifted(ctx):
+        return "skipped"
+    body = {"generate": run_generation, "train": run_training, "evaluate": run_evaluation, "drift": run_drift}[name]
+    metrics = Metrics(run_dir / "tb" / name, enabled=ctx.info.is_main)
+    try:
+        body(StageContext(ctx.cfg, ctx.info, metrics, ctx.args))
+    finally:
+        metrics.close()
+    return "ran"
+
+
+def headline(run_dir) -> list[str]:
+    """The short table printed at the end: similarity per captioner, attributes, drift at the last iteration."""
+    summary = json.loads((run_dir / "eval" / "summary.json").read_text())
+    s, a = summary["similarity"], summary["attributes"]
+    lines = [f"{'':28s}{'zero-shot':>11s}{'fine-tuned':>12s}{'constant':>10s}",
+             f"{'similarity to prompt (mean)':28s}" + "".join(f"{s[n]['mean']:{w}.3f}" for n, w in
+                                                            (("zero_shot", 11), ("finetuned", 12), ("constant", 10)))]
+    for attr in ("gender", "baseColour", "articleType"):
+        rates = [a[n][attr]["rate"] for n in ("zero_shot", "finetuned", "constant")]
+        lines.append(f"{attr + ' named':28s}" + "".join(
+            f"{'n/a' if r is None else f'{r:.2f}':>{w}s}" for r, w in zip(rates, (11, 12, 10))))
+    drift_path = run_dir / "drift" / "summary.json"
+    if drift_path.is_file():
+        entries = json.loads(drift_path.read_text())["iterations"]
+        if len(entries) > 1:
+            sims = " -> ".join(f"{e['similarity_to_prompt']['mean']:.3f}" for e in entries[1:])
+            lines.append(f"{'drift: sim. to prompt by iteration':36s} {sims}")
+    lines.append(f"report: {run_dir / 'eval' / 'report.md'}  drift: {run_dir / 'drift' / 'report.md'}")
+    return lines
+
+
+def run_pipeline(ctx: StageContext) -> None:
+    """The four stages in order, timed; the headline table on rank 0 at the end."""
+    times = {}
+    for name in STAGES:
+        start = time.monotonic()
+        log.info("pipeline: %s", name)
+        outcome = _run(name, ctx)
+        times[name] = {"seconds": round(time.monotonic() - start, 2), "outcome": outcome}
+        log.info("pipeline: %s %s in %.1f s", name, outcome, times[name]["seconds"])
+    if ctx.info.is_main:
+        total = sum(t["seconds"] for t in times.values())
+        write_json_atomic(ctx.run_dir / "pipeline.json", {"stages": times, "seconds": round(total, 2)})
+        table = headline(ctx.run_dir)
+        shares = ", ".join(f"{n} {t['seconds']:.0f} s ({t['seconds'] / max(total, 1e-9):.0%})" for n, t in times.items())
+        log.info("pipeline done in %.0f s: %s\n%s", total, shares, "\n".join(table))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `revprompt pipeline`."""
+    parser = build_parser("pipeline", "Run generate, train, evaluate and drift in one launch, resuming each stage.")
+    parser.add_argument("--overwrite", action="store_true", help="replace shards made under another generation config")
+    return run_stage("pipeline", argv if argv is not None else [], parser, run_pipeline)
