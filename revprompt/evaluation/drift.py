@@ -169,7 +169,7 @@ def run_drift(ctx: StageContext) -> dict:
         entries += [summarise_iteration(k, per_iter[k], [r["caption"] for r in per_iter[k]], cfg.evaluate.text_model,
                                         cfg.run.seed) for k in range(1, K + 1)]
         summary = {"fingerprint": current, "samples": len(originals), "iterations": entries,
-                   "models": {"captioner": str(ctx.run_dir / "captioner"), "generator": cfg.generate.model,
+                   "models": {"captioner": "captioner/ (run dir)", "generator": cfg.generate.model,
                               "text": cfg.evaluate.text_model, "image": cfg.evaluate.image_model}}
         write_json_lines(root / "results.jsonl", [
             {"key": key, "prompt": prompt, "captions": [per_iter[k][i]["caption"] for k in range(1, K + 1)],

@@ -147,7 +147,7 @@ def summarise(rows: list[dict], ctx: StageContext, constant: str, stats: dict) -
         "decoding": {"max_new_tokens": e.max_new_tokens, "num_beams": e.num_beams,
                      "repetition_penalty": e.repetition_penalty, "greedy": e.num_beams == 1},
         "models": {"text": e.text_model, "image": e.image_model if e.regenerate else None,
-                   "zero_shot": ctx.cfg.train.captioner, "finetuned": str(ctx.run_dir / "captioner"),
+                   "zero_shot": ctx.cfg.train.captioner, "finetuned": "captioner/ (run dir)",
                    "generator": ctx.cfg.generate.model},
         "read": stats,
     }

