@@ -20,9 +20,7 @@ $(BIN)/.installed: pyproject.toml
 install: $(BIN)/.installed
 
 demo: install
-	$(BIN)/revprompt generate --config tiny
-	$(BIN)/revprompt train --config tiny
-	$(BIN)/revprompt caption --captioner runs/tiny/captioner runs/tiny/shards/test --out runs/tiny/test-captions.jsonl
+	$(BIN)/revprompt pipeline --config tiny
 
 test: install
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
