@@ -18,6 +18,7 @@ from typing import Iterable, Iterator
 import webdataset as wds
 from PIL import Image
 
+from .keys import is_safe_key
 from .writer import IMAGE_EXTS, is_complete
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,9 @@ def decode_sample(sample: dict, require: tuple[str, ...] = ("image", "txt"),
     unsafe = exts & PICKLE_EXTS
     if unsafe:
         raise RejectedSample(f"{sample.get('__key__')}: refusing serialised members {sorted(unsafe)}")
+    if not is_safe_key(str(sample.get("__key__", ""))):
+        # later stages name files and shard members after keys: one that could leave a folder is refused
+        raise RejectedSample(f"{sample.get('__key__')!r}: unsafe sample key")
     out = {"__key__": sample["__key__"], "__url__": sample.get("__url__")}
     for ext in sorted(exts):
         data = sample[ext]
