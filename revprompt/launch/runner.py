@@ -86,8 +86,14 @@ def run_stage(stage: str, argv: list[str], parser: argparse.ArgumentParser,
         log.error("config error: %s", exc)
         return 2
     info = dist.init(cfg.run.device, cfg.run.timeout_s)
-    dist.setup_logging(Path(cfg.run.dir) / "logs", info.rank, cfg.run.log_level)
-    metrics = Metrics(Path(cfg.run.dir) / "tb" / stage, enabled=info.is_main)
+    try:
+        dist.setup_logging(Path(cfg.run.dir) / "logs", info.rank, cfg.run.log_level)
+        metrics = Metrics(Path(cfg.run.dir) / "tb" / stage, enabled=info.is_main)
+    except OSError as exc:  # an unwritable or missing run directory: say which path, not a traceback
+        logging.basicConfig(level=logging.INFO)
+        log.error("%s: cannot write the run directory %s: %s", stage, cfg.run.dir, exc)
+        dist.close()
+        return 1
     try:
         if info.is_main:
             save_config(cfg, Path(cfg.run.dir) / "config.toml")
@@ -97,6 +103,9 @@ def run_stage(stage: str, argv: list[str], parser: argparse.ArgumentParser,
         return 0
     except StageError as exc:
         log.error("%s failed: %s", stage, exc)
+        return 1
+    except OSError as exc:  # a full disk, a read-only or vanished folder: the path is in the message
+        log.exception("%s failed on rank %d: %s", stage, info.rank, exc)
         return 1
     except Exception:
         log.exception("%s failed on rank %d", stage, info.rank)

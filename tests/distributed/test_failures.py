@@ -1,0 +1,49 @@
+"""Failures end the job with a non-zero code and a message that names the path; finished work stays."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+import time
+from pathlib import Path
+
+from tests.conftest import run_cli, tiny_args
+
+
+def test_a_rank_that_fails_ends_the_job_within_the_timeout(tmp_path: Path):
+    run_dir = tmp_path / "run"
+    args = tiny_args(run_dir, limit=48, run__timeout_s=60)
+    # plant a failure only rank 1 meets: the final name of train shard 1 (global index 1 -> rank 1) is a folder
+    blocker = run_dir / "shards" / "train" / "000001.tar"
+    blocker.mkdir(parents=True)
+    start = time.monotonic()
+    proc = run_cli("generate", *args, nproc=2, check=False, timeout=300)
+    elapsed = time.monotonic() - start
+    assert proc.returncode != 0
+    assert elapsed < 60 + 30, elapsed  # torchrun stops rank 0 when rank 1 exits: no waiting in a collective
+    log1 = (run_dir / "logs" / "rank-1.log").read_text()
+    assert "generate failed on rank 1" in log1 and "Traceback" in log1 and str(blocker) in log1
+    # rank 0's finished shards are intact and marked; rank 1's planted one is still only the folder
+    done = sorted(p for p in (run_dir / "shards").glob("*/*.stats.json"))
+    assert done, "rank 0 finished no shard"
+    for stats in done:
+        tar = stats.with_name(stats.name.replace(".stats.json", ".tar"))
+        with tarfile.open(tar) as t:
+            assert len([m for m in t.getmembers() if m.name.endswith(".jpg")]) == json.loads(stats.read_text())["count"]
+    assert blocker.is_dir() and not (blocker.parent / "000001.stats.json").exists()
+
+    # with the obstacle gone, the same command finishes the job without redoing rank 0's shards
+    before = {p: p.stat().st_mtime_ns for p in done}
+    blocker.rmdir()
+    run_cli("generate", *args, nproc=2)
+    assert json.loads((run_dir / "shards" / "manifest.json").read_text())["complete"]
+    assert {p: p.stat().st_mtime_ns for p in done} == before
+
+
+def test_an_unwritable_run_dir_is_named(tmp_path: Path):
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("a file where the run directory's parent should be\n")
+    proc = run_cli("generate", *tiny_args(not_a_dir / "run", limit=12), check=False)
+    assert proc.returncode == 1
+    assert f"cannot write the run directory {not_a_dir / 'run'}" in proc.stderr
+    assert "Traceback" not in proc.stderr
