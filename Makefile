@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # machine the same pin gives the CUDA build), and deepspeed's build needs torch already installed.
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench clean slurm
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,8 +22,12 @@ install: $(BIN)/.installed
 demo: install
 	$(BIN)/revprompt pipeline --config tiny
 
-test: install
+test: install slurm
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+# Debian's Slurm and munge for tests/slurm, when missing and when we may install them
+slurm:
+	@sh tests/slurm/install.sh
 
 bench: install
 	$(BIN)/python benchmarks/generation_overhead.py
