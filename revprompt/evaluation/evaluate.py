@@ -51,13 +51,19 @@ def is_evaluated(ctx: StageContext) -> bool:
     return path.is_file() and json.loads(path.read_text()).get("fingerprint") == eval_fingerprint(ctx)
 
 
-def constant_caption(run_dir: Path, text_model: str) -> str:
-    """The train prompt nearest the mean of the train prompts' embeddings (the best single answer)."""
-    from ..generation.prepare import load_split
+def constant_caption(run_dir: Path, text_model: str, at_most: int = 20000) -> str:
+    """The train prompt nearest the mean of the train prompts' embeddings (the best single answer).
 
-    prompts = sorted({p.text for p in load_split(run_dir, "train")})
-    if not prompts:
+    Up to `at_most` train prompts, evenly spaced through the split, stand for a larger split.
+    """
+    from ..generation.prepare import load_range, split_size
+
+    n = split_size(run_dir, "train")
+    if n == 0:
         raise StageError(f"{run_dir}/prompts/train.jsonl: no train prompts for the constant-caption baseline")
+    picks = range(n) if n <= at_most else sorted({i * n // at_most for i in range(at_most)})
+    prompts = sorted({load_range(run_dir, "train", i, i + 1)[0].text for i in picks} if n > at_most
+                     else {p.text for p in load_range(run_dir, "train", 0, n)})
     vectors = embed(prompts, text_model)
     return prompts[int(np.argmax(vectors @ vectors.mean(axis=0)))]
 

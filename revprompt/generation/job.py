@@ -22,7 +22,7 @@ from ..shards.manifest import read_manifest, scan_manifest, write_manifest
 from ..shards.writer import (BackgroundWorker, ShardWriter, encode_image, encode_json, is_complete,
                              partial_path, shard_name, write_json_atomic)
 from .models import build_pipeline
-from .prepare import load_split, prepare
+from .prepare import load_range, prepare, split_size
 from .prompts import Prompt
 
 log = logging.getLogger(__name__)
@@ -41,25 +41,50 @@ class Sample:
 
 @dataclass(frozen=True)
 class ShardTask:
-    """One shard of the plan; `index` is its global position, which decides its rank."""
+    """One shard of the plan: samples start..stop-1 of its split; `index` (global position) decides its rank.
+
+    Sample t of a split is image t % images_per_prompt of prompt t // images_per_prompt, so a task
+    needs only its own prompts, read through the split's index when the shard is written.
+    """
 
     split: str
     shard: int
     index: int
-    samples: tuple[Sample, ...]
+    start: int
+    stop: int
+
+    @property
+    def size(self) -> int:
+        """Samples in the shard."""
+        return self.stop - self.start
 
 
-def plan_shards(prompts: dict[str, list[Prompt]], images_per_prompt: int, shard_size: int,
-                seed: int) -> list[ShardTask]:
-    """Cut each split's (prompt, image) pairs into shards; depends only on the prompts and the config."""
+def plan_shards(counts: dict[str, int], images_per_prompt: int, shard_size: int) -> list[ShardTask]:
+    """Cut each split's (prompt, image) pairs into shards; depends only on the prompt counts and the config."""
     tasks: list[ShardTask] = []
-    for split, split_prompts in prompts.items():
-        samples = [Sample(p, i, key := sample_key(p.id, i), sample_seed(seed, key), split)
-                   for p in split_prompts for i in range(images_per_prompt)]
-        for shard in range(math.ceil(len(samples) / shard_size)):
-            chunk = tuple(samples[shard * shard_size:(shard + 1) * shard_size])
-            tasks.append(ShardTask(split, shard, len(tasks), chunk))
+    for split, n_prompts in counts.items():
+        total = n_prompts * images_per_prompt
+        for shard in range(math.ceil(total / shard_size)):
+            tasks.append(ShardTask(split, shard, len(tasks), shard * shard_size, min(total, (shard + 1) * shard_size)))
     return tasks
+
+
+def task_samples(task: ShardTask, prompts: list[Prompt], images_per_prompt: int, seed: int) -> list[Sample]:
+    """The samples of `task`, given prompts task.start // m .. (task.stop - 1) // m of its split."""
+    first = task.start // images_per_prompt
+    out = []
+    for t in range(task.start, task.stop):
+        prompt = prompts[t // images_per_prompt - first]
+        key = sample_key(prompt.id, t % images_per_prompt)
+        out.append(Sample(prompt, t % images_per_prompt, key, sample_seed(seed, key), task.split))
+    return out
+
+
+def load_task_samples(run_dir: str | Path, task: ShardTask, images_per_prompt: int, seed: int) -> list[Sample]:
+    """Read only this task's prompts from the prepared split and make its samples."""
+    prompts = load_range(run_dir, task.split, task.start // images_per_prompt,
+                         (task.stop - 1) // images_per_prompt + 1)
+    return task_samples(task, prompts, images_per_prompt, seed)
 
 
 def generation_fingerprint(prepared: str, cfg) -> str:
@@ -195,8 +220,8 @@ def run_generation(ctx: StageContext) -> dict:
     cfg, info = ctx.cfg, ctx.info
     root = ctx.run_dir / "shards"
     report = on_main_first(info, lambda: prepare(cfg))
-    prompts = {split: load_split(cfg.run.dir, split) for split in cfg.generate.splits}
-    tasks = plan_shards(prompts, cfg.generate.images_per_prompt, cfg.generate.shard_size, cfg.run.seed)
+    counts = {split: split_size(cfg.run.dir, split) for split in cfg.generate.splits}
+    tasks = plan_shards(counts, cfg.generate.images_per_prompt, cfg.generate.shard_size)
     fingerprint = generation_fingerprint(report["fingerprint"], cfg)
     planned = {split: sum(t.split == split for t in tasks) for split in cfg.generate.splits}
     extra = {"config": cfg.to_dict()["generate"], "seed": cfg.run.seed, "prompts": report["splits"]}
@@ -215,7 +240,9 @@ def run_generation(ctx: StageContext) -> dict:
     all_pending = [t for t in tasks if not is_complete(root / shard_name(t.split, t.shard))]
     log.info("plan: %d shards (%s); this rank owns %d, %d still to write", len(tasks), planned, len(mine),
              len(pending))
-    progress = Progress(root / ".progress", info, sum(len(t.samples) for t in all_pending))
+    if getattr(ctx.args, "plan_only", False):
+        return _plan_only(ctx, pending)
+    progress = Progress(root / ".progress", info, sum(t.size for t in all_pending))
     try:
         if pending:
             _generate_shards(ctx, pending, root, progress)
@@ -240,6 +267,20 @@ def run_generation(ctx: StageContext) -> dict:
     return manifest
 
 
+def _plan_only(ctx: StageContext, pending: list[ShardTask]) -> dict:
+    """Read each pending shard's samples as generation would, one shard at a time; report this rank's peak RSS."""
+    import resource
+
+    cfg = ctx.cfg
+    samples = 0
+    for task in pending:
+        samples += len(load_task_samples(cfg.run.dir, task, cfg.generate.images_per_prompt, cfg.run.seed))
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    log.info("plan only: rank %d would write %d shards, %d samples; peak RSS %.1f MB", ctx.info.rank, len(pending),
+             samples, peak_mb)
+    return {"shards": len(pending), "samples": samples, "peak_rss_mb": peak_mb}
+
+
 def _generate_shards(ctx: StageContext, pending: list[ShardTask], root: Path, progress: Progress) -> None:
     cfg, info = ctx.cfg, ctx.info
     g = cfg.generate
@@ -250,9 +291,10 @@ def _generate_shards(ctx: StageContext, pending: list[ShardTask], root: Path, pr
     writer = None
     try:
         for task in pending:
+            samples = load_task_samples(cfg.run.dir, task, g.images_per_prompt, cfg.run.seed)
             writer = ShardWriter(root / shard_name(task.split, task.shard))
-            for start in range(0, len(task.samples), g.batch_size):
-                batch = list(task.samples[start:start + g.batch_size])
+            for start in range(0, len(samples), g.batch_size):
+                batch = samples[start:start + g.batch_size]
                 pixels, finite = to_pixels(generate_batch(pipe, batch, cfg))
                 worker.submit(lambda b=batch, p=pixels, f=finite, w=writer: write_samples(b, p, f, cfg, w))
                 done = progress.add(len(batch))
@@ -286,4 +328,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser("generate", "Generate images for the prompt set into WebDataset shards.")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace shards that a different generation config wrote")
+    parser.add_argument("--plan-only", action="store_true",
+                        help="prepare, plan and read this rank's prompts shard by shard, then stop (no images)")
     return run_stage("generate", argv if argv is not None else [], parser, run_generation)

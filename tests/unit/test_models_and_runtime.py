@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from revprompt.generation.job import generate_batch, plan_shards, to_pixels
+from revprompt.generation.job import generate_batch, plan_shards, task_samples, to_pixels
 from revprompt.generation.models import build_pipeline
 from revprompt.generation.prompts import Prompt
 from revprompt.launch import dist
@@ -20,7 +20,8 @@ def cfg_for(**overrides):
 
 def samples(n: int, seed: int = 0):
     prompts = {"train": [Prompt(id=f"p{i}", text=f"Nike Men Red T-shirt number {i}") for i in range(n)]}
-    return list(plan_shards(prompts, 1, 100, seed)[0].samples)
+    task = plan_shards({"train": n}, 1, 100)[0]
+    return task_samples(task, prompts["train"], 1, seed)
 
 
 @pytest.fixture(scope="module")

@@ -122,3 +122,29 @@ def test_prepare_limit_and_duplicate_id(tmp_path):
     with pytest.raises(PromptSourceError, match=r"p\.jsonl:4: id '0' already used at line 1"):
         prepare(cfg)
     assert not (tmp_path / "b" / "prompts" / "train.jsonl").exists()
+
+
+def test_prepared_splits_are_indexed_and_ranges_read_alone(tmp_path):
+    from revprompt.generation.job import load_task_samples, plan_shards
+    from revprompt.generation.prepare import iter_split, load_range, split_size
+
+    cfg = load_config("tiny", [f"--run.dir={tmp_path / 'run'}", "--prompts.limit=300"])
+    report = prepare(cfg, chunk=7)  # a chunk size that does not divide the count
+    for split in ("train", "val", "test"):
+        everything = load_split(cfg.run.dir, split)
+        assert split_size(cfg.run.dir, split) == report["splits"][split] == len(everything)
+        assert [p.id for p in iter_split(cfg.run.dir, split)] == [p.id for p in everything]
+        for start, stop in ((0, 1), (5, 17), (len(everything) - 3, len(everything) + 10)):
+            assert load_range(cfg.run.dir, split, start, stop) == everything[start:stop]
+    assert not list((tmp_path / "run" / "prompts").glob(".*"))  # no temporary or SQLite file left behind
+
+    # a shard's samples come from its own prompts: prompt t // m, image t % m, as one list of all would give
+    counts = {s: split_size(cfg.run.dir, s) for s in ("train", "val", "test")}
+    tasks = plan_shards(counts, images_per_prompt=3, shard_size=10)
+    train = load_split(cfg.run.dir, "train")
+    flat = [(p.id, i) for p in train for i in range(3)]
+    got = [(s.prompt.id, s.image_index) for t in tasks if t.split == "train"
+           for s in load_task_samples(cfg.run.dir, t, 3, seed=0)]
+    assert got == flat
+    assert [t.index for t in tasks] == list(range(len(tasks)))
+    assert sum(t.size for t in tasks) == 3 * sum(counts.values())
