@@ -1,0 +1,191 @@
+"""Train the miniature text-to-image model that the tiny preset ships: renders of the bundled prompts.
+
+A real diffusers latent-diffusion model (AutoencoderKL, UNet2DConditionModel, CLIP text encoder on
+the offline BERT vocabulary), small enough for a CPU, trained from scratch on `render.render` of
+the bundled styles.csv rows whose prompts fall in the train and val splits (the test split stays
+held out), then saved with StableDiffusionPipeline.save_pretrained in float16 safetensors.
+
+    python -m revprompt.miniature.train --out revprompt/miniature/weights --seed 0
+
+reproduces the shipped weights' recipe (the numbers in the weights' revprompt-miniature.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+WEIGHTS = Path(__file__).resolve().parent / "weights"
+
+
+def build_components(seed: int = 0) -> dict:
+    """The miniature's architecture, randomly initialised from `seed`."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from ..generation.models import TEXT_MAX_TOKENS, offline_tokenizer
+
+    tokenizer = offline_tokenizer()
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=TEXT_MAX_TOKENS, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id))
+    # 64 px images, 8 x 8 latents: what a 2-core CPU trains in minutes
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(64, 96), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=64, attention_head_dim=8, norm_num_groups=16)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, block_out_channels=(16, 32, 32, 32), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4, norm_num_groups=8, sample_size=64)
+    return dict(text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, vae=vae)
+
+
+def training_rows(val_fraction: float = 0.1, test_fraction: float = 0.1) -> tuple[list, list]:
+    """(rows to train on, held-out rows) of the bundled prompt set, split as the tiny preset splits it."""
+    from ..generation.prepare import split_of
+    from ..generation.prompts import read_prompts
+
+    train, held_out = [], []
+    for prompt in read_prompts("bundled"):
+        row = dict(prompt.attributes, productDisplayName=prompt.text)
+        (held_out if split_of(prompt.text, val_fraction, test_fraction) == "test" else train).append((prompt.text, row))
+    return train, held_out
+
+
+def to_tensor(images) -> torch.Tensor:
+    """PIL images -> NCHW float in [-1, 1]."""
+    arr = np.stack([np.asarray(i, dtype=np.float32) for i in images]) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+
+
+def train_vae(vae, pixels: torch.Tensor, steps: int, batch: int, seed: int) -> list[float]:
+    """Reconstruction (MSE) with a light KL term."""
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    losses = []
+    vae.train()
+    for step in range(steps):
+        idx = torch.randint(0, len(pixels), (batch,), generator=gen)
+        x = pixels[idx]
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample(generator=gen)).sample
+        loss = F.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+        if step % 200 == 0 or step == steps - 1:
+            log.info("vae step %d/%d: loss %.4f", step + 1, steps, np.mean(losses[-50:]))
+    vae.eval()
+    return losses
+
+
+def encode_texts(tokenizer, text_encoder, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention-free hidden states, as StableDiffusionPipeline encodes prompts."""
+    ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    return ids, text_encoder(ids)[0]
+
+
+def train_unet(components: dict, latents: torch.Tensor, texts: list[str], steps: int, batch: int, seed: int,
+               drop: float = 0.1) -> list[float]:
+    """Epsilon prediction under SD's noise schedule; the text encoder learns with the UNet; 10% empty prompts."""
+    from diffusers import DDPMScheduler
+
+    unet, text_encoder, tokenizer = components["unet"], components["text_encoder"], components["tokenizer"]
+    noise_schedule = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                                   beta_schedule="scaled_linear")
+    gen = torch.Generator().manual_seed(seed)
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=5e-4, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=5e-4, total_steps=steps, pct_start=0.05)
+    all_ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids
+    empty = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length,
+                      return_tensors="pt").input_ids[0]
+    unet.train()
+    text_encoder.train()
+    losses = []
+    for step in range(steps):
+        idx = torch.randint(0, len(latents), (batch,), generator=gen)
+        z0 = latents[idx]
+        ids = all_ids[idx].clone()
+        ids[torch.rand(batch, generator=gen) < drop] = empty
+        noise = torch.randn(z0.shape, generator=gen)
+        t = torch.randint(0, 1000, (batch,), generator=gen)
+        zt = noise_schedule.add_noise(z0, noise, t)
+        pred = unet(zt, t, encoder_hidden_states=text_encoder(ids)[0]).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        losses.append(float(loss))
+        if step % 250 == 0 or step == steps - 1:
+            log.info("unet step %d/%d: loss %.4f", step + 1, steps, np.mean(losses[-100:]))
+    unet.eval()
+    text_encoder.eval()
+    return losses
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Train and save the miniature; prints where it went."""
+    from diffusers import StableDiffusionPipeline
+
+    from ..generation.models import make_scheduler
+    from .render import render
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--out", type=Path, default=WEIGHTS)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--vae-steps", type=int, default=1500)
+    parser.add_argument("--unet-steps", type=int, default=6000)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.set_num_threads(args.threads)
+    start = time.monotonic()
+    train, held_out = training_rows()
+    texts = [t for t, _ in train]
+    pixels = to_tensor([render(row) for _, row in train])
+    log.info("%d training renders, %d held-out prompts", len(train), len(held_out))
+    components = build_components(args.seed)
+    vae_losses = train_vae(components["vae"], pixels, args.vae_steps, args.batch, args.seed)
+    with torch.no_grad():
+        means = torch.cat([components["vae"].encode(pixels[i:i + 256]).latent_dist.mean
+                           for i in range(0, len(pixels), 256)])
+    scale = float(1.0 / means.std())
+    components["vae"].register_to_config(scaling_factor=scale)
+    unet_losses = train_unet(components, means * scale, texts, args.unet_steps, args.batch, args.seed)
+    pipe = StableDiffusionPipeline(**components, scheduler=make_scheduler("dpmsolver++"), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.to(torch.float16)
+    args.out.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(args.out, safe_serialization=True)
+    record = {"command": "python -m revprompt.miniature.train " + " ".join(argv or []),
+              "seed": args.seed, "vae_steps": args.vae_steps, "unet_steps": args.unet_steps, "batch": args.batch,
+              "train_prompts": len(train), "held_out_prompts": len(held_out), "latent_scaling_factor": scale,
+              "final_vae_loss": float(np.mean(vae_losses[-50:])), "final_unet_loss": float(np.mean(unet_losses[-200:])),
+              "seconds": round(time.monotonic() - start, 1), "torch": torch.__version__}
+    (args.out / "revprompt-miniature.json").write_text(json.dumps(record, indent=2) + "\n")
+    log.info("saved the miniature to %s in %.0f s", args.out, record["seconds"])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
