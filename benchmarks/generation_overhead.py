@@ -2,7 +2,7 @@
 
 What is measured
     Both sides generate the same prepared prompts with the same pipeline (`build_pipeline` from
-    `revprompt.generation.models`: tiny random Stable Diffusion, DPM-Solver++, fp32, CPU):
+    `revprompt.generation.models`: the tiny preset's miniature Stable Diffusion, DPM-Solver++, fp32, CPU):
 
     job   the real CLI in a subprocess: `revprompt generate --config tiny --run.dir=<fresh dir> ...`.
           It writes JPEG samples into tar shards, the manifest, logs, TensorBoard scalars and the sample

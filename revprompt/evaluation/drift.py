@@ -12,21 +12,20 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from pathlib import Path
 
 import numpy as np
 
 from ..launch import dist
-from ..launch.runner import StageContext, StageError, build_parser, on_main_first, run_stage
-from ..shards.manifest import read_manifest, split_shards
+from ..launch.runner import StageContext, build_parser, on_main_first, run_stage
+from ..shards.manifest import read_manifest
 from ..shards.reader import ReadStats
 from ..shards.writer import write_json_atomic
 from .attributes import ATTRIBUTES, names_value
 from .evaluate import read_json_lines, write_json_lines
 from .images import embed_images, ssim
 from .items import (Captioner, Item, Painter, fingerprint, image_shard_path, owned, read_images, read_items,
-                    write_image_shard)
+                    restart_if_changed, test_shards_for, write_image_shard)
 from .similarity import embed
 from .stats import describe, distinct_ngrams, mean_pairwise_similarity
 
@@ -107,21 +106,11 @@ def run_drift(ctx: StageContext) -> dict:
     cfg, info = ctx.cfg, ctx.info
     K = cfg.drift.iterations
     root = ctx.run_dir / "drift"
-    try:
-        shards = split_shards(ctx.run_dir / "shards", "test")
-    except ValueError as exc:
-        raise StageError(str(exc)) from None
-    if not (ctx.run_dir / "captioner" / "config.json").is_file():
-        raise StageError(f"{ctx.run_dir / 'captioner'}: no exported captioner; run `revprompt train` first")
+    shards = test_shards_for(ctx.run_dir)
     current = drift_fingerprint(ctx)
 
     def setup() -> None:
-        stamp = root / "fingerprint.txt"
-        if stamp.is_file() and stamp.read_text().strip() != current:
-            log.info("shards, captioner or drift settings changed: starting the drift again")
-            shutil.rmtree(root, ignore_errors=True)
-        root.mkdir(parents=True, exist_ok=True)
-        stamp.write_text(current + "\n")
+        restart_if_changed(root / "fingerprint.txt", current, [root], "the shards, captioner or drift settings")
 
     on_main_first(info, setup)
     mine = owned(len(shards), info.rank, info.world_size)

@@ -12,19 +12,19 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from pathlib import Path
 
 import numpy as np
 
 from ..launch import dist
 from ..launch.runner import StageContext, StageError, build_parser, on_main_first, run_stage
-from ..shards.manifest import read_manifest, split_shards
+from ..shards.manifest import read_manifest
 from ..shards.reader import ReadStats
 from ..shards.writer import write_json_atomic
 from .attributes import ATTRIBUTES, chance_rates, grouped_mean, names_value, recovery
 from .images import embed_images, ssim
-from .items import Captioner, Item, Painter, fingerprint, image_shard_path, owned, read_items, write_image_shard
+from .items import (Captioner, Item, Painter, fingerprint, image_shard_path, owned, read_items, restart_if_changed,
+                    test_shards_for, write_image_shard)
 from .similarity import embed
 from .stats import describe
 
@@ -111,11 +111,17 @@ def score_shard(items: list[Item], captioners: dict, constant: str, constant_vec
 
 
 def real_photos(folder: str, items: list[Item]) -> dict:
-    """key -> real product photo ({prompt id}.jpg in `folder`) for the items that have one."""
+    """key -> real product photo for the items that have one: {prompt id}.jpg in `folder`, or, for
+    `renders`, the product render of the item's source row (the tiny preset's stand-in for photos)."""
     from PIL import Image
 
     if not folder:
         return {}
+    if folder == "renders":
+        from ..miniature.render import render
+
+        return {it.key: render(dict(it.attributes, productDisplayName=it.prompt)) for it in items
+                if it.attributes.get("articleType")}
     out = {}
     for it in items:
         photo_id = str(it.attributes.get("id", ""))
@@ -168,22 +174,12 @@ def run_evaluation(ctx: StageContext) -> dict:
     cfg, info = ctx.cfg, ctx.info
     out = ctx.run_dir / "eval"
     parts, regen_root = out / "parts", out / "regenerated"
-    try:
-        shards = split_shards(ctx.run_dir / "shards", "test")
-    except ValueError as exc:
-        raise StageError(str(exc)) from None
-    if not (ctx.run_dir / "captioner" / "config.json").is_file():
-        raise StageError(f"{ctx.run_dir / 'captioner'}: no exported captioner; run `revprompt train` first")
+    shards = test_shards_for(ctx.run_dir)
     current = eval_fingerprint(ctx)
 
     def setup() -> str:
-        stamp = parts / "fingerprint.txt"
-        if stamp.is_file() and stamp.read_text().strip() != current:
-            log.info("evaluation settings, shards or captioner changed: starting the evaluation again")
-            shutil.rmtree(parts, ignore_errors=True)
-            shutil.rmtree(regen_root, ignore_errors=True)
-        parts.mkdir(parents=True, exist_ok=True)
-        stamp.write_text(current + "\n")
+        restart_if_changed(parts / "fingerprint.txt", current, [parts, regen_root],
+                           "the evaluation settings, shards or captioner")
         return constant_caption(ctx.run_dir, cfg.evaluate.text_model)
 
     constant = on_main_first(info, setup)

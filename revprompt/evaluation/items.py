@@ -64,6 +64,32 @@ def read_items(shards: list[tuple[str, int]], index: int, max_samples: int, stat
     return items
 
 
+def test_shards_for(run_dir: Path) -> list[tuple[str, int]]:
+    """The test split's shards, after checking that generation finished and a captioner was exported."""
+    from ..launch.runner import StageError
+    from ..shards.manifest import split_shards
+
+    try:
+        shards = split_shards(Path(run_dir) / "shards", "test")
+    except ValueError as exc:
+        raise StageError(str(exc)) from None
+    if not (Path(run_dir) / "captioner" / "config.json").is_file():
+        raise StageError(f"{Path(run_dir) / 'captioner'}: no exported captioner; run `revprompt train` first")
+    return shards
+
+
+def restart_if_changed(stamp: Path, current: str, outputs: list[Path], what: str) -> None:
+    """Remove `outputs` when `stamp` records another fingerprint than `current`, then record `current`."""
+    import shutil
+
+    if stamp.is_file() and stamp.read_text().strip() != current:
+        log.info("%s changed: starting again", what)
+        for folder in outputs:
+            shutil.rmtree(folder, ignore_errors=True)
+    stamp.parent.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(current + "\n")
+
+
 def chunks(seq: list, size: int):
     """Consecutive slices of `size`."""
     for start in range(0, len(seq), size):

@@ -24,6 +24,13 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _fmt(value, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
@@ -39,10 +46,7 @@ def plot_similarity_hist(rows: list[dict], path: Path) -> Path:
     ax.set_xlabel("cosine similarity to the original prompt (all-MiniLM-L6-v2)")
     ax.set_ylabel("test samples")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_attributes(summary: dict, path: Path) -> Path:
@@ -60,10 +64,7 @@ def plot_attributes(summary: dict, path: Path) -> Path:
     ax.set_ylim(0, 1)
     ax.set_ylabel("recovered prompt names the value")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_groups(summary: dict, key: str, path: Path) -> Path:
@@ -78,10 +79,7 @@ def plot_groups(summary: dict, key: str, path: Path) -> Path:
     ax.set_yticks(y, [f"{n} ({groups[n]['n']})" for n in names], fontsize=7)
     ax.set_xlabel("mean similarity to the prompt")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def example_grid(rows: list[dict], originals: dict, redrawn: dict) -> np.ndarray | None:
@@ -250,10 +248,7 @@ def plot_drift(summary: dict, path: Path) -> Path:
 
     for ax in axes:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def drift_strip(prompt: str, images: list, captions: list[str]) -> np.ndarray:

@@ -1,4 +1,9 @@
-"""The Stable Diffusion factory: a hub id, a local diffusers directory, or `tiny` (random, offline)."""
+"""The Stable Diffusion factory: a hub id, a local diffusers directory, `tiny` or `tiny-random` (offline).
+
+`tiny` is the miniature latent-diffusion model shipped in revprompt/miniature/weights (trained on
+product renders of the bundled prompts, so its images show their prompt); `tiny-random` is the same
+kind of small model, random-initialised from the seed, for tests that only need shapes.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,8 @@ import torch
 log = logging.getLogger(__name__)
 
 TINY = "tiny"
+TINY_RANDOM = "tiny-random"
+MINIATURE = Path(__file__).resolve().parent.parent / "miniature" / "weights"
 TEXT_MAX_TOKENS = 77
 # Stable Diffusion 2-base's noise schedule, shared by every sampler built here
 SD_SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
@@ -29,7 +36,7 @@ def offline_tokenizer(max_length: int = TEXT_MAX_TOKENS):
 
 def load_tokenizer(model: str):
     """The text encoder's tokenizer of `model` (for counting over-long prompts without loading weights)."""
-    if model == TINY:
+    if model in (TINY, TINY_RANDOM):
         return offline_tokenizer()
     from transformers import AutoTokenizer
 
@@ -92,13 +99,15 @@ def build_pipeline(model: str = TINY, *, scheduler: str = "dpmsolver++", dtype: 
 
     device = torch.device(device)
     torch_dtype = resolve_dtype(dtype, device)
-    if model == TINY:
+    if model == TINY_RANDOM:
         pipe = StableDiffusionPipeline(**build_tiny_components(seed), scheduler=make_scheduler(scheduler),
                                        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
         if torch_dtype != torch.float32:
             pipe = pipe.to(dtype=torch_dtype)
     else:
-        if not Path(model).exists():
+        if model == TINY:
+            model = str(MINIATURE)
+        elif not Path(model).exists():
             log.info("loading %s from the hub cache (set HF_HUB_OFFLINE=1 to forbid downloads)", model)
         try:
             pipe = StableDiffusionPipeline.from_pretrained(model, torch_dtype=torch_dtype, safety_checker=None,

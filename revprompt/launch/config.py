@@ -124,7 +124,8 @@ class EvaluateConfig:
     regenerate: bool = _f(True, "redraw each image from its fine-tuned caption (original seed) and compare images")
     image_model: str = _f("tiny", "image embedding model for image similarity: CLIP hub id or directory, or "
                           "'tiny' (random, offline)")
-    real_images: str = _f("", "folder of real product photos named {prompt id}.jpg (Kaggle images/); '' = none")
+    real_images: str = _f("", "folder of real product photos named {prompt id}.jpg (Kaggle images/); 'renders' = "
+                          "the product renders of revprompt.miniature; '' = none")
     examples: int = _f(4, "best and worst recoveries shown with their images in the report", min=0, max=64)
 
 

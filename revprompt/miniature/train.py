@@ -86,9 +86,37 @@ def train_vae(vae, pixels: torch.Tensor, steps: int, batch: int, seed: int) -> l
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         if step % 200 == 0 or step == steps - 1:
             log.info("vae step %d/%d: loss %.4f", step + 1, steps, np.mean(losses[-50:]))
+    vae.eval()
+    return losses
+
+
+def train_decoder(vae, pixels: torch.Tensor, steps: int, batch: int, seed: int, jitter: float = 0.1) -> list[float]:
+    """Sharpen the decoder on the frozen encoder's latents (so a trained UNet's latent space stays valid).
+
+    The latents get a little noise, as the UNet's samples never land exactly on the encoder's means.
+    """
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        means = torch.cat([vae.encode(pixels[i:i + 256]).latent_dist.mean for i in range(0, len(pixels), 256)])
+    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    losses = []
+    vae.train()
+    for step in range(steps):
+        idx = torch.randint(0, len(pixels), (batch,), generator=gen)
+        z = means[idx] + jitter * means.std() * torch.randn(means[idx].shape, generator=gen)
+        loss = F.mse_loss(vae.decode(z).sample, pixels[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if step % 200 == 0 or step == steps - 1:
+            log.info("decoder step %d/%d: loss %.4f", step + 1, steps, np.mean(losses[-50:]))
     vae.eval()
     return losses
 
@@ -101,7 +129,7 @@ def encode_texts(tokenizer, text_encoder, texts: list[str]) -> tuple[torch.Tenso
 
 
 def train_unet(components: dict, latents: torch.Tensor, texts: list[str], steps: int, batch: int, seed: int,
-               drop: float = 0.1) -> list[float]:
+               drop: float = 0.1, lr: float = 5e-4) -> list[float]:
     """Epsilon prediction under SD's noise schedule; the text encoder learns with the UNet; 10% empty prompts."""
     from diffusers import DDPMScheduler
 
@@ -110,8 +138,8 @@ def train_unet(components: dict, latents: torch.Tensor, texts: list[str], steps:
                                    beta_schedule="scaled_linear")
     gen = torch.Generator().manual_seed(seed)
     params = list(unet.parameters()) + list(text_encoder.parameters())
-    opt = torch.optim.AdamW(params, lr=5e-4, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=5e-4, total_steps=steps, pct_start=0.05)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
     all_ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                         return_tensors="pt").input_ids
     empty = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length,
@@ -134,7 +162,7 @@ def train_unet(components: dict, latents: torch.Tensor, texts: list[str], steps:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         if step % 250 == 0 or step == steps - 1:
             log.info("unet step %d/%d: loss %.4f", step + 1, steps, np.mean(losses[-100:]))
     unet.eval()
@@ -152,11 +180,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--out", type=Path, default=WEIGHTS)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--vae-steps", type=int, default=1500)
-    parser.add_argument("--unet-steps", type=int, default=6000)
+    parser.add_argument("--vae-steps", type=int, default=500)
+    parser.add_argument("--unet-steps", type=int, default=3000)
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--decoder-steps", type=int, default=1500)
+    parser.add_argument("--unet-lr", type=float, default=5e-4, help="peak learning rate of the UNet stage")
+    parser.add_argument("--stages", default="vae,unet,decoder",
+                        help="comma-separated: vae, unet, decoder (each continues from the previous)")
+    parser.add_argument("--init", type=Path, default=None, help="start from a saved miniature instead of random")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
+    stages = set(args.stages.split(","))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
     start = time.monotonic()
@@ -165,23 +199,46 @@ def main(argv: list[str] | None = None) -> int:
     pixels = to_tensor([render(row) for _, row in train])
     log.info("%d training renders, %d held-out prompts", len(train), len(held_out))
     components = build_components(args.seed)
-    vae_losses = train_vae(components["vae"], pixels, args.vae_steps, args.batch, args.seed)
-    with torch.no_grad():
-        means = torch.cat([components["vae"].encode(pixels[i:i + 256]).latent_dist.mean
-                           for i in range(0, len(pixels), 256)])
-    scale = float(1.0 / means.std())
-    components["vae"].register_to_config(scaling_factor=scale)
-    unet_losses = train_unet(components, means * scale, texts, args.unet_steps, args.batch, args.seed)
+    record = {}
+    if args.init is not None:
+        from diffusers import StableDiffusionPipeline as Loader
+
+        loaded = Loader.from_pretrained(args.init, torch_dtype=torch.float32, safety_checker=None,
+                                        feature_extractor=None, requires_safety_checker=False)
+        components = dict(text_encoder=loaded.text_encoder, tokenizer=loaded.tokenizer, unet=loaded.unet,
+                          vae=loaded.vae)
+        previous = args.init / "revprompt-miniature.json"
+        record = json.loads(previous.read_text()) if previous.is_file() else {}
+    vae = components["vae"]
+    if "vae" in stages:
+        record["final_vae_loss"] = float(np.mean(train_vae(vae, pixels, args.vae_steps, args.batch, args.seed)[-50:]))
+        record["vae_steps"] = args.vae_steps
+        with torch.no_grad():
+            means = torch.cat([vae.encode(pixels[i:i + 256]).latent_dist.mean for i in range(0, len(pixels), 256)])
+        vae.register_to_config(scaling_factor=float(1.0 / means.std()))
+    if "unet" in stages:
+        with torch.no_grad():
+            means = torch.cat([vae.encode(pixels[i:i + 256]).latent_dist.mean for i in range(0, len(pixels), 256)])
+        losses = train_unet(components, means * vae.config.scaling_factor, texts, args.unet_steps, args.batch,
+                            args.seed + ("unet_steps" in record), lr=args.unet_lr)
+        record["unet_steps"] = record.get("unet_steps", 0) + args.unet_steps
+        record["final_unet_loss"] = float(np.mean(losses[-200:]))
+    if "decoder" in stages:
+        losses = train_decoder(vae, pixels, args.decoder_steps, args.batch, args.seed)
+        record.update(decoder_steps=args.decoder_steps, final_decoder_loss=float(np.mean(losses[-50:])))
     pipe = StableDiffusionPipeline(**components, scheduler=make_scheduler("dpmsolver++"), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.to(torch.float16)
     args.out.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(args.out, safe_serialization=True)
-    record = {"command": "python -m revprompt.miniature.train " + " ".join(argv or []),
-              "seed": args.seed, "vae_steps": args.vae_steps, "unet_steps": args.unet_steps, "batch": args.batch,
-              "train_prompts": len(train), "held_out_prompts": len(held_out), "latent_scaling_factor": scale,
-              "final_vae_loss": float(np.mean(vae_losses[-50:])), "final_unet_loss": float(np.mean(unet_losses[-200:])),
-              "seconds": round(time.monotonic() - start, 1), "torch": torch.__version__}
+    import sys
+
+    command = "python -m revprompt.miniature.train " + " ".join(sys.argv[1:] if argv is None else argv)
+    record.setdefault("commands", []).append(command)
+    record.pop("command", None)
+    record.update(seed=args.seed, batch=args.batch, train_prompts=len(train), held_out_prompts=len(held_out),
+                  latent_scaling_factor=vae.config.scaling_factor, torch=torch.__version__)
+    record["seconds"] = round(record.get("seconds", 0) + time.monotonic() - start, 1)
     (args.out / "revprompt-miniature.json").write_text(json.dumps(record, indent=2) + "\n")
     log.info("saved the miniature to %s in %.0f s", args.out, record["seconds"])
     return 0

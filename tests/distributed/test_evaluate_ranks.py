@@ -71,7 +71,8 @@ def test_evaluate_two_ranks_equal_one_and_scores_are_minilm(trained: Path, tmp_p
         assert summary["similarity"][name]["mean"] == pytest.approx(float(np.mean(direct)), abs=1e-5)
     assert len({r["captions"]["constant"] for r in rows}) == 1
     assert summary["constant_caption"] == rows[0]["captions"]["constant"]
-    assert all(set(r["image"]) == {"clip_regen_vs_original", "ssim_regen_vs_original"} for r in rows)
+    assert all(set(r["image"]) == {"clip_regen_vs_original", "ssim_regen_vs_original", "clip_regen_vs_real",
+                                   "clip_original_vs_real", "ssim_regen_vs_real"} for r in rows)  # renders as photos
     assert summary["decoding"] == {"max_new_tokens": 40, "num_beams": 1, "repetition_penalty": 1.0, "greedy": True}
 
 
