@@ -62,8 +62,16 @@ def build_tiny_captioner(seed: int = 0, image_size: int = 64, hidden: int = 64, 
     return model, processor
 
 
+TINY_WARM = "tiny-warm"  # the tiny captioner with a vision tower warm-started on product renders (shipped)
+
+
 def build_captioner(name: str = TINY, seed: int = 0):
-    """(BlipForConditionalGeneration, BlipProcessor) from a hub id, a local directory, or `tiny`."""
+    """(BlipForConditionalGeneration, BlipProcessor) from a hub id, a local directory, `tiny` (random) or
+    `tiny-warm` (revprompt/miniature/captioner: the same model, its vision tower trained on product renders)."""
+    if name == TINY_WARM:
+        from pathlib import Path
+
+        name = str(Path(__file__).resolve().parent.parent / "miniature" / "captioner")
     if name == TINY:
         model, processor = build_tiny_captioner(seed)
     else:
