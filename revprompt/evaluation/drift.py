@@ -60,14 +60,16 @@ def is_drifted(ctx: StageContext) -> bool:
 
 
 def drift_shard(k: int, items: list[Item], previous: dict[str, str], images_prev: dict, images_0: dict,
-                captioner, painter, ctx) -> tuple[list[dict], list]:
-    """Iteration k of one shard: caption the previous images, redraw, score; rows and the new images."""
+                original_vecs: np.ndarray, captioner, painter, ctx) -> tuple[list[dict], list]:
+    """Iteration k of one shard: caption the previous images, redraw, score; rows and the new images.
+
+    `original_vecs` are the image embeddings of `images_0`, in item order (the same at every iteration).
+    """
     e, seed = ctx.cfg.evaluate, ctx.cfg.run.seed
     captions = captioner([images_prev[it.key] for it in items])
     images = painter(captions, [it.seed for it in items])
     prompt_vecs, caption_vecs = embed([it.prompt for it in items], e.text_model), embed(captions, e.text_model)
     previous_vecs = embed([previous[it.key] for it in items], e.text_model)
-    original_vecs = embed_images([images_0[it.key] for it in items], e.image_model, seed=seed)
     new_vecs = embed_images(images, e.image_model, seed=seed)
     rows = []
     for i, it in enumerate(items):
@@ -125,6 +127,7 @@ def run_drift(ctx: StageContext) -> dict:
 
         captioner, painter = Captioner.finetuned(ctx.run_dir, cfg, info.device), Painter(cfg, info.device)
         bar = tqdm(total=len(todo), unit="shard", desc="drift", disable=not info.is_main, dynamic_ncols=True)
+        original_vecs: dict[int, np.ndarray] = {}  # per shard, embedded at its first pending iteration
         for k, s in todo:
             its = items[s]
             if its:
@@ -135,7 +138,11 @@ def run_drift(ctx: StageContext) -> dict:
                     before = iteration_dir(ctx.run_dir, k - 1)
                     images_prev = read_images(image_shard_path(before, s))
                     previous = {r["key"]: r["caption"] for r in read_json_lines(before / f"{s:06d}.jsonl")}
-                rows, images = drift_shard(k, its, previous, images_prev, images_0, captioner, painter, ctx)
+                if s not in original_vecs:
+                    original_vecs[s] = embed_images([it.image for it in its], cfg.evaluate.image_model,
+                                                    seed=cfg.run.seed)
+                rows, images = drift_shard(k, its, previous, images_prev, images_0, original_vecs[s], captioner,
+                                           painter, ctx)
                 write_image_shard(image_shard_path(iteration_dir(ctx.run_dir, k), s), its,
                                   [r["caption"] for r in rows], images, {"source": "drift", "drift_iteration": k})
             else:

@@ -56,14 +56,14 @@ def constant_caption(run_dir: Path, text_model: str, at_most: int = 20000) -> st
 
     Up to `at_most` train prompts, evenly spaced through the split, stand for a larger split.
     """
-    from ..generation.prepare import load_range, split_size
+    from ..generation.prepare import load_at, load_range, split_size
 
     n = split_size(run_dir, "train")
     if n == 0:
         raise StageError(f"{run_dir}/prompts/train.jsonl: no train prompts for the constant-caption baseline")
-    picks = range(n) if n <= at_most else sorted({i * n // at_most for i in range(at_most)})
-    prompts = sorted({load_range(run_dir, "train", i, i + 1)[0].text for i in picks} if n > at_most
-                     else {p.text for p in load_range(run_dir, "train", 0, n)})
+    chosen = (load_range(run_dir, "train", 0, n) if n <= at_most
+              else load_at(run_dir, "train", sorted({i * n // at_most for i in range(at_most)})))
+    prompts = sorted({p.text for p in chosen})
     vectors = embed(prompts, text_model)
     return prompts[int(np.argmax(vectors @ vectors.mean(axis=0)))]
 
@@ -86,13 +86,16 @@ def score_shard(items: list[Item], captioners: dict, constant: str, constant_vec
         redrawn = painter(captions["finetuned"], [it.seed for it in items])
         original_vecs = embed_images(images, e.image_model, seed=ctx.cfg.run.seed)
         redrawn_vecs = embed_images(redrawn, e.image_model, seed=ctx.cfg.run.seed)
+        with_photo = [it.key for it in items if it.key in real]
+        photo_vecs = dict(zip(with_photo, embed_images([real[k] for k in with_photo], e.image_model,
+                                                       seed=ctx.cfg.run.seed)))
         for i, (it, new) in enumerate(zip(items, redrawn)):
             scores = image_scores[i]
             scores["clip_regen_vs_original"] = float(original_vecs[i] @ redrawn_vecs[i])
             scores["ssim_regen_vs_original"] = ssim(new, it.image)
             photo = real.get(it.key)
             if photo is not None:
-                photo_vec = embed_images([photo], e.image_model, seed=ctx.cfg.run.seed)[0]
+                photo_vec = photo_vecs[it.key]
                 scores["clip_regen_vs_real"] = float(photo_vec @ redrawn_vecs[i])
                 scores["clip_original_vs_real"] = float(photo_vec @ original_vecs[i])
                 scores["ssim_regen_vs_real"] = ssim(new, photo)

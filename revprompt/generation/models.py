@@ -12,11 +12,13 @@ from pathlib import Path
 
 import torch
 
+from ..miniature import WEIGHTS
+
 log = logging.getLogger(__name__)
 
 TINY = "tiny"
 TINY_RANDOM = "tiny-random"
-MINIATURE = Path(__file__).resolve().parent.parent / "miniature" / "weights"
+MINIATURE = WEIGHTS
 TEXT_MAX_TOKENS = 77
 # Stable Diffusion 2-base's noise schedule, shared by every sampler built here
 SD_SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,

@@ -218,6 +218,19 @@ def load_range(run_dir: str | Path, split: str, start: int, stop: int) -> list[P
         return [_prompt(data.readline()) for _ in range(stop - start)]
 
 
+def load_at(run_dir: str | Path, split: str, positions) -> list[Prompt]:
+    """The prompts at `positions` (ascending) of a split, each read through the index."""
+    folder = prompts_dir(run_dir)
+    out = []
+    with open(folder / f"{split}.idx", "rb") as index, open(folder / f"{split}.jsonl", "rb") as data:
+        for position in positions:
+            index.seek(8 * position)
+            (offset,) = struct.unpack("<Q", index.read(8))
+            data.seek(offset)
+            out.append(_prompt(data.readline()))
+    return out
+
+
 def load_split(run_dir: str | Path, split: str) -> list[Prompt]:
     """The prepared prompts of one split, in source order (all of them: for small sets and tests)."""
     return load_range(run_dir, split, 0, split_size(run_dir, split))

@@ -104,9 +104,6 @@ def run_stage(stage: str, argv: list[str], parser: argparse.ArgumentParser,
     except StageError as exc:
         log.error("%s failed: %s", stage, exc)
         return 1
-    except OSError as exc:  # a full disk, a read-only or vanished folder: the path is in the message
-        log.exception("%s failed on rank %d: %s", stage, info.rank, exc)
-        return 1
     except Exception:
         log.exception("%s failed on rank %d", stage, info.rank)
         return 1

@@ -21,9 +21,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import CAPTIONER
+
 log = logging.getLogger(__name__)
 
-CAPTIONER = Path(__file__).resolve().parent / "captioner"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,7 +22,8 @@ import torch
 from PIL import Image, ImageFilter
 
 from .render import BACKGROUND, SHAPES, nearest_colour, render, silhouette_mask
-from .train import WEIGHTS, training_rows
+from . import WEIGHTS
+from .train import training_rows
 
 log = logging.getLogger(__name__)
 

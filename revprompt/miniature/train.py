@@ -22,9 +22,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import WEIGHTS
+
 log = logging.getLogger(__name__)
 
-WEIGHTS = Path(__file__).resolve().parent / "weights"
 
 
 def build_components(seed: int = 0) -> dict:

@@ -69,9 +69,9 @@ def build_captioner(name: str = TINY, seed: int = 0):
     """(BlipForConditionalGeneration, BlipProcessor) from a hub id, a local directory, `tiny` (random) or
     `tiny-warm` (revprompt/miniature/captioner: the same model, its vision tower trained on product renders)."""
     if name == TINY_WARM:
-        from pathlib import Path
+        from ..miniature import CAPTIONER
 
-        name = str(Path(__file__).resolve().parent.parent / "miniature" / "captioner")
+        name = str(CAPTIONER)
     if name == TINY:
         model, processor = build_tiny_captioner(seed)
     else:

@@ -111,6 +111,10 @@ class Trainer:
                  self.scheduler.get_last_lr()[0])
         return True
 
+    def logs_at(self, step: int) -> bool:
+        """Whether the training scalars are logged after `step` (every log_every steps, and the last)."""
+        return step % self.t.log_every == 0 or step == self.t.max_steps
+
     def own_grad_norm(self) -> float | None:
         """The global gradient norm before clipping, where DeepSpeed does not record one (ZeRO-0 in fp32).
 
@@ -301,7 +305,7 @@ class Trainer:
                 loss = self.forward(batch)
                 self.engine.backward(loss)
                 boundary = self.engine.is_gradient_accumulation_boundary()
-                if boundary and (self.pos.step + 1) % self.t.log_every == 0:
+                if boundary and self.logs_at(self.pos.step + 1):
                     self.grad_norm = self.own_grad_norm()
                 self.engine.step()
                 window["loss"] += loss.item()
@@ -321,7 +325,7 @@ class Trainer:
                 self.pos.step += 1
                 if bar is not None:
                     bar.update(1)
-                if self.pos.step % self.t.log_every == 0 or self.pos.step == self.t.max_steps:
+                if self.logs_at(self.pos.step):
                     self._log_window(window, read_stats)
                     window = {"loss": 0.0, "micro": 0, "samples": 0, "start": time.monotonic()}
                 if self.t.val_every and self.pos.step % self.t.val_every == 0 and self.pos.step < self.t.max_steps:

@@ -126,7 +126,7 @@ def test_prepare_limit_and_duplicate_id(tmp_path):
 
 def test_prepared_splits_are_indexed_and_ranges_read_alone(tmp_path):
     from revprompt.generation.job import load_task_samples, plan_shards
-    from revprompt.generation.prepare import iter_split, load_range, split_size
+    from revprompt.generation.prepare import iter_split, load_at, load_range, split_size
 
     cfg = load_config("tiny", [f"--run.dir={tmp_path / 'run'}", "--prompts.limit=300"])
     report = prepare(cfg, chunk=7)  # a chunk size that does not divide the count
@@ -136,6 +136,8 @@ def test_prepared_splits_are_indexed_and_ranges_read_alone(tmp_path):
         assert [p.id for p in iter_split(cfg.run.dir, split)] == [p.id for p in everything]
         for start, stop in ((0, 1), (5, 17), (len(everything) - 3, len(everything) + 10)):
             assert load_range(cfg.run.dir, split, start, stop) == everything[start:stop]
+    train = load_split(cfg.run.dir, "train")
+    assert load_at(cfg.run.dir, "train", [0, 5, 16, len(train) - 1]) == [train[i] for i in (0, 5, 16, len(train) - 1)]
     assert not list((tmp_path / "run" / "prompts").glob(".*"))  # no temporary or SQLite file left behind
 
     # a shard's samples come from its own prompts: prompt t // m, image t % m, as one list of all would give
