@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import resource
 import statistics
 import subprocess
@@ -37,6 +38,19 @@ RESULTS = ROOT / "benchmarks" / "results"
 DISTURBED_CORES = 0.05
 # ... but never for less than this many CPU-seconds (a stray `ls` is not a disturbance)
 DISTURBED_MIN_S = 0.5
+
+
+# the generate job's last log line on where its generating thread's time went
+LOOP_CLOCK = re.compile(r"generating thread: ([\d.]+) s in the model, ([\d.]+) s elsewhere \(([\d.]+)% of the loop\)")
+
+
+def loop_clock(log_text: str) -> dict[str, float | None]:
+    """The generate job's own split of its loop: seconds in the model call, elsewhere, and that share in %."""
+    match = LOOP_CLOCK.search(log_text)
+    if match is None:
+        return {"loop_model_s": None, "loop_host_s": None, "loop_host_percent": None}
+    return {"loop_model_s": float(match.group(1)), "loop_host_s": float(match.group(2)),
+            "loop_host_percent": float(match.group(3))}
 
 
 def subprocess_env(threads: int) -> dict[str, str]:

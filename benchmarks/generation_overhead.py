@@ -58,7 +58,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (write_results, ROOT, measure, median_of, ratio, revprompt_command,  # noqa: E402
+from _common import (write_results, ROOT, loop_clock, measure, median_of, ratio, revprompt_command,  # noqa: E402
                      subprocess_env, timed_run)
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "generation_overhead.json"
@@ -141,7 +141,8 @@ def run_job(args: argparse.Namespace, run_dir: Path, prepared: Path, env: dict[s
     manifest = json.loads((run_dir / "shards" / "manifest.json").read_text())
     return {**timing, "images": int(match.group(1)), "build_generate_s": float(match.group(2)),
             "steady_images_per_s": steady_rate(read_job_batches(run_dir)),
-            "pipeline_calls": job_calls(run_dir, args.batch), "complete": manifest["complete"]}
+            "pipeline_calls": job_calls(run_dir, args.batch), "complete": manifest["complete"],
+            **loop_clock(log_text)}
 
 
 def run_bare(args: argparse.Namespace, prepared: Path, env: dict[str, str]) -> dict[str, Any]:
@@ -204,7 +205,7 @@ def summarise(args: argparse.Namespace, job: list[dict[str, Any]], bare: list[di
 
     summary = {
         side: {key: median_of(runs, key) for key in ("wall_s", "cpu_s", "build_generate_s", "steady_images_per_s",
-                                                      "other_cpu_s")}
+                                                      "other_cpu_s", "loop_host_percent")}
         for side, runs in (("job", job), ("bare", bare))}
     job_wall, bare_wall = summary["job"]["wall_s"], summary["bare"]["wall_s"]
     return {
@@ -246,7 +247,8 @@ def print_table(result: dict[str, Any]) -> None:
             ("process CPU time (s)", "cpu_s", ".2f", rat["cpu"]),
             ("build+generate (s)", "build_generate_s", ".2f", rat["build_generate"]),
             ("steady images/s", "steady_images_per_s", ".2f", rat["steady"]),
-            ("other processes' CPU (s)", "other_cpu_s", ".2f", None)]
+            ("other processes' CPU (s)", "other_cpu_s", ".2f", None),
+            ("loop outside the model (%)", "loop_host_percent", ".1f", None)]
     print(f"\n{'median over ' + str(result['settings']['repeats']) + ' runs':<26}{'job':>10}{'bare':>10}"
           f"{'job/bare':>10}")
     for label, key, spec, r in rows:

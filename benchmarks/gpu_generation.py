@@ -24,7 +24,13 @@ What is measured
     "generated N images in S s"; this includes the pipeline load and the first batch), the bare
     rate over all batches, the bare load time, and the job's process wall time.
 
-Reproduce on one GPU (defaults: 160 images per side, roughly 2-3 minutes on an H100 with a warm disk):
+    Where a gap comes from: both sides also report the median seconds of one pipeline call after the
+    first batch (bare: timed around `pipe(...)`; job: its `perf/model_s_per_batch` events, the call
+    plus the copy of its pixels to the host), and the job the share of its generating loop spent
+    outside the model call (its "generating thread: ..." log line). Equal calls with a larger share
+    outside mean host work on the critical path; a slower call means contention inside the process.
+
+Reproduce on one GPU (defaults: 256 images per side, roughly 3-4 minutes on an H100 with a warm disk):
     python benchmarks/gpu_generation.py
 Logic check on a CPU (revprompt's tiny random components instead of the SD2-sized ones):
     python benchmarks/gpu_generation.py --tiny --device cpu --dtype fp32 --size 64 --steps 2 --batch 4 --prompts 12
@@ -47,6 +53,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import loop_clock  # noqa: E402
+
 JOB_LOG_LINE = re.compile(r"generated (\d+) images in ([\d.]+) s \(([\d.]+) images/s")
 JOB_TIMEOUT_S = 1800
 
@@ -63,7 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--size", type=int, default=512, help="image height and width in pixels")
     parser.add_argument("--steps", type=int, default=25, help="denoising steps per image")
     parser.add_argument("--batch", type=int, default=32, help="images per pipeline call")
-    parser.add_argument("--prompts", type=int, default=160, help="prompts (= images) per side, first batch included")
+    parser.add_argument("--prompts", type=int, default=256, help="prompts (= images) per side, first batch included")
     parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
     parser.add_argument("--shard-size", type=int, default=1000, help="samples per shard (job only)")
     parser.add_argument("--repeats", type=int, default=1, help="measurements of each side, alternating bare, job")
@@ -184,14 +193,17 @@ def run_bare(args: argparse.Namespace, model_dir: Path, prepared: Path) -> dict[
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     stamps: list[tuple[int, float]] = []
+    calls: list[float] = []
     with torch.inference_mode():
         for first in range(0, len(texts), g.batch_size):
             batch = texts[first:first + g.batch_size]
+            called = time.perf_counter()
             pipe(prompt=batch, num_inference_steps=g.steps, guidance_scale=g.guidance_scale, height=g.height,
                  width=g.width, generator=[torch.Generator("cpu").manual_seed(i)
                                            for i in range(first, first + len(batch))], output_type="np")
             sync()  # output_type="np" already waits for the device; this makes it explicit
             stamps.append((first + len(batch), time.perf_counter()))
+            calls.append(stamps[-1][1] - called)
     peak = torch.cuda.max_memory_allocated() if cuda else None
     del pipe
     if cuda:
@@ -200,18 +212,19 @@ def run_bare(args: argparse.Namespace, model_dir: Path, prepared: Path) -> dict[
     return {"images": len(texts), "pipeline_calls": len(stamps), "load_s": built - start,
             "first_batch_s": stamps[0][1] - built, "generate_s": generate_s,
             "all_batches_images_per_s": len(texts) / generate_s, "steady_images_per_s": steady_rate(stamps),
+            "steady_model_s_per_batch": statistics.median(calls[1:]) if len(calls) > 1 else None,
             "peak_gpu_memory_gib": peak / 2**30 if peak is not None else None}
 
 
-def read_job_batches(run_dir: Path) -> list[tuple[int, float]]:
-    """(images done, wall time) of each batch from the job's `perf/images_per_s` TensorBoard events."""
+def read_job_scalars(run_dir: Path, tag: str) -> list[tuple[int, float, float]]:
+    """(step, wall time, value) of each event of one of the job's TensorBoard scalars."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(run_dir / "tb" / "generate"), size_guidance={"scalars": 0})
     acc.Reload()
-    if "perf/images_per_s" not in acc.Tags().get("scalars", []):
+    if tag not in acc.Tags().get("scalars", []):
         return []
-    return [(e.step, e.wall_time) for e in acc.Scalars("perf/images_per_s")]
+    return [(e.step, e.wall_time, e.value) for e in acc.Scalars(tag)]
 
 
 def revprompt_command() -> list[str]:
@@ -235,11 +248,14 @@ def run_job(args: argparse.Namespace, model_dir: Path, run_dir: Path, prepared: 
         raise RuntimeError(f"{run_dir}/logs/rank-0.log: no 'generated N images' line")
     manifest = json.loads((run_dir / "shards" / "manifest.json").read_text())
     failures = sum(json.loads(m.read_text())["failures"] for m in (run_dir / "shards").glob("*/*.stats.json"))
-    batches = read_job_batches(run_dir)
+    log_text = (run_dir / "logs" / "rank-0.log").read_text(encoding="utf-8")
+    batches = [(step, wall) for step, wall, _ in read_job_scalars(run_dir, "perf/images_per_s")]
+    calls = [value for _, _, value in read_job_scalars(run_dir, "perf/model_s_per_batch")]
     return {"images": int(match.group(1)), "pipeline_calls": len(batches), "process_wall_s": wall,
             "logged_s": float(match.group(2)), "logged_images_per_s": float(match.group(3)),
-            "steady_images_per_s": steady_rate(batches), "complete": manifest["complete"],
-            "non_finite_images": failures}
+            "steady_images_per_s": steady_rate(batches),
+            "steady_model_s_per_batch": statistics.median(calls[1:]) if len(calls) > 1 else None,
+            **loop_clock(log_text), "complete": manifest["complete"], "non_finite_images": failures}
 
 
 # --- report ---------------------------------------------------------------------------------------
@@ -283,8 +299,9 @@ def summarise(args: argparse.Namespace, model: dict[str, Any], bare: list[dict[s
         "model": model,
         "median": {
             "bare": {k: median_of(bare, k) for k in ("steady_images_per_s", "all_batches_images_per_s", "load_s",
-                                                     "peak_gpu_memory_gib")},
-            "job": {k: median_of(job, k) for k in ("steady_images_per_s", "logged_images_per_s", "process_wall_s")},
+                                                     "peak_gpu_memory_gib", "steady_model_s_per_batch")},
+            "job": {k: median_of(job, k) for k in ("steady_images_per_s", "logged_images_per_s", "process_wall_s",
+                                                    "steady_model_s_per_batch", "loop_host_percent")},
         },
         # rates, so bare / job is the time ratio job / bare
         "time_ratio_job_over_bare": bare_rate / job_rate if bare_rate and job_rate else None,
@@ -311,6 +328,10 @@ def print_table(result: dict[str, Any]) -> None:
     print(f"{'pipeline load (s)':<44}{fmt(bare['load_s']):>10}{'':>10}")
     print(f"{'process wall time (s)':<44}{'':>10}{fmt(job['process_wall_s']):>10}")
     print(f"{'peak GPU memory (GiB)':<44}{fmt(bare['peak_gpu_memory_gib']):>10}{'':>10}")
+    # where a gap comes from: a slower model call (contention inside the process), or time outside it
+    print(f"{'model call per batch, steady (s)':<44}{fmt(bare['steady_model_s_per_batch'], '.3f'):>10}"
+          f"{fmt(job['steady_model_s_per_batch'], '.3f'):>10}")
+    print(f"{'job loop outside the model call (%)':<44}{'':>10}{fmt(job['loop_host_percent'], '.1f'):>10}")
     print(f"time ratio job/bare (steady): {fmt(result['time_ratio_job_over_bare'], '.3f')}")
 
 

@@ -67,7 +67,7 @@ def caption_all(captioner: str, inputs: list[str], out: str, *, batch_size: int 
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    model = BlipForConditionalGeneration.from_pretrained(captioner, torch_dtype=dtype).to(dev).eval()
+    model = BlipForConditionalGeneration.from_pretrained(captioner, dtype=dtype).to(dev).eval()
     processor = BlipProcessor.from_pretrained(captioner)
     size = image_size_of(model)
     stats = ReadStats()

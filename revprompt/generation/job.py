@@ -109,11 +109,12 @@ def sample_metadata(sample: Sample, cfg) -> dict:
 def to_pixels(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """Pipeline output (NCHW float in [0, 1], on its device) to NHWC uint8 pixels and a finite-mask.
 
-    The conversion runs where the images are (the GPU), so the host only receives bytes and the
-    writer thread only encodes: less CPU work competing with the thread that launches the model.
+    The conversion, the NHWC layout included, runs where the images are (the GPU), so the host
+    receives contiguous bytes and the writer thread only encodes: no strided copies competing with
+    the thread that launches the model.
     """
     finite = torch.isfinite(images).flatten(1).all(dim=1)
-    pixels = (images.float().clamp(0.0, 1.0) * 255.0).round().to(torch.uint8).permute(0, 2, 3, 1)
+    pixels = (images.float().clamp(0.0, 1.0) * 255.0).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
     return pixels.cpu().numpy(), finite.cpu().numpy()
 
 
@@ -138,13 +139,19 @@ def generate_images(pipe, texts: list[str], seeds: list[int], cfg) -> torch.Tens
 
 
 class Progress:
-    """Global progress without collectives: each rank writes its count to a file, rank 0 sums them."""
+    """Global progress without collectives: each rank writes its count to a file, rank 0 sums them.
 
-    def __init__(self, folder: Path, info: dist.DistInfo, total: int):
+    Files are written and read at most once a second, so a shared file system with many ranks
+    costs the generating thread nothing per batch.
+    """
+
+    def __init__(self, folder: Path, info: dist.DistInfo, total: int, interval_s: float = 1.0):
         self.folder, self.info, self.total = folder, info, total
+        self.interval_s = interval_s
         self.done = 0
+        self.others = 0  # the other ranks' counts, as last read
         self.start = time.monotonic()
-        self._last_write = 0.0
+        self._last_write = self._last_read = float("-inf")
         self.bar = None
         if info.is_main:
             from tqdm import tqdm
@@ -152,28 +159,33 @@ class Progress:
             self.bar = tqdm(total=total, unit="img", desc="generate", dynamic_ncols=True)
 
     def add(self, n: int, force: bool = False) -> int:
-        """Count `n` more images on this rank; returns the global count as rank 0 last saw it."""
+        """Count `n` more images on this rank; returns the global count as this rank last saw it."""
         self.done += n
         now = time.monotonic()
-        if force or now - self._last_write > 1.0:
+        if force or now - self._last_write >= self.interval_s:
             write_json_atomic(self.folder / f"rank-{self.info.rank}.json", {"done": self.done})
             self._last_write = now
         if self.bar is None:
             return self.done
-        total_done = self.global_done()
-        self.bar.update(total_done - self.bar.n)
-        return total_done
+        if force or now - self._last_read >= self.interval_s:
+            self.others = self._read_others()
+            self._last_read = now
+        self.bar.update(self.global_done() - self.bar.n)
+        return self.global_done()
 
-    def global_done(self) -> int:
-        """Sum of every rank's last reported count (this rank's is exact)."""
-        done = self.done
+    def _read_others(self) -> int:
+        done = 0
         for path in self.folder.glob("rank-*.json"):
             if path.name != f"rank-{self.info.rank}.json":
                 try:
                     done += json.loads(path.read_text())["done"]
                 except (OSError, ValueError, KeyError):
-                    pass  # being replaced right now; the next update reads it
+                    pass  # being replaced right now; the next read sees it
         return done
+
+    def global_done(self) -> int:
+        """This rank's exact count plus the other ranks' last reported counts."""
+        return self.done + self.others
 
     def rate(self) -> float:
         """Global images per second so far."""
@@ -183,6 +195,43 @@ class Progress:
         """Close the bar."""
         if self.bar is not None:
             self.bar.close()
+
+
+class LoopClock:
+    """Where the generating thread's time goes: inside the model call, or anywhere else in the loop.
+
+    `model` covers the pipeline call and the copy of its pixels to the host (which waits for the
+    device); `host` is everything else from the clock's start to its stop: reading prompts, queueing
+    writes, progress, metrics, and waiting for the writer at the end. The device can only idle during
+    host time, so host / (model + host) bounds the job's overhead over a bare diffusers loop.
+    """
+
+    def __init__(self) -> None:
+        self.model_s = self.host_s = 0.0
+        self.batches = 0
+        self._mark = self._started = time.perf_counter()
+
+    def model_starts(self) -> None:
+        """Right before the pipeline call: the time since the last batch was host time."""
+        self._started = time.perf_counter()
+        self.host_s += self._started - self._mark
+
+    def model_ends(self) -> float:
+        """Once the pixels are on the host; returns this batch's model seconds."""
+        self._mark = time.perf_counter()
+        self.batches += 1
+        self.model_s += self._mark - self._started
+        return self._mark - self._started
+
+    def stop(self) -> None:
+        """After the loop (and the writer's drain): the tail is host time too."""
+        self.model_starts()
+
+    def summary(self) -> str:
+        """One log line: seconds in the model, elsewhere, and the share of the loop spent elsewhere."""
+        total = self.model_s + self.host_s
+        return (f"generating thread: {self.model_s:.2f} s in the model, {self.host_s:.2f} s elsewhere "
+                f"({100 * self.host_s / max(total, 1e-9):.1f}% of the loop) over {self.batches} batches")
 
 
 def check_or_reset(root: Path, fingerprint: str, overwrite: bool) -> None:
@@ -282,26 +331,31 @@ def _plan_only(ctx: StageContext, pending: list[ShardTask]) -> dict:
 
 
 def _generate_shards(ctx: StageContext, pending: list[ShardTask], root: Path, progress: Progress) -> None:
+    """This rank's pending shards; the generating thread only runs the model, the writer thread the rest."""
     cfg, info = ctx.cfg, ctx.info
     g = cfg.generate
     pipe = build_pipeline(g.model, scheduler=g.scheduler, dtype=g.dtype, device=info.device, seed=cfg.run.seed,
                           compile=g.compile)
     worker = BackgroundWorker(max_pending=4)
-    grid_logged = not (info.is_main and g.grid_images)
+    grid_pending = info.is_main and g.grid_images > 0
     writer = None
+    clock = LoopClock()
     try:
         for task in pending:
             samples = load_task_samples(cfg.run.dir, task, g.images_per_prompt, cfg.run.seed)
             writer = ShardWriter(root / shard_name(task.split, task.shard))
             for start in range(0, len(samples), g.batch_size):
                 batch = samples[start:start + g.batch_size]
+                clock.model_starts()
                 pixels, finite = to_pixels(generate_batch(pipe, batch, cfg))
+                model_s = clock.model_ends()
                 worker.submit(lambda b=batch, p=pixels, f=finite, w=writer: write_samples(b, p, f, cfg, w))
+                if grid_pending:  # a large PNG: encoded on the writer thread, not while the device waits
+                    worker.submit(lambda b=batch, p=pixels: _log_grid(ctx, b, p))
+                    grid_pending = False
                 done = progress.add(len(batch))
-                ctx.metrics.log({"perf/images_per_s": progress.rate()}, step=done)
-                if not grid_logged:
-                    _log_grid(ctx, batch, pixels)
-                    grid_logged = True
+                ctx.metrics.log({"perf/images_per_s": progress.rate(), "perf/model_s_per_batch": model_s},
+                                step=done)
             worker.submit(writer.close)
             writer = None
     except BaseException:
@@ -313,6 +367,10 @@ def _generate_shards(ctx: StageContext, pending: list[ShardTask], root: Path, pr
             writer.abort()
         raise
     worker.close()
+    clock.stop()
+    log.info("%s", clock.summary())
+    ctx.metrics.log({"perf/host_fraction": clock.host_s / max(clock.host_s + clock.model_s, 1e-9)},
+                    step=progress.done)
 
 
 def _log_grid(ctx: StageContext, batch: list[Sample], pixels: np.ndarray) -> None:

@@ -112,7 +112,7 @@ def build_pipeline(model: str = TINY, *, scheduler: str = "dpmsolver++", dtype: 
         elif not Path(model).exists():
             log.info("loading %s from the hub cache (set HF_HUB_OFFLINE=1 to forbid downloads)", model)
         try:
-            pipe = StableDiffusionPipeline.from_pretrained(model, torch_dtype=torch_dtype, safety_checker=None,
+            pipe = StableDiffusionPipeline.from_pretrained(model, dtype=torch_dtype, safety_checker=None,
                                                            feature_extractor=None, requires_safety_checker=False)
         except OSError as exc:
             raise RuntimeError(f"generate.model: cannot load Stable Diffusion from {model!r}: {exc}") from None

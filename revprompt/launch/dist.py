@@ -161,4 +161,13 @@ def setup_logging(log_dir: str | Path, rank: int, level: str = "INFO") -> Path:
     # third-party libraries are chatty at INFO; their warnings still reach the log files
     for noisy in ("diffusers", "transformers", "accelerate", "torch.distributed", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # importing diffusers makes transformers warn, once per class, that its image processors fall back
+    # to PIL without torchvision; revprompt's processors are PIL ones, so that is not news to the user
+    import_log = logging.getLogger("transformers.utils.import_utils")
+    if not any(f is _drop_torchvision_fallback for f in import_log.filters):
+        import_log.addFilter(_drop_torchvision_fallback)
     return path
+
+
+def _drop_torchvision_fallback(record: logging.LogRecord) -> bool:
+    return "requires torchvision (not installed)" not in record.getMessage()

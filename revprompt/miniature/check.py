@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     held_out = held_out[:args.limit] if args.limit else held_out
     classifier = ArticleClassifier([row for _, row in train])
     train_acc = np.mean([classifier(render(row)) == row["articleType"] for _, row in train[:500]])
-    pipe = StableDiffusionPipeline.from_pretrained(args.weights, torch_dtype=torch.float32, safety_checker=None,
+    pipe = StableDiffusionPipeline.from_pretrained(args.weights, dtype=torch.float32, safety_checker=None,
                                                    feature_extractor=None, requires_safety_checker=False)
     pipe.scheduler = make_scheduler("dpmsolver++", pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)

@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.init is not None:
         from diffusers import StableDiffusionPipeline as Loader
 
-        loaded = Loader.from_pretrained(args.init, torch_dtype=torch.float32, safety_checker=None,
+        loaded = Loader.from_pretrained(args.init, dtype=torch.float32, safety_checker=None,
                                         feature_extractor=None, requires_safety_checker=False)
         components = dict(text_encoder=loaded.text_encoder, tokenizer=loaded.tokenizer, unet=loaded.unet,
                           vae=loaded.vae)

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import json
+import re
 import tarfile
 from pathlib import Path
 
+import pytest
 import webdataset as wds
 
 from tests.conftest import run_cli, shard_digests, tiny_args
 
 
 def test_cli_writes_shards_that_plain_readers_read(run_dir: Path):
-    run_cli("generate", *tiny_args(run_dir, limit=30), threads=2)
+    first = run_cli("generate", *tiny_args(run_dir, limit=30), threads=2)
+    # the console carries the run, not library noise: no deprecation (torch_dtype) or backend warnings
+    assert "FutureWarning" not in first.stderr and "torchvision" not in first.stderr
     manifest = json.loads((run_dir / "shards" / "manifest.json").read_text())
     assert manifest["complete"] is True
     report = json.loads((run_dir / "prompts" / "report.json").read_text())
@@ -42,7 +46,16 @@ def test_cli_writes_shards_that_plain_readers_read(run_dir: Path):
                 seen[sample["__key__"]] = meta["seed"]
     assert len(seen) == 30 and len(set(seen.values())) == 30
     assert (run_dir / "config.toml").is_file()
-    assert "generated 30 images" in (run_dir / "logs" / "rank-0.log").read_text()
+    log_text = (run_dir / "logs" / "rank-0.log").read_text()
+    assert "generated 30 images" in log_text
+    # where the generating thread's time went: one model time per batch, the rest host time
+    clock = re.search(r"generating thread: ([\d.]+) s in the model, ([\d.]+) s elsewhere \(([\d.]+)% of the loop\) "
+                      r"over (\d+) batches", log_text)
+    assert clock is not None
+    batches = sum(-(-shard["count"] // 4) for info in manifest["splits"].values() for shard in info["shards"])
+    assert int(clock.group(4)) == batches
+    model_s, host_s = float(clock.group(1)), float(clock.group(2))
+    assert model_s > 0 and host_s >= 0
 
     # TensorBoard: throughput scalars and the sample grid with its prompts
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -52,6 +65,10 @@ def test_cli_writes_shards_that_plain_readers_read(run_dir: Path):
     assert "perf/images_per_s" in events.Tags()["scalars"]
     assert events.Scalars("perf/images_per_s")[-1].value > 0
     assert "generate/samples" in events.Tags()["images"]
+    assert len(events.Scalars("perf/model_s_per_batch")) == batches
+    assert sum(e.value for e in events.Scalars("perf/model_s_per_batch")) == pytest.approx(model_s, abs=0.01)
+    (fraction,) = [e.value for e in events.Scalars("perf/host_fraction")]
+    assert 100 * fraction == pytest.approx(float(clock.group(3)), abs=0.06)
     assert "generate/prompts/text_summary" in events.Tags()["tensors"]
 
     # rerun: every shard is complete, nothing is rewritten
