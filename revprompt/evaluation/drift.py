@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -117,7 +118,10 @@ def run_drift(ctx: StageContext) -> dict:
     on_main_first(info, setup)
     mine = owned(len(shards), info.rank, info.world_size)
     stats = ReadStats()
-    items = {s: read_items(shards, s, cfg.drift.max_samples, stats) for s in mine}
+    # what each sample was made from, without its image: the images are decoded again, one shard at a
+    # time, when that shard's turn comes, so memory holds one shard's images whatever the split's size
+    items = {s: [replace(it, image=None) for it in read_items(shards, s, cfg.drift.max_samples, stats)]
+             for s in mine}
     todo = [(k, s) for k in range(1, K + 1) for s in mine
             if not (iteration_dir(ctx.run_dir, k) / f"{s:06d}.jsonl").is_file()]
     log.info("drift: %d iterations over %d test shards; this rank has %d of %d (iteration, shard) steps left", K,
@@ -129,7 +133,7 @@ def run_drift(ctx: StageContext) -> dict:
         bar = tqdm(total=len(todo), unit="shard", desc="drift", disable=not info.is_main, dynamic_ncols=True)
         original_vecs: dict[int, np.ndarray] = {}  # per shard, embedded at its first pending iteration
         for k, s in todo:
-            its = items[s]
+            its = read_items(shards, s, cfg.drift.max_samples, ReadStats()) if items[s] else []
             if its:
                 images_0 = {it.key: it.image for it in its}
                 if k == 1:
