@@ -73,6 +73,22 @@ def map_slurm_env(env: dict[str, str] | None = None) -> bool:
     return True
 
 
+def restart_store_warning(env: dict[str, str] | None = None) -> str | None:
+    """Why torchrun restarts could hang in this launch, or None.
+
+    Under `torchrun --max-restarts N` (N > 0) with the rendezvous store shared with the workers
+    (torchrun's default), restarted workers can read keys of the failed attempt and fail or hang in
+    `init_process_group` (pytorch/pytorch#135712). TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, set for
+    torchrun, gives every attempt a store of its own; only torchrun reads it, so a worker can only warn.
+    """
+    env = os.environ if env is None else env
+    if int(env.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) > 0 and env.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        return ("torchrun --max-restarts is set but its workers share the rendezvous store: a restart can fail "
+                "or hang while the ranks join (pytorch/pytorch#135712); launch torchrun with "
+                "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (the Slurm scripts in revprompt/launch/slurm do)")
+    return None
+
+
 def _want_cuda(device: str) -> bool:
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("run.device: 'cuda' requested but CUDA is not available on this machine")

@@ -99,6 +99,9 @@ def run_stage(stage: str, argv: list[str], parser: argparse.ArgumentParser,
             save_config(cfg, Path(cfg.run.dir) / "config.toml")
         log.info("revprompt %s: rank %d of %d on %s, run dir %s", stage, info.rank, info.world_size,
                  info.device, cfg.run.dir)
+        warning = dist.restart_store_warning()
+        if warning and info.is_main:
+            log.warning("%s", warning)
         body(StageContext(cfg, info, metrics, args))
         return 0
     except StageError as exc:

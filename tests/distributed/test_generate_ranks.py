@@ -61,3 +61,58 @@ def test_sigkill_mid_shard_then_rerun_gives_the_uninterrupted_shards(tmp_path: P
                                    generate__shard_size=8), nproc=2)
     assert shard_digests(killed) == shard_digests(reference)
     assert not list((killed / "shards").rglob(".*.partial"))
+
+
+def test_torchrun_restarts_a_killed_rank_and_the_job_completes(tmp_path: Path):
+    """`--max-restarts` (MAX_RESTARTS in the sbatch scripts): a rank killed mid-shard, torchrun restarts the
+    worker group, and the restarted ranks resume to the shards of a run that was never interrupted."""
+    import psutil
+
+    reference, restarted = tmp_path / "reference", tmp_path / "restarted"
+
+    def args(run_dir: Path) -> list[str]:
+        return tiny_args(run_dir, limit=60, generate__steps=8, generate__batch_size=2, generate__shard_size=8)
+
+    cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "--max-restarts=1", "--no-python",
+           str(BIN / "revprompt"), "generate", *args(restarted)]
+    # as the Slurm scripts do: without it, restarted ranks may join through the failed attempt's keys
+    env = dict(cli_env(), TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    victim = None
+    try:
+        deadline = time.monotonic() + 300
+        while victim is None and time.monotonic() < deadline:
+            assert proc.poll() is None, "the run ended before a rank could be killed"
+            if list((restarted / "shards").rglob("*.stats.json")) and list((restarted / "shards").rglob(".*.partial")):
+                for child in psutil.Process(proc.pid).children(recursive=True):
+                    try:
+                        if child.environ().get("RANK") == "1":
+                            victim = child
+                    except (psutil.NoSuchProcess, psutil.AccessDenied):
+                        pass
+            time.sleep(0.05)
+        assert victim is not None, "no rank-1 worker mid-shard in time"
+        victim.kill()
+        _, stderr = proc.communicate(timeout=300)
+    finally:
+        kill_tree(proc.pid)
+    assert proc.returncode == 0, stderr[-12000:]
+    for rank in (0, 1):  # the whole worker group started twice
+        log_text = (restarted / "logs" / f"rank-{rank}.log").read_text()
+        assert log_text.count(f"rank {rank} of 2") == 2
+        assert "share the rendezvous store" not in log_text
+    assert json.loads((restarted / "shards" / "manifest.json").read_text())["complete"]
+    assert not list((restarted / "shards").rglob(".*.partial"))
+    run_cli("generate", *args(reference), nproc=2)
+    assert shard_digests(restarted) == shard_digests(reference)
+
+
+def test_restarts_over_the_shared_store_are_warned_about_in_the_log(tmp_path: Path):
+    run_dir = tmp_path / "run"
+    env = {k: v for k, v in cli_env().items() if k != "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"}
+    cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "--max-restarts=1", "--no-python",
+           str(BIN / "revprompt"), "generate", *tiny_args(run_dir, limit=12)]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in (run_dir / "logs" / "rank-0.log").read_text()

@@ -133,3 +133,21 @@ def test_progress_reads_other_ranks_at_most_once_per_interval(tmp_path):
         assert main.rate() > 0
     finally:
         main.close()
+
+
+def test_restarts_over_a_shared_rendezvous_store_are_warned_about():
+    shared = {"TORCHELASTIC_MAX_RESTARTS": "2", "TORCHELASTIC_USE_AGENT_STORE": "True"}
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in dist.restart_store_warning(shared)
+    assert dist.restart_store_warning({**shared, "TORCHELASTIC_USE_AGENT_STORE": "False"}) is None
+    assert dist.restart_store_warning({**shared, "TORCHELASTIC_MAX_RESTARTS": "0"}) is None
+    assert dist.restart_store_warning({}) is None  # not under torchrun
+
+
+def test_slurm_script_gives_each_restart_its_own_store():
+    from pathlib import Path
+
+    import revprompt.launch
+
+    script = (Path(revprompt.launch.__file__).parent / "slurm" / "stage.sbatch").read_text()
+    export = script.index("export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}")
+    assert export < script.index("srun ")
