@@ -202,8 +202,9 @@ class LoopClock:
 
     `model` covers the pipeline call and the copy of its pixels to the host (which waits for the
     device); `host` is everything else from the clock's start to its stop: reading prompts, queueing
-    writes, progress, metrics, and waiting for the writer at the end. The device can only idle during
-    host time, so host / (model + host) bounds the job's overhead over a bare diffusers loop.
+    writes, progress, metrics, and waiting for the writer at the end. A bare diffusers loop has
+    (almost) no host time, so host / (model + host) is what the job adds, as long as its model calls
+    run as fast as the bare loop's; a benchmark compares those calls too (benchmarks/gpu_generation.py).
     """
 
     def __init__(self) -> None:
