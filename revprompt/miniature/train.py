@@ -17,6 +17,7 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -72,24 +73,45 @@ def to_tensor(images) -> torch.Tensor:
     return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
 
 
+def encoder_means(vae, pixels: torch.Tensor) -> torch.Tensor:
+    """The VAE encoder's latent means of `pixels`, in chunks of 256."""
+    with torch.no_grad():
+        return torch.cat([vae.encode(pixels[i:i + 256]).latent_dist.mean for i in range(0, len(pixels), 256)])
+
+
+def optimise(name: str, steps: int, batch_loss: Callable[[], torch.Tensor], opt, params: list | None = None,
+             sched=None, log_every: int = 200, window: int = 50) -> list[float]:
+    """The loop every stage shares: a batch's loss, a step (gradients clipped to norm 1 when `params` are
+    given, then the schedule), the loss kept, and the mean of the last `window` losses logged now and then."""
+    losses = []
+    for step in range(steps):
+        loss = batch_loss()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if params is not None:
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if sched is not None:
+            sched.step()
+        losses.append(loss.item())
+        if step % log_every == 0 or step == steps - 1:
+            log.info("%s step %d/%d: loss %.4f", name, step + 1, steps, np.mean(losses[-window:]))
+    return losses
+
+
 def train_vae(vae, pixels: torch.Tensor, steps: int, batch: int, seed: int) -> list[float]:
     """Reconstruction (MSE) with a light KL term."""
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
-    losses = []
-    vae.train()
-    for step in range(steps):
-        idx = torch.randint(0, len(pixels), (batch,), generator=gen)
-        x = pixels[idx]
+
+    def batch_loss() -> torch.Tensor:
+        x = pixels[torch.randint(0, len(pixels), (batch,), generator=gen)]
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample(generator=gen)).sample
-        loss = F.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-        if step % 200 == 0 or step == steps - 1:
-            log.info("vae step %d/%d: loss %.4f", step + 1, steps, np.mean(losses[-50:]))
+        return F.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()
+
+    vae.train()
+    losses = optimise("vae", steps, batch_loss, opt)
     vae.eval()
     return losses
 
@@ -100,24 +122,17 @@ def train_decoder(vae, pixels: torch.Tensor, steps: int, batch: int, seed: int, 
     The latents get a little noise, as the UNet's samples never land exactly on the encoder's means.
     """
     gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        means = torch.cat([vae.encode(pixels[i:i + 256]).latent_dist.mean for i in range(0, len(pixels), 256)])
+    means = encoder_means(vae, pixels)
     params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    losses = []
-    vae.train()
-    for step in range(steps):
+
+    def batch_loss() -> torch.Tensor:
         idx = torch.randint(0, len(pixels), (batch,), generator=gen)
         z = means[idx] + jitter * means.std() * torch.randn(means[idx].shape, generator=gen)
-        loss = F.mse_loss(vae.decode(z).sample, pixels[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        if step % 200 == 0 or step == steps - 1:
-            log.info("decoder step %d/%d: loss %.4f", step + 1, steps, np.mean(losses[-50:]))
+        return F.mse_loss(vae.decode(z).sample, pixels[idx])
+
+    vae.train()
+    losses = optimise("decoder", steps, batch_loss, opt, sched=torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps))
     vae.eval()
     return losses
 
@@ -145,27 +160,20 @@ def train_unet(components: dict, latents: torch.Tensor, texts: list[str], steps:
                         return_tensors="pt").input_ids
     empty = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length,
                       return_tensors="pt").input_ids[0]
-    unet.train()
-    text_encoder.train()
-    losses = []
-    for step in range(steps):
+
+    def batch_loss() -> torch.Tensor:
         idx = torch.randint(0, len(latents), (batch,), generator=gen)
         z0 = latents[idx]
         ids = all_ids[idx].clone()
         ids[torch.rand(batch, generator=gen) < drop] = empty
         noise = torch.randn(z0.shape, generator=gen)
         t = torch.randint(0, 1000, (batch,), generator=gen)
-        zt = noise_schedule.add_noise(z0, noise, t)
-        pred = unet(zt, t, encoder_hidden_states=text_encoder(ids)[0]).sample
-        loss = F.mse_loss(pred, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        if step % 250 == 0 or step == steps - 1:
-            log.info("unet step %d/%d: loss %.4f", step + 1, steps, np.mean(losses[-100:]))
+        pred = unet(noise_schedule.add_noise(z0, noise, t), t, encoder_hidden_states=text_encoder(ids)[0]).sample
+        return F.mse_loss(pred, noise)
+
+    unet.train()
+    text_encoder.train()
+    losses = optimise("unet", steps, batch_loss, opt, params=params, sched=sched, log_every=250, window=100)
     unet.eval()
     text_encoder.eval()
     return losses
@@ -214,13 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     if "vae" in stages:
         record["final_vae_loss"] = float(np.mean(train_vae(vae, pixels, args.vae_steps, args.batch, args.seed)[-50:]))
         record["vae_steps"] = args.vae_steps
-        with torch.no_grad():
-            means = torch.cat([vae.encode(pixels[i:i + 256]).latent_dist.mean for i in range(0, len(pixels), 256)])
-        vae.register_to_config(scaling_factor=float(1.0 / means.std()))
+        vae.register_to_config(scaling_factor=float(1.0 / encoder_means(vae, pixels).std()))
     if "unet" in stages:
-        with torch.no_grad():
-            means = torch.cat([vae.encode(pixels[i:i + 256]).latent_dist.mean for i in range(0, len(pixels), 256)])
-        losses = train_unet(components, means * vae.config.scaling_factor, texts, args.unet_steps, args.batch,
+        losses = train_unet(components, encoder_means(vae, pixels) * vae.config.scaling_factor, texts, args.unet_steps, args.batch,
                             args.seed + ("unet_steps" in record), lr=args.unet_lr)
         record["unet_steps"] = record.get("unet_steps", 0) + args.unet_steps
         record["final_unet_loss"] = float(np.mean(losses[-200:]))
