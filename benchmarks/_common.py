@@ -286,9 +286,33 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
-def fmt(value: float | None, spec: str) -> str:
+def fmt(value: float | None, spec: str = ".2f") -> str:
     """`format(value, spec)`, or n/a."""
     return format(value, spec) if value is not None else "n/a"
+
+
+def steady_rate(stamps: list[tuple[int, float]]) -> float | None:
+    """Images/s from (images done, time) pairs, one per batch, leaving out the first batch."""
+    if len(stamps) < 2:
+        return None
+    (n0, t0), (n1, t1) = stamps[0], stamps[-1]
+    return (n1 - n0) / (t1 - t0) if t1 > t0 else None
+
+
+def read_job_scalars(run_dir: Path, tag: str) -> list[tuple[int, float, float]]:
+    """(step, wall time, value) of each event of one of the generate job's TensorBoard scalars."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tb" / "generate"), size_guidance={"scalars": 0})
+    acc.Reload()
+    if tag not in acc.Tags().get("scalars", []):
+        return []
+    return [(e.step, e.wall_time, e.value) for e in acc.Scalars(tag)]
+
+
+def job_batches(run_dir: Path) -> list[tuple[int, float]]:
+    """(images done, wall time) of each batch: the job logs `perf/images_per_s` once a batch."""
+    return [(step, wall) for step, wall, _ in read_job_scalars(run_dir, "perf/images_per_s")]
 
 
 def write_results(result: dict[str, Any], out: Path) -> None:

@@ -58,8 +58,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (write_results, ROOT, loop_clock, measure, median_of, ratio, revprompt_command,  # noqa: E402
-                     subprocess_env, timed_run)
+from _common import (write_results, ROOT, fmt, job_batches, loop_clock, measure, median_of, ratio,  # noqa: E402
+                     revprompt_command, steady_rate, subprocess_env, timed_run)
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "generation_overhead.json"
 BARE_MARKER = "BARE_RESULT "
@@ -99,25 +99,6 @@ def config_overrides(args: argparse.Namespace, run_dir: Path) -> list[str]:
             "--generate.dtype=fp32"]
 
 
-def steady_rate(stamps: list[tuple[int, float]]) -> float | None:
-    """Images/s from (images done, time) pairs, one per batch, leaving out the first batch."""
-    if len(stamps) < 2:
-        return None
-    (n0, t0), (n1, t1) = stamps[0], stamps[-1]
-    return (n1 - n0) / (t1 - t0) if t1 > t0 else None
-
-
-def read_job_batches(run_dir: Path) -> list[tuple[int, float]]:
-    """(images done, wall time) of each batch from the job's `perf/images_per_s` TensorBoard events."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(run_dir / "tb" / "generate"), size_guidance={"scalars": 0})
-    acc.Reload()
-    if "perf/images_per_s" not in acc.Tags().get("scalars", []):
-        return []
-    return [(e.step, e.wall_time) for e in acc.Scalars("perf/images_per_s")]
-
-
 def job_calls(run_dir: Path, batch: int) -> int:
     """Pipeline calls the job made: per shard, ceil(samples / batch), from the shard markers."""
     calls = 0
@@ -140,7 +121,7 @@ def run_job(args: argparse.Namespace, run_dir: Path, prepared: Path, env: dict[s
         raise RuntimeError(f"{run_dir}/logs/rank-0.log: no 'generated N images' line")
     manifest = json.loads((run_dir / "shards" / "manifest.json").read_text())
     return {**timing, "images": int(match.group(1)), "build_generate_s": float(match.group(2)),
-            "steady_images_per_s": steady_rate(read_job_batches(run_dir)),
+            "steady_images_per_s": steady_rate(job_batches(run_dir)),
             "pipeline_calls": job_calls(run_dir, args.batch), "complete": manifest["complete"],
             **loop_clock(log_text)}
 
@@ -239,10 +220,6 @@ def summarise(args: argparse.Namespace, job: list[dict[str, Any]], bare: list[di
 def print_table(result: dict[str, Any]) -> None:
     """Medians per side and the job / bare ratios."""
     med, rat = result["median"], result["ratio_job_over_bare"]
-
-    def fmt(value: float | None, spec: str) -> str:
-        return format(value, spec) if value is not None else "n/a"
-
     rows = [("process wall time (s)", "wall_s", ".2f", rat["wall"]),
             ("process CPU time (s)", "cpu_s", ".2f", rat["cpu"]),
             ("build+generate (s)", "build_generate_s", ".2f", rat["build_generate"]),

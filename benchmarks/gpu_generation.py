@@ -54,7 +54,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import loop_clock  # noqa: E402
+from _common import (fmt, job_batches, loop_clock, median_of, read_job_scalars, revprompt_command,  # noqa: E402
+                     steady_rate)
 
 JOB_LOG_LINE = re.compile(r"generated (\d+) images in ([\d.]+) s \(([\d.]+) images/s")
 JOB_TIMEOUT_S = 1800
@@ -161,14 +162,6 @@ def job_overrides(args: argparse.Namespace, model_dir: Path, run_dir: Path) -> l
             f"--prompts.limit={args.prompts}", "--prompts.val_fraction=0", "--prompts.test_fraction=0"]
 
 
-def steady_rate(stamps: list[tuple[int, float]]) -> float | None:
-    """Images/s from (images done, time) pairs, one per batch, leaving out the first batch."""
-    if len(stamps) < 2:
-        return None
-    (n0, t0), (n1, t1) = stamps[0], stamps[-1]
-    return (n1 - n0) / (t1 - t0) if t1 > t0 else None
-
-
 def run_bare(args: argparse.Namespace, model_dir: Path, prepared: Path) -> dict[str, Any]:
     """Load the saved pipeline here and generate the prepared prompts in batches; per-batch timestamps."""
     import torch
@@ -216,23 +209,6 @@ def run_bare(args: argparse.Namespace, model_dir: Path, prepared: Path) -> dict[
             "peak_gpu_memory_gib": peak / 2**30 if peak is not None else None}
 
 
-def read_job_scalars(run_dir: Path, tag: str) -> list[tuple[int, float, float]]:
-    """(step, wall time, value) of each event of one of the job's TensorBoard scalars."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(run_dir / "tb" / "generate"), size_guidance={"scalars": 0})
-    acc.Reload()
-    if tag not in acc.Tags().get("scalars", []):
-        return []
-    return [(e.step, e.wall_time, e.value) for e in acc.Scalars(tag)]
-
-
-def revprompt_command() -> list[str]:
-    """The installed `revprompt` console script next to this interpreter (module fallback)."""
-    script = Path(sys.executable).parent / "revprompt"
-    return [str(script)] if script.is_file() else [sys.executable, "-m", "revprompt.launch.cli"]
-
-
 def run_job(args: argparse.Namespace, model_dir: Path, run_dir: Path, prepared: Path) -> dict[str, Any]:
     """One `revprompt generate` process on a fresh run dir seeded with the prepared prompts."""
     shutil.copytree(prepared / "prompts", run_dir / "prompts")
@@ -249,7 +225,7 @@ def run_job(args: argparse.Namespace, model_dir: Path, run_dir: Path, prepared: 
     manifest = json.loads((run_dir / "shards" / "manifest.json").read_text())
     failures = sum(json.loads(m.read_text())["failures"] for m in (run_dir / "shards").glob("*/*.stats.json"))
     log_text = (run_dir / "logs" / "rank-0.log").read_text(encoding="utf-8")
-    batches = [(step, wall) for step, wall, _ in read_job_scalars(run_dir, "perf/images_per_s")]
+    batches = job_batches(run_dir)
     calls = [value for _, _, value in read_job_scalars(run_dir, "perf/model_s_per_batch")]
     return {"images": int(match.group(1)), "pipeline_calls": len(batches), "process_wall_s": wall,
             "logged_s": float(match.group(2)), "logged_images_per_s": float(match.group(3)),
@@ -274,12 +250,6 @@ def environment(device: str) -> dict[str, Any]:
     else:
         env["cpu_count"] = os.cpu_count()
     return env
-
-
-def median_of(runs: list[dict[str, Any]], key: str) -> float | None:
-    """Median of `key` over runs that have it."""
-    values = [r[key] for r in runs if r.get(key) is not None]
-    return statistics.median(values) if values else None
 
 
 def summarise(args: argparse.Namespace, model: dict[str, Any], bare: list[dict[str, Any]],
@@ -307,11 +277,6 @@ def summarise(args: argparse.Namespace, model: dict[str, Any], bare: list[dict[s
         "time_ratio_job_over_bare": bare_rate / job_rate if bare_rate and job_rate else None,
         "runs": {"bare": bare, "job": job},
     }
-
-
-def fmt(value: float | None, spec: str = ".2f") -> str:
-    """A number, or n/a."""
-    return format(value, spec) if value is not None else "n/a"
 
 
 def print_table(result: dict[str, Any]) -> None:
