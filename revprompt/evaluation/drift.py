@@ -20,6 +20,7 @@ import numpy as np
 from ..launch import dist
 from ..launch.runner import StageContext, build_parser, on_main_first, run_stage
 from ..shards.manifest import read_manifest
+from ..training.export import read_export_info
 from ..shards.reader import ReadStats
 from ..shards.writer import write_json_atomic
 from .attributes import ATTRIBUTES, names_value
@@ -42,7 +43,7 @@ def drift_fingerprint(ctx: StageContext) -> str:
                                           "repetition_penalty", "batch_size")}
     return fingerprint({"shards": manifest.get("fingerprint"), "generate": cfg["generate"], "evaluate": e,
                         "seed": cfg["run"]["seed"], "max_samples": cfg["drift"]["max_samples"],
-                        "captioner": json.loads(export.read_text()) if export.is_file() else None})
+                        "captioner": read_export_info(export.parent)})
 
 
 def iteration_dir(run_dir: Path, k: int) -> Path:
@@ -113,7 +114,9 @@ def run_drift(ctx: StageContext) -> dict:
     current = drift_fingerprint(ctx)
 
     def setup() -> None:
-        restart_if_changed(root / "fingerprint.txt", current, [root], "the shards, captioner or drift settings")
+        iterations = sorted(p for p in root.glob("iter_[0-9]*") if p.is_dir())
+        restart_if_changed(root / "fingerprint.txt", current, [root, *iterations],
+                           "the shards, captioner or drift settings")
 
     on_main_first(info, setup)
     mine = owned(len(shards), info.rank, info.world_size)

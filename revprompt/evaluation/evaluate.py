@@ -19,6 +19,7 @@ import numpy as np
 from ..launch import dist
 from ..launch.runner import StageContext, StageError, build_parser, on_main_first, run_stage
 from ..shards.manifest import read_manifest
+from ..training.export import read_export_info
 from ..shards.reader import ReadStats
 from ..shards.writer import write_json_atomic
 from .attributes import ATTRIBUTES, chance_rates, grouped_mean, names_value, recovery
@@ -42,7 +43,7 @@ def eval_fingerprint(ctx: StageContext) -> str:
     e.pop("examples")
     return fingerprint({"shards": manifest.get("fingerprint"), "evaluate": e, "seed": cfg.run.seed,
                         "zero_shot": cfg.train.captioner, "generate": cfg.to_dict()["generate"],
-                        "captioner": json.loads(export.read_text()) if export.is_file() else None})
+                        "captioner": read_export_info(export.parent)})
 
 
 def is_evaluated(ctx: StageContext) -> bool:

@@ -17,7 +17,8 @@ import torch
 from PIL import Image
 
 from ..shards.reader import ReadStats, build_reader
-from ..shards.writer import encode_image, encode_json, shard_name
+from ..launch.layout import remove_owned
+from ..shards.writer import SHARD_PATTERNS, encode_image, encode_json, shard_name
 
 log = logging.getLogger(__name__)
 
@@ -78,14 +79,17 @@ def test_shards_for(run_dir: Path) -> list[tuple[str, int]]:
     return shards
 
 
-def restart_if_changed(stamp: Path, current: str, outputs: list[Path], what: str) -> None:
-    """Remove `outputs` when `stamp` records another fingerprint than `current`, then record `current`."""
-    import shutil
+# what evaluate and drift write into their part folders: per-shard rows, redrawn-image shards, their stamps
+PART_PATTERNS = ("[0-9]*.jsonl", ".[0-9]*.jsonl.partial", "fingerprint.txt", *SHARD_PATTERNS)
 
+
+def restart_if_changed(stamp: Path, current: str, outputs: list[Path], what: str) -> None:
+    """Remove what revprompt wrote into `outputs` when `stamp` records another fingerprint than `current`,
+    then record `current`. Files of other names, and folders they keep, stay."""
     if stamp.is_file() and stamp.read_text().strip() != current:
         log.info("%s changed: starting again", what)
         for folder in outputs:
-            shutil.rmtree(folder, ignore_errors=True)
+            remove_owned(folder, PART_PATTERNS)
     stamp.parent.mkdir(parents=True, exist_ok=True)
     stamp.write_text(current + "\n")
 

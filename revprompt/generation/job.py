@@ -19,8 +19,9 @@ from ..launch.metrics import captioned_grid
 from ..launch.runner import StageContext, StageError, build_parser, on_main_first, run_stage
 from ..shards.keys import sample_key, sample_seed
 from ..shards.manifest import read_manifest, scan_manifest, write_manifest
-from ..shards.writer import (BackgroundWorker, ShardWriter, encode_image, encode_json, is_complete,
-                             partial_path, shard_name, write_json_atomic)
+from ..launch.layout import remove_if_empty, remove_owned
+from ..shards.writer import (PARTIAL_PATTERNS, SHARD_PATTERNS, BackgroundWorker, ShardWriter, encode_image,
+                             encode_json, is_complete, shard_name, write_json_atomic)
 from .models import build_pipeline
 from .prepare import load_range, prepare, split_size
 from .prompts import Prompt
@@ -236,7 +237,8 @@ class LoopClock:
 
 
 def check_or_reset(root: Path, fingerprint: str, overwrite: bool) -> None:
-    """Refuse shards made under another config unless `overwrite`, which removes them."""
+    """Refuse shards made under another config unless `overwrite`, which removes them (revprompt's shard
+    files only: anything else in the shard folders stays)."""
     manifest = read_manifest(root)
     if manifest is None or manifest.get("fingerprint") == fingerprint:
         return
@@ -246,7 +248,8 @@ def check_or_reset(root: Path, fingerprint: str, overwrite: bool) -> None:
                          "them, or choose another run.dir")
     log.warning("--overwrite: removing shards made under fingerprint %s", manifest.get("fingerprint"))
     for split in ("train", "val", "test"):
-        shutil.rmtree(root / split, ignore_errors=True)
+        remove_owned(root / split, SHARD_PATTERNS)
+        remove_if_empty(root / split)
     (root / "manifest.json").unlink()
 
 
@@ -278,21 +281,25 @@ def run_generation(ctx: StageContext) -> dict:
 
     def setup() -> None:
         check_or_reset(root, fingerprint, getattr(ctx.args, "overwrite", False))
-        for task in tasks:  # a killed writer leaves a hidden partial file: start that shard again
-            partial_path(root / shard_name(task.split, task.shard)).unlink(missing_ok=True)
+        # a killed writer leaves a hidden partial file: this launch holds the generate lock, so every
+        # partial file is a dead writer's, and its shard starts again
+        for split in cfg.generate.splits:
+            remove_owned(root / split, PARTIAL_PATTERNS)
         shutil.rmtree(root / ".progress", ignore_errors=True)
         (root / ".progress").mkdir(parents=True)
         write_manifest(root, scan_manifest(root, fingerprint, planned, extra))
 
     on_main_first(info, setup)
     mine = [t for t in tasks if t.index % info.world_size == info.rank]
-    pending = [t for t in mine if not is_complete(root / shard_name(t.split, t.shard))]
-    all_pending = [t for t in tasks if not is_complete(root / shard_name(t.split, t.shard))]
+    # rank 0 checks every shard for the progress bar's total, the other ranks only their own
+    checked = tasks if info.is_main else mine
+    done = {t.index for t in checked if is_complete(root / shard_name(t.split, t.shard))}
+    pending = [t for t in mine if t.index not in done]
     log.info("plan: %d shards (%s); this rank owns %d, %d still to write", len(tasks), planned, len(mine),
              len(pending))
     if getattr(ctx.args, "plan_only", False):
         return _plan_only(ctx, pending)
-    progress = Progress(root / ".progress", info, sum(t.size for t in all_pending))
+    progress = Progress(root / ".progress", info, sum(t.size for t in tasks if t.index not in done))
     try:
         if pending:
             _generate_shards(ctx, pending, root, progress)

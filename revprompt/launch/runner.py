@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 from . import dist
 from .config import Config, ConfigError, load_config, save_config
+from .layout import RunDirError, StageLock, claim_run_dir
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -86,12 +87,31 @@ def run_stage(stage: str, argv: list[str], parser: argparse.ArgumentParser,
         log.error("config error: %s", exc)
         return 2
     info = dist.init(cfg.run.device, cfg.run.timeout_s)
+    held: list[StageLock] = []
+
+    def claim() -> None:
+        try:
+            claim_run_dir(cfg.run.dir, stage)
+        except OSError as exc:
+            raise RunDirError(f"cannot write the run directory {cfg.run.dir}: {exc}") from None
+        held.append(StageLock(cfg.run.dir, stage).acquire())
+
+    try:
+        # rank 0 claims the folder and takes the stage's lock before any rank writes in it
+        on_main_first(info, claim)
+    except StageError as exc:
+        logging.basicConfig(level=logging.INFO)
+        log.error("%s: %s", stage, str(exc).removeprefix("RunDirError: "))
+        dist.close()
+        return 1
     try:
         dist.setup_logging(Path(cfg.run.dir) / "logs", info.rank, cfg.run.log_level)
         metrics = Metrics(Path(cfg.run.dir) / "tb" / stage, enabled=info.is_main)
     except OSError as exc:  # an unwritable or missing run directory: say which path, not a traceback
         logging.basicConfig(level=logging.INFO)
         log.error("%s: cannot write the run directory %s: %s", stage, cfg.run.dir, exc)
+        for lock in held:
+            lock.release()
         dist.close()
         return 1
     try:
@@ -112,4 +132,6 @@ def run_stage(stage: str, argv: list[str], parser: argparse.ArgumentParser,
         return 1
     finally:
         metrics.close()
+        for lock in held:
+            lock.release()
         dist.close()

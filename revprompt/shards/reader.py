@@ -19,7 +19,7 @@ import webdataset as wds
 from PIL import Image
 
 from .keys import is_safe_key
-from .writer import IMAGE_EXTS, is_complete
+from .writer import IMAGE_EXTS, is_complete, stats_path
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,14 @@ def list_shards(root: str | Path, split: str) -> list[str]:
     """Paths of the complete shards of `split` under `root`, sorted; unmarked tars do not exist here."""
     folder = Path(root) / split
     tars = sorted(folder.glob("[0-9]*.tar")) if folder.is_dir() else []
-    return [str(t) for t in tars if is_complete(t)]
+    complete = []
+    for tar in tars:
+        if is_complete(tar):
+            complete.append(str(tar))
+        elif stats_path(tar).exists():
+            log.warning("%s does not match its completion marker %s (damaged or replaced since): left out; "
+                        "rerun `revprompt generate` to write it again", tar, stats_path(tar).name)
+    return complete
 
 
 def split_by_rank(rank: int, world_size: int):

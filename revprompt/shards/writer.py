@@ -7,6 +7,8 @@ import json
 import logging
 import os
 import queue
+import re
+import socket
 import tarfile
 import threading
 import time
@@ -36,13 +38,50 @@ def stats_path(tar_path: Path) -> Path:
 
 
 def partial_path(tar_path: Path) -> Path:
-    """Where a shard is written before it is complete (hidden; readers only list marked shards)."""
-    return tar_path.with_name(f".{tar_path.name}.partial")
+    """Where this process writes a shard before it is complete: hidden (readers only list marked shards) and
+    private to its writer (host and pid in the name), so two writers never share a file."""
+    owner = re.sub(r"[^A-Za-z0-9-]+", "-", socket.gethostname())[:32]
+    return tar_path.with_name(f".{tar_path.name}.{owner}-{os.getpid()}.partial")
+
+
+# every writer's partial files of shard tars in a folder, older revprompts' included (the holder of the
+# folder's lock may remove them: their writers are gone)
+PARTIAL_PATTERNS = (".[0-9]*.tar.*.partial", ".[0-9]*.tar.partial")
+# the files a shard folder holds that revprompt wrote
+SHARD_PATTERNS = ("[0-9]*.tar", "[0-9]*.stats.json", *PARTIAL_PATTERNS)
+
+
+def count_members(tar_path: Path) -> int | None:
+    """Members of a tar, read from its headers alone (one 512-byte read each); None when a header is
+    damaged or the archive ends early. Never extracts anything."""
+    count, offset = 0, 0
+    try:
+        with open(tar_path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            while offset + tarfile.BLOCKSIZE <= size:
+                handle.seek(offset)
+                block = handle.read(tarfile.BLOCKSIZE)
+                if block == tarfile.NUL * tarfile.BLOCKSIZE:
+                    return count
+                info = tarfile.TarInfo.frombuf(block, tarfile.ENCODING, "surrogateescape")
+                offset += tarfile.BLOCKSIZE + -(-info.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+                count += 1
+    except (OSError, tarfile.TarError):
+        return None
+    return None
 
 
 def is_complete(tar_path: Path) -> bool:
-    """A shard exists for readers only once its stats marker does."""
-    return stats_path(tar_path).is_file() and tar_path.is_file()
+    """A shard exists for readers only once its stats marker does and the tar matches it: the size, and the
+    member count where the marker records one (a tar damaged or replaced after it was marked is not complete)."""
+    tar_path = Path(tar_path)
+    try:
+        marker = json.loads(stats_path(tar_path).read_text(encoding="utf-8"))
+        if not tar_path.is_file() or tar_path.stat().st_size != marker["bytes"]:
+            return False
+        return "members" not in marker or count_members(tar_path) == marker["members"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def encode_image(pixels: np.ndarray, fmt: str = "jpg", quality: int = 95) -> bytes:
@@ -83,6 +122,7 @@ class ShardWriter:
         self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
         self._start = time.monotonic()
         self.count = 0
+        self.members = 0
         self.failures = 0
 
     def write(self, key: str, members: dict[str, bytes]) -> None:
@@ -97,6 +137,7 @@ class ShardWriter:
             info.uid = info.gid = 0
             info.uname = info.gname = ""
             self._tar.addfile(info, io.BytesIO(members[ext]))
+            self.members += 1
         self.count += 1
 
     def close(self) -> dict:
@@ -108,6 +149,7 @@ class ShardWriter:
         os.replace(self._partial, self.path)
         stats = {
             "count": self.count,
+            "members": self.members,
             "bytes": self.path.stat().st_size,
             "seconds": round(time.monotonic() - self._start, 3),
             "failures": self.failures,

@@ -15,9 +15,95 @@ log = logging.getLogger(__name__)
 HF_SUBDIR = "hf"  # inside each checkpoint: the processor and model config, so export needs nothing else
 
 
+EXPORT_INFO = "revprompt.json"  # the marker of a revprompt export: what it was made from, and its files
+
+
+class ExportError(RuntimeError):
+    """The export cannot go where it was asked to; nothing was written there."""
+
+
+def read_export_info(out_dir: Path) -> dict | None:
+    """What an export was made from (its step and position, or its checkpoint), or None when `out_dir` is
+    not a revprompt export. The list of the export's own files is left out: it says nothing of the model."""
+    path = Path(out_dir) / EXPORT_INFO
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(info, dict):
+        return None
+    info.pop("files", None)
+    return info
+
+
+def check_export_target(out_dir: Path) -> None:
+    """Refuse an `out_dir` that is a file, or a folder holding anything but a previous revprompt export."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ExportError(f"{out_dir}: exists and is not a folder; give the export a folder of its own")
+    if not out_dir.is_dir() or not any(out_dir.iterdir()):
+        return
+    if not (out_dir / EXPORT_INFO).is_file():
+        shown = ", ".join(sorted(p.name for p in out_dir.iterdir())[:5])
+        raise ExportError(f"{out_dir}: holds files that are not a revprompt export ({shown}); revprompt replaces "
+                          "only a folder it exported before: choose a new or empty folder")
+    try:
+        listed = json.loads((out_dir / EXPORT_INFO).read_text(encoding="utf-8")).get("files")
+    except (OSError, ValueError, AttributeError):
+        listed = None
+    if listed is not None:  # exports before the list existed are replaced as the marker says
+        extra = sorted(p.name for p in out_dir.iterdir() if p.name not in set(listed))
+        if extra:
+            raise ExportError(f"{out_dir}: a revprompt export that now also holds {', '.join(extra[:5])}, which "
+                              "the export did not write; move them, or choose another folder")
+
+
+def _sibling(out_dir: Path, what: str) -> Path:
+    """A hidden folder beside `out_dir` that only this process uses (host and pid in its name)."""
+    return out_dir.with_name(f".{out_dir.name}.{what}-{_host()}-{os.getpid()}")
+
+
+def _host() -> str:
+    import re
+    import socket
+
+    return re.sub(r"[^A-Za-z0-9-]+", "-", socket.gethostname())[:32]
+
+
+def remove_stale_siblings(out_dir: Path) -> None:
+    """Remove the hidden temporary folders of earlier exports to `out_dir` from this host whose process is gone
+    (a killed export leaves one)."""
+    import re
+
+    pattern = re.compile(rf"\.{re.escape(out_dir.name)}\.(tmp|old)-{re.escape(_host())}-(\d+)")
+    if not out_dir.parent.is_dir():
+        return
+    for entry in out_dir.parent.iterdir():
+        match = pattern.fullmatch(entry.name)
+        if match and entry.is_dir() and not _alive(int(match.group(2))):
+            log.info("removing %s, left by an export that did not finish", entry)
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def save_hf_dir(model, processor, state: dict[str, torch.Tensor] | None, out_dir: Path, info: dict) -> Path:
-    """Load `state` into `model` (when given) and write model + processor to `out_dir` atomically."""
+    """Load `state` into `model` (when given) and write model + processor to `out_dir` atomically.
+
+    `out_dir` must be new, empty, or a previous revprompt export (its `revprompt.json` says so); anything
+    else is refused before a byte is written. The export is written beside it under a hidden name and
+    swapped in, so a failure or a kill never leaves half an export, and the temporary folder goes on
+    every path (a killed process's is removed by the next export).
+    """
     out_dir = Path(out_dir)
+    check_export_target(out_dir)
     if state is not None:
         missing, unexpected = model.load_state_dict(state, strict=False)
         tied = set(getattr(model, "_tied_weights_keys", None) or [])
@@ -25,14 +111,21 @@ def save_hf_dir(model, processor, state: dict[str, torch.Tensor] | None, out_dir
         if missing or unexpected:
             raise RuntimeError(f"export: state does not match the captioner (missing {missing[:5]}, "
                                f"unexpected {unexpected[:5]})")
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    processor.save_pretrained(tmp)
-    (tmp / "revprompt.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_siblings(out_dir)
+    tmp, old = _sibling(out_dir, "tmp"), _sibling(out_dir, "old")
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        processor.save_pretrained(tmp)
+        files = sorted(p.name for p in tmp.iterdir()) + [EXPORT_INFO]
+        (tmp / EXPORT_INFO).write_text(json.dumps({**info, "files": files}, indent=2, sort_keys=True) + "\n")
+        check_export_target(out_dir)  # still true after the minutes the weights took
+        if out_dir.is_dir():
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
     return out_dir
 
 
@@ -49,12 +142,16 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from transformers import BlipConfig, BlipForConditionalGeneration, BlipProcessor
 
-    from .engine import allow_deepspeed_checkpoint_types, force_weights_only_loads
+    from .engine import allow_deepspeed_checkpoint_types, checkpoint_problem, force_weights_only_loads
 
     checkpoint = Path(checkpoint)
     hf = checkpoint / HF_SUBDIR
     if not (hf / "config.json").is_file():
         raise FileNotFoundError(f"{checkpoint}: not a revprompt checkpoint (no {HF_SUBDIR}/config.json)")
+    problem = checkpoint_problem(checkpoint)
+    if problem is not None:
+        raise ExportError(f"{checkpoint}: {problem}; export a committed checkpoint (the newest one training "
+                          "resumes from)")
     force_weights_only_loads()
     allow_deepspeed_checkpoint_types()
     if list(checkpoint.glob("*optim_states.pt")):
@@ -78,12 +175,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="revprompt export",
                                      description="Consolidate a training checkpoint into a Hugging Face captioner.")
     parser.add_argument("--checkpoint", required=True, help="a checkpoints/step-N folder")
-    parser.add_argument("--out", required=True, help="output directory (replaced atomically)")
+    parser.add_argument("--out", required=True, help="output folder: new, empty, or a previous export (replaced "
+                                                     "atomically); anything else is refused")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         path = export_checkpoint(args.checkpoint, args.out)
-    except (FileNotFoundError, RuntimeError, ValueError) as exc:
+    except (FileNotFoundError, RuntimeError, ValueError, OSError) as exc:
         log.error("export failed: %s", exc)
         return 1
     log.info("exported %s to %s", args.checkpoint, path)

@@ -14,13 +14,14 @@ import torch
 
 from ..launch import dist
 from ..launch.metrics import captioned_grid
-from ..launch.runner import StageContext, StageError, build_parser, run_stage
+from ..launch.runner import StageContext, StageError, build_parser, on_main_first, run_stage
 from ..shards.manifest import split_shards as manifest_split_shards
+from ..shards.writer import write_json_atomic
 from .captioner import build_captioner, freeze_vision, generate_captions, image_size_of, preprocess_images
 from .data import DataPlanError, TrainStream, build_loader, smallest_share
-from .engine import (allow_deepspeed_checkpoint_types, force_weights_only_loads,
-                     gathered_state_dict, initialize, latest_tag, prune_checkpoints)
-from .export import HF_SUBDIR, save_hf_dir
+from .engine import (allow_deepspeed_checkpoint_types, commit_checkpoint, force_weights_only_loads, fsync_files,
+                     gathered_state_dict, initialize, prune_checkpoints, resume_point, write_latest)
+from .export import HF_SUBDIR, check_export_target, save_hf_dir
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,8 @@ class Trainer:
         force_weights_only_loads()
         allow_deepspeed_checkpoint_types()
         dist.ensure_group(self.info)
+        # a captioner/ that is not an earlier export would be refused at the end: say so before training
+        on_main_first(self.info, lambda: check_export_target(self.export_dir))
         self.train_shards = split_shards(ctx.run_dir, "train")
         self.val_shards = split_shards(ctx.run_dir, "val") if "val" in self.cfg.generate.splits else []
         model, self.processor = build_captioner(self.t.captioner, self.cfg.run.seed)
@@ -86,9 +89,12 @@ class Trainer:
     # ---------------------------------------------------------------- checkpoints
     def resume(self) -> bool:
         """Load the latest checkpoint if there is one; True when resumed."""
-        tag = latest_tag(self.ckpt_root)
-        if tag is None:
+        folder, skipped = resume_point(self.ckpt_root)
+        for path, why in skipped:
+            log.warning("not resuming from %s: %s", path, why)
+        if folder is None:
             return False
+        tag = folder.name
         written = self.checkpoint_layout(tag)
         same_layout = written is None or written == self.layout
         if not same_layout:
@@ -160,16 +166,27 @@ class Trainer:
         self.scheduler.step()
 
     def save(self) -> None:
-        """Checkpoint on every rank, then the HF config/processor and position (rank 0); prune old ones."""
+        """Checkpoint on every rank; once all have written and flushed, rank 0 adds the HF config, processor and
+        position and commits it (only a committed checkpoint is resumed from); then prune old ones."""
         tag = f"step-{self.pos.step}"
-        self.engine.save_checkpoint(str(self.ckpt_root), tag=tag, client_state=self.pos.as_dict())
-        if self.info.is_main:
-            hf = self.ckpt_root / tag / HF_SUBDIR
-            self.twin.config.save_pretrained(hf)
-            self.processor.save_pretrained(hf)
-            (hf / "position.json").write_text(json.dumps({**self.pos.as_dict(), **self.layout}) + "\n")
+        folder = self.ckpt_root / tag
+        if self.info.is_main and folder.exists():
+            # the uncommitted remains of a killed run that got this far: start the folder afresh
+            log.info("replacing %s: %s", folder, "an earlier run's unfinished save")
+            import shutil
+
+            shutil.rmtree(folder)
+        dist.barrier()
+        self.engine.save_checkpoint(str(self.ckpt_root), tag=tag, client_state=self.pos.as_dict(), save_latest=False)
+        fsync_files(folder)
         dist.barrier()
         if self.info.is_main:
+            hf = folder / HF_SUBDIR
+            self.twin.config.save_pretrained(hf)
+            self.processor.save_pretrained(hf)
+            write_json_atomic(hf / "position.json", {**self.pos.as_dict(), **self.layout})
+            commit_checkpoint(folder, self.pos.step)
+            write_latest(self.ckpt_root, tag)
             for old in prune_checkpoints(self.ckpt_root, self.t.keep_checkpoints):
                 log.info("deleted old checkpoint %s", old)
         dist.barrier()

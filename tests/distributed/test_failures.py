@@ -13,6 +13,7 @@ from tests.conftest import run_cli, tiny_args
 def test_a_rank_that_fails_ends_the_job_within_the_timeout(tmp_path: Path):
     run_dir = tmp_path / "run"
     args = tiny_args(run_dir, limit=48, run__timeout_s=60)
+    run_cli("prepare", *args)  # the run directory is revprompt's from here on
     # plant a failure only rank 1 meets: the final name of train shard 1 (global index 1 -> rank 1) is a folder
     blocker = run_dir / "shards" / "train" / "000001.tar"
     blocker.mkdir(parents=True)
