@@ -23,6 +23,7 @@ demo: install
 	$(BIN)/revprompt pipeline --config tiny
 
 test: install slurm
+	$(BIN)/lint-imports --no-cache   # the layering contract in pyproject.toml
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 
 # Debian's Slurm and munge for tests/slurm, when missing and when we may install them

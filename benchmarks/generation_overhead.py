@@ -2,7 +2,7 @@
 
 What is measured
     Both sides generate the same prepared prompts with the same pipeline (`build_pipeline` from
-    `revprompt.generation.models`: the tiny preset's miniature Stable Diffusion, DPM-Solver++, fp32, CPU):
+    `revprompt.models.text_to_image`: the tiny preset's miniature Stable Diffusion, DPM-Solver++, fp32, CPU):
 
     job   the real CLI in a subprocess: `revprompt generate --config tiny --run.dir=<fresh dir> ...`.
           It writes JPEG samples into tar shards, the manifest, logs, TensorBoard scalars and the sample
@@ -144,8 +144,8 @@ def bare_worker(argv: list[str]) -> None:
     threads, overrides = int(argv[0]), argv[1:]
     import torch
 
-    from revprompt.generation.models import build_pipeline
-    from revprompt.generation.prepare import load_split
+    from revprompt.models.text_to_image import build_pipeline
+    from revprompt.prompts.prepared import load_split
     from revprompt.launch.config import load_config
 
     if torch.get_num_threads() != threads:
@@ -153,7 +153,7 @@ def bare_worker(argv: list[str]) -> None:
     start = time.perf_counter()
     cfg = load_config("tiny", overrides)
     g = cfg.generate
-    texts = [p.text for split in g.splits for p in load_split(cfg.run.dir, split)]
+    texts = [p.text for split in g.splits for p in load_split(Path(cfg.run.dir) / "prompts", split)]
     pipe = build_pipeline(g.model, scheduler=g.scheduler, dtype=g.dtype, device="cpu", seed=cfg.run.seed)
     built = time.perf_counter()
     stamps: list[tuple[int, float]] = []
@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         bare_worker(argv[1:])
         return 0
     args = parse_args(argv)
-    from revprompt.generation.models import build_pipeline
+    from revprompt.models.text_to_image import build_pipeline
     from revprompt.generation.prepare import prepare
     from revprompt.launch.config import load_config
 

@@ -102,7 +102,7 @@ def sd2_components(device: str) -> dict[str, Any]:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from revprompt.generation.models import TEXT_MAX_TOKENS, offline_tokenizer
+    from revprompt.models.text_to_image import TEXT_MAX_TOKENS, offline_tokenizer
 
     tokenizer = offline_tokenizer()
     torch.manual_seed(0)
@@ -131,7 +131,7 @@ def save_random_pipeline(model_dir: Path, tiny: bool, dtype: str, device: str) -
     import torch
     from diffusers import StableDiffusionPipeline
 
-    from revprompt.generation.models import DTYPES, build_tiny_components, make_scheduler
+    from revprompt.models.text_to_image import DTYPES, build_tiny_components, make_scheduler
 
     start = time.perf_counter()
     components = build_tiny_components(0) if tiny else sd2_components(device)
@@ -166,13 +166,13 @@ def run_bare(args: argparse.Namespace, model_dir: Path, prepared: Path) -> dict[
     """Load the saved pipeline here and generate the prepared prompts in batches; per-batch timestamps."""
     import torch
 
-    from revprompt.generation.models import build_pipeline
-    from revprompt.generation.prepare import load_split
+    from revprompt.models.text_to_image import build_pipeline
+    from revprompt.prompts.prepared import load_split
     from revprompt.launch.config import load_config
 
     cfg = load_config("sd2-blip", job_overrides(args, model_dir, prepared))
     g = cfg.generate
-    texts = [p.text for split in g.splits for p in load_split(cfg.run.dir, split)]
+    texts = [p.text for split in g.splits for p in load_split(Path(cfg.run.dir) / "prompts", split)]
     cuda = args.device == "cuda"
 
     def sync() -> None:

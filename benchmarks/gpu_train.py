@@ -100,7 +100,7 @@ def build_model(args: argparse.Namespace, tokenizer, device):
     import torch
     from transformers import BlipConfig, BlipForConditionalGeneration
 
-    from revprompt.training.captioner import check_special_tokens
+    from revprompt.models.captioner import check_special_tokens
 
     text = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, sep_token_id=tokenizer.sep_token_id,
                 eos_token_id=tokenizer.sep_token_id, pad_token_id=tokenizer.pad_token_id)
@@ -125,8 +125,8 @@ def build_batches(args: argparse.Namespace, tokenizer, device, n: int = 4) -> li
     """`n` micro batches on the device: random pixels (fp32) and tokenised bundled prompts."""
     import torch
 
-    from revprompt.generation.prompts import read_prompts
-    from revprompt.training.captioner import encode_prompts
+    from revprompt.prompts.sources import read_prompts
+    from revprompt.models.captioner import encode_prompts
 
     prompts = [p.text for p in read_prompts("bundled") if p.text]
     generator = torch.Generator().manual_seed(args.seed)
@@ -337,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import transformers
 
-    from revprompt.training.captioner import offline_blip_tokenizer
+    from revprompt.models.captioner import offline_blip_tokenizer
     from revprompt.training.engine import allow_deepspeed_checkpoint_types
 
     allow_deepspeed_checkpoint_types()

@@ -118,7 +118,7 @@ def write_shards(args: argparse.Namespace, root: Path) -> tuple[list[tuple[str, 
     """`--shards` JPEG shards under `root`; returns their (path, count) list and size statistics."""
     import numpy as np
 
-    from revprompt.generation.prompts import read_prompts
+    from revprompt.prompts.sources import read_prompts
     from revprompt.shards.writer import ShardWriter, encode_image, encode_json, is_complete, shard_name
 
     prompts = [p.text for p in read_prompts("bundled") if p.text]
@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     import PIL
     import torch
 
-    from revprompt.training.captioner import offline_blip_tokenizer
+    from revprompt.models.captioner import offline_blip_tokenizer
 
     torch.set_num_threads(args.threads)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="revprompt-loader-"))

@@ -1,6 +1,6 @@
 """Write a large styles.csv-shaped prompt file for scale benchmarks, streaming (any size, flat memory).
 
-Rows follow the bundled synthetic styles.csv (revprompt.generation.fashion's vocabulary and
+Rows follow the bundled synthetic styles.csv (revprompt.prompts.fashion's vocabulary and
 weights); a model code makes every productDisplayName unique, so N rows give N prompts after
 de-duplication, and ids increase. One row in 5000 carries an unquoted comma in the name, as the
 real file does.
@@ -15,7 +15,7 @@ import csv
 import random
 from pathlib import Path
 
-from revprompt.generation.fashion import (ARTICLES, BRANDS, COLOURS, COLUMNS, DESCRIPTORS, GENDERS, SEASONS,
+from revprompt.prompts.fashion import (ARTICLES, BRANDS, COLOURS, COLUMNS, DESCRIPTORS, GENDERS, SEASONS,
                                           USAGES, _pick)
 
 

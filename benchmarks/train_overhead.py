@@ -305,9 +305,9 @@ def bare_worker(argv: list[str]) -> None:
 
     import torch
 
-    from revprompt.generation.prompts import read_prompts
+    from revprompt.prompts.sources import read_prompts
     from revprompt.launch.config import load_config
-    from revprompt.training.captioner import build_captioner, encode_prompts, image_size_of
+    from revprompt.models.captioner import build_captioner, encode_prompts, image_size_of
     from revprompt.training.engine import build_optimizer, lr_lambda
 
     if torch.get_num_threads() != threads:

@@ -13,43 +13,36 @@ import json
 import logging
 import time
 
+from .evaluation.drift import run_drift
+from .evaluation.evaluate import run_evaluation
+from .generation.job import run_generation
+from .launch.layout import RunLayout, is_done
 from .launch.metrics import Metrics
 from .launch.runner import StageContext, build_parser, run_stage
 from .shards.writer import write_json_atomic
+from .training.loop import run_training
 
 log = logging.getLogger(__name__)
 
 STAGES = ("generate", "train", "evaluate", "drift")
+BODIES = {"generate": run_generation, "train": run_training, "evaluate": run_evaluation, "drift": run_drift}
 
 
 def _run(name: str, ctx: StageContext) -> str:
-    """Run one stage with its own metrics; returns 'ran' or 'skipped'."""
-    from .evaluation.drift import is_drifted, run_drift
-    from .evaluation.evaluate import is_evaluated, run_evaluation
-    from .generation.job import run_generation
-    from .training.loop import run_training
-
-    run_dir = ctx.run_dir
-    if name == "train":
-        export = run_dir / "captioner" / "revprompt.json"
-        if export.is_file() and json.loads(export.read_text()).get("step") == ctx.cfg.train.max_steps:
-            return "skipped"
-    if name == "evaluate" and is_evaluated(ctx):
+    """Run one stage with its own metrics unless the run layout says it is done; returns 'ran' or 'skipped'."""
+    if is_done(name, ctx.layout, ctx.cfg):
         return "skipped"
-    if name == "drift" and is_drifted(ctx):
-        return "skipped"
-    body = {"generate": run_generation, "train": run_training, "evaluate": run_evaluation, "drift": run_drift}[name]
-    metrics = Metrics(run_dir / "tb" / name, enabled=ctx.info.is_main)
+    metrics = Metrics(ctx.layout.tb(name), enabled=ctx.info.is_main)
     try:
-        body(StageContext(ctx.cfg, ctx.info, metrics, ctx.args))
+        BODIES[name](StageContext(ctx.cfg, ctx.info, metrics, ctx.args))
     finally:
         metrics.close()
     return "ran"
 
 
-def headline(run_dir) -> list[str]:
+def headline(layout: RunLayout) -> list[str]:
     """The short table printed at the end: similarity per captioner, attributes, drift at the last iteration."""
-    summary = json.loads((run_dir / "eval" / "summary.json").read_text())
+    summary = json.loads(layout.eval_summary.read_text())
     s, a = summary["similarity"], summary["attributes"]
     lines = [f"{'':28s}{'zero-shot':>11s}{'fine-tuned':>12s}{'constant':>10s}",
              f"{'similarity to prompt (mean)':28s}" + "".join(f"{s[n]['mean']:{w}.3f}" for n, w in
@@ -58,13 +51,12 @@ def headline(run_dir) -> list[str]:
         rates = [a[n][attr]["rate"] for n in ("zero_shot", "finetuned", "constant")]
         lines.append(f"{attr + ' named':28s}" + "".join(
             f"{'n/a' if r is None else f'{r:.2f}':>{w}s}" for r, w in zip(rates, (11, 12, 10))))
-    drift_path = run_dir / "drift" / "summary.json"
-    if drift_path.is_file():
-        entries = json.loads(drift_path.read_text())["iterations"]
+    if layout.drift_summary.is_file():
+        entries = json.loads(layout.drift_summary.read_text())["iterations"]
         if len(entries) > 1:
             sims = " -> ".join(f"{e['similarity_to_prompt']['mean']:.3f}" for e in entries[1:])
             lines.append(f"{'drift: sim. to prompt by iteration':36s} {sims}")
-    lines.append(f"report: {run_dir / 'eval' / 'report.md'}  drift: {run_dir / 'drift' / 'report.md'}")
+    lines.append(f"report: {layout.eval / 'report.md'}  drift: {layout.drift / 'report.md'}")
     return lines
 
 
@@ -79,8 +71,8 @@ def run_pipeline(ctx: StageContext) -> None:
         log.info("pipeline: %s %s in %.1f s", name, outcome, times[name]["seconds"])
     if ctx.info.is_main:
         total = sum(t["seconds"] for t in times.values())
-        write_json_atomic(ctx.run_dir / "pipeline.json", {"stages": times, "seconds": round(total, 2)})
-        table = headline(ctx.run_dir)
+        write_json_atomic(ctx.layout.pipeline_record, {"stages": times, "seconds": round(total, 2)})
+        table = headline(ctx.layout)
         shares = ", ".join(f"{n} {t['seconds']:.0f} s ({t['seconds'] / max(total, 1e-9):.0%})" for n, t in times.items())
         log.info("pipeline done in %.0f s: %s\n%s", total, shares, "\n".join(table))
 

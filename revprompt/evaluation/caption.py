@@ -1,34 +1,55 @@
-"""`revprompt caption`: recover prompts for image files, folders or shards with an exported captioner."""
+"""`revprompt caption`: recover prompts for image files, folders or shards with an exported captioner.
+
+It goes through the same typed config as every stage ([caption] for what to caption and where the
+JSONL goes; [evaluate] for decoding; run.device), but works outside a run: nothing is written under
+run.dir. Shard roots and their split folders are read through their manifest.
+"""
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
 from pathlib import Path
 from typing import Iterator
 
-import torch
 from PIL import Image
 
+from ..launch.runner import StageContext, build_parser, run_stage
+from ..models.captioner import load_exported
+from ..shards.manifest import MANIFEST, listed_shards
 from ..shards.reader import ReadStats, build_reader, list_shards
+from .items import captioner_for
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 
 
+class CaptionInputError(ValueError):
+    """An input that is no image, folder or shard; the message names it."""
+
+
+def shards_of(path: Path) -> list[str] | None:
+    """The shards a folder stands for: a shard root or one of its split folders (through the manifest), or
+    a folder of marked tars without a manifest (eval/regenerated, drift/iter_k); None for other folders."""
+    if (path / MANIFEST).is_file():
+        return listed_shards(path)
+    if (path.parent / MANIFEST).is_file() and list(path.glob("[0-9]*.tar")):
+        return listed_shards(path.parent, (path.name,))
+    if list(path.glob("[0-9]*.tar")):
+        return list_shards(path.parent, path.name)
+    return None
+
+
 def iter_inputs(inputs: list[str], stats: ReadStats) -> Iterator[tuple[str, str, Image.Image]]:
     """("path" or "key", its value, image) for each image file, image in a folder, or sample in shards."""
     for item in inputs:
         path = Path(item)
-        if path.is_dir() and ((path / "manifest.json").is_file() or any(path.glob("*/[0-9]*.tar"))):
-            shards = [s for split in ("train", "val", "test") for s in list_shards(path, split)]
+        shards = shards_of(path) if path.is_dir() else None
+        if shards is not None:
             yield from _shard_samples(shards, stats)
-        elif path.is_dir() and list(path.glob("[0-9]*.tar")):
-            yield from _shard_samples(list_shards(path.parent, path.name), stats)
-        elif path.suffix == ".tar":
+        elif path.suffix == ".tar" and path.is_file():
             yield from _shard_samples([str(path)], stats)
         elif path.is_dir():
             for file in sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
@@ -36,7 +57,7 @@ def iter_inputs(inputs: list[str], stats: ReadStats) -> Iterator[tuple[str, str,
         elif path.is_file():
             yield from _image_file(path, stats)
         else:
-            raise FileNotFoundError(f"{path}: no such image, folder or shard")
+            raise CaptionInputError(f"{path}: no such image, folder or shard")
 
 
 def _shard_samples(shards: list[str], stats: ReadStats) -> Iterator[tuple[str, str, Image.Image]]:
@@ -56,68 +77,49 @@ def _image_file(path: Path, stats: ReadStats) -> Iterator[tuple[str, str, Image.
     yield "path", str(path), image
 
 
-def caption_all(captioner: str, inputs: list[str], out: str, *, batch_size: int = 32, max_new_tokens: int = 40,
-                num_beams: int = 1, repetition_penalty: float = 1.0, device: str = "auto") -> dict:
-    """Caption every input into a JSONL file (written atomically); returns counts."""
+def caption_all(ctx: StageContext) -> dict:
+    """Caption every input into the [caption] out file (written atomically); returns counts."""
     from tqdm import tqdm
-    from transformers import BlipForConditionalGeneration, BlipProcessor
 
-    from ..training.captioner import generate_captions, image_size_of, preprocess_images
-
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    model = BlipForConditionalGeneration.from_pretrained(captioner, dtype=dtype).to(dev).eval()
-    processor = BlipProcessor.from_pretrained(captioner)
-    size = image_size_of(model)
+    cfg, device = ctx.cfg, ctx.info.device
+    model, processor = load_exported(cfg.caption.captioner or ctx.layout.captioner, device)
+    captioner = captioner_for(cfg, model, processor.tokenizer, device)
     stats = ReadStats()
-    out_path = Path(out)
+    out_path = Path(cfg.caption.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(f".{out_path.name}.tmp{os.getpid()}")
     written = 0
-    with open(tmp, "w", encoding="utf-8") as handle, tqdm(unit="img", desc="caption") as bar:
-        batch: list[tuple[str, str, Image.Image]] = []
-
-        def flush() -> None:
-            nonlocal written
-            pixels = preprocess_images([img for _, _, img in batch], size)
-            captions = generate_captions(model, processor.tokenizer, pixels.to(dev, dtype), max_new_tokens,
-                                         num_beams, repetition_penalty)
-            for (field, value, _), caption in zip(batch, captions):
-                handle.write(json.dumps({field: value, "caption": caption}, ensure_ascii=False) + "\n")
-            written += len(batch)
-            bar.update(len(batch))
-            batch.clear()
-
-        for item in iter_inputs(inputs, stats):
-            batch.append(item)
-            if len(batch) == batch_size:
-                flush()
-        if batch:
-            flush()
-    os.replace(tmp, out_path)
-    return {"captioned": written, **stats.as_dict()}
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle, tqdm(unit="img", desc="caption") as bar:
+            batch: list[tuple[str, str, Image.Image]] = []
+            for item in [*iter_inputs(cfg.caption.inputs, stats), None]:
+                if item is not None:
+                    batch.append(item)
+                if batch and (item is None or len(batch) == captioner.batch_size):
+                    for (field, value, _), caption in zip(batch, captioner([img for _, _, img in batch])):
+                        handle.write(json.dumps({field: value, "caption": caption}, ensure_ascii=False) + "\n")
+                    written += len(batch)
+                    bar.update(len(batch))
+                    batch.clear()
+        os.replace(tmp, out_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    counts = {"captioned": written, **stats.as_dict()}
+    log.info("wrote %s: %s", out_path, counts)
+    return counts
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of `revprompt caption --captioner DIR INPUT... --out FILE.jsonl`."""
-    parser = argparse.ArgumentParser(prog="revprompt caption", description=__doc__.splitlines()[0].split(": ", 1)[1])
-    parser.add_argument("inputs", nargs="+", help="image files, folders of images, shard .tar files or shard roots")
-    parser.add_argument("--captioner", required=True, help="an exported captioner directory (or a hub id)")
-    parser.add_argument("--out", required=True, help="JSONL output: one {path|key, caption} per image")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--max-new-tokens", type=int, default=40)
-    parser.add_argument("--num-beams", type=int, default=1)
-    parser.add_argument("--repetition-penalty", type=float, default=1.0)
-    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cuda or cpu")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        counts = caption_all(args.captioner, args.inputs, args.out, batch_size=args.batch_size,
-                             max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
-                             repetition_penalty=args.repetition_penalty, device=args.device)
-    except (FileNotFoundError, OSError, ValueError) as exc:
-        log.error("caption failed: %s", exc)
-        return 1
-    log.info("wrote %s: %s", args.out, counts)
-    return 0
+    """Entry point of `revprompt caption [--captioner DIR] INPUT... --out FILE.jsonl`."""
+    parser = build_parser("caption", __doc__.splitlines()[0].split(": ", 1)[1])
+    parser.add_argument("caption.inputs", nargs="+", metavar="INPUT",
+                        help="image files, folders of images, shard .tar files or shard roots")
+    parser.add_argument("--captioner", dest="caption.captioner",
+                        help="an exported captioner folder or a hub id (default: run.dir/captioner)")
+    parser.add_argument("--out", dest="caption.out", help="JSONL output: one {path|key, caption} per image")
+    parser.add_argument("--batch-size", dest="evaluate.batch_size", help="images per forward pass")
+    parser.add_argument("--max-new-tokens", dest="evaluate.max_new_tokens", help="longest caption")
+    parser.add_argument("--num-beams", dest="evaluate.num_beams", help="beam width (1 = greedy)")
+    parser.add_argument("--repetition-penalty", dest="evaluate.repetition_penalty")
+    parser.add_argument("--device", dest="run.device", help="auto (CUDA when present), cuda or cpu")
+    return run_stage("caption", argv if argv is not None else [], parser, caption_all, uses_run_dir=False)

@@ -1,6 +1,6 @@
 """`revprompt evaluate`: how close recovered prompts come to the originals, text side and image side.
 
-Each rank takes the test shards s % world, captions them with the captioner before fine-tuning
+Each rank takes the test shards it owns, captions them with the captioner before fine-tuning
 (zero-shot) and after, scores them and the constant-caption baseline against the prompt, redraws
 each image from its fine-tuned caption with the original seed and compares the images. A shard's
 rows go to eval/parts/ (and its redrawn images to eval/regenerated/) when it is done, so a stopped
@@ -10,23 +10,25 @@ summary.json, report.md, plots and TensorBoard.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 import numpy as np
 
 from ..launch import dist
+from ..launch.layout import evaluation_fingerprint
 from ..launch.runner import StageContext, StageError, build_parser, on_main_first, run_stage
-from ..shards.manifest import read_manifest
-from ..training.export import read_export_info
+from ..models.image_embedder import embed_images
+from ..models.text_embedder import embed
+from ..prompts.prepared import load_at, load_range, split_size
 from ..shards.reader import ReadStats
+from ..shards.schema import owned
 from ..shards.writer import write_json_atomic
 from .attributes import ATTRIBUTES, chance_rates, grouped_mean, names_value, recovery
-from .images import embed_images, ssim
-from .items import (Captioner, Item, Painter, fingerprint, image_shard_path, owned, read_items, restart_if_changed,
-                    test_shards_for, write_image_shard)
-from .similarity import embed
+from .items import (Item, Painter, finetuned_captioner, read_items, read_json_lines, restart_if_changed, test_shards,
+                    write_image_shard, write_json_lines, zero_shot_captioner)
+from .report import write_eval_report
+from .ssim import ssim
 from .stats import describe
 
 log = logging.getLogger(__name__)
@@ -34,72 +36,56 @@ log = logging.getLogger(__name__)
 CAPTIONERS = ("zero_shot", "finetuned", "constant")
 
 
-def eval_fingerprint(ctx: StageContext) -> str:
-    """What the evaluation depends on: the shards, the fine-tuned captioner, and the settings that score."""
-    cfg = ctx.cfg
-    manifest = read_manifest(ctx.run_dir / "shards") or {}
-    export = ctx.run_dir / "captioner" / "revprompt.json"
-    e = cfg.to_dict()["evaluate"]
-    e.pop("examples")
-    return fingerprint({"shards": manifest.get("fingerprint"), "evaluate": e, "seed": cfg.run.seed,
-                        "zero_shot": cfg.train.captioner, "generate": cfg.to_dict()["generate"],
-                        "captioner": read_export_info(export.parent)})
-
-
-def is_evaluated(ctx: StageContext) -> bool:
-    """True when eval/summary.json exists for the current shards, captioner and settings."""
-    path = ctx.run_dir / "eval" / "summary.json"
-    return path.is_file() and json.loads(path.read_text()).get("fingerprint") == eval_fingerprint(ctx)
-
-
-def constant_caption(run_dir: Path, text_model: str, at_most: int = 20000) -> str:
+def constant_caption(prompts_dir: Path, text_model: str, at_most: int = 20000) -> str:
     """The train prompt nearest the mean of the train prompts' embeddings (the best single answer).
 
     Up to `at_most` train prompts, evenly spaced through the split, stand for a larger split.
     """
-    from ..generation.prepare import load_at, load_range, split_size
-
-    n = split_size(run_dir, "train")
+    n = split_size(prompts_dir, "train")
     if n == 0:
-        raise StageError(f"{run_dir}/prompts/train.jsonl: no train prompts for the constant-caption baseline")
-    chosen = (load_range(run_dir, "train", 0, n) if n <= at_most
-              else load_at(run_dir, "train", sorted({i * n // at_most for i in range(at_most)})))
+        raise StageError(f"{prompts_dir}/train.jsonl: no train prompts for the constant-caption baseline")
+    chosen = (load_range(prompts_dir, "train", 0, n) if n <= at_most
+              else load_at(prompts_dir, "train", sorted({i * n // at_most for i in range(at_most)})))
     prompts = sorted({p.text for p in chosen})
     vectors = embed(prompts, text_model)
     return prompts[int(np.argmax(vectors @ vectors.mean(axis=0)))]
+
+
+def image_scores(items: list[Item], redrawn: list, real: dict, image_model: str, seed: int) -> list[dict]:
+    """Per item: CLIP cosine and SSIM of its redrawn image against the original and the real photo.
+
+    An item whose redrawn image came out non-finite (None) gets no image scores."""
+    drawn = [i for i, image in enumerate(redrawn) if image is not None]
+    original_vecs = embed_images([items[i].image for i in drawn], image_model, seed=seed)
+    redrawn_vecs = embed_images([redrawn[i] for i in drawn], image_model, seed=seed)
+    with_photo = [items[i].key for i in drawn if items[i].key in real]
+    photo_vecs = dict(zip(with_photo, embed_images([real[k] for k in with_photo], image_model, seed=seed)))
+    scores: list[dict] = [{} for _ in items]
+    for row, i in enumerate(drawn):
+        it, new = items[i], redrawn[i]
+        out = scores[i]
+        out["clip_regen_vs_original"] = float(original_vecs[row] @ redrawn_vecs[row])
+        out["ssim_regen_vs_original"] = ssim(new, it.image)
+        photo = real.get(it.key)
+        if photo is not None:
+            out["clip_regen_vs_real"] = float(photo_vecs[it.key] @ redrawn_vecs[row])
+            out["clip_original_vs_real"] = float(photo_vecs[it.key] @ original_vecs[row])
+            out["ssim_regen_vs_real"] = ssim(new, photo)
+    return scores
 
 
 def score_shard(items: list[Item], captioners: dict, constant: str, constant_vec: np.ndarray, painter, ctx,
                 real: dict) -> tuple[list[dict], list]:
     """Rows for one shard's items (and the redrawn images, or [] when evaluate.regenerate is off)."""
     e = ctx.cfg.evaluate
-    images = [it.image for it in items]
-    prompts = [it.prompt for it in items]
-    captions = {name: cap(images) for name, cap in captioners.items()}
+    captions = {name: cap([it.image for it in items]) for name, cap in captioners.items()}
     captions["constant"] = [constant] * len(items)
-    prompt_vecs = embed(prompts, e.text_model)
+    prompt_vecs = embed([it.prompt for it in items], e.text_model)
     sims = {name: np.sum(prompt_vecs * embed(captions[name], e.text_model), axis=1)
             for name in ("zero_shot", "finetuned")}
     sims["constant"] = prompt_vecs @ constant_vec
-    image_scores: list[dict] = [{} for _ in items]
-    redrawn: list = []
-    if painter is not None:
-        redrawn = painter(captions["finetuned"], [it.seed for it in items])
-        original_vecs = embed_images(images, e.image_model, seed=ctx.cfg.run.seed)
-        redrawn_vecs = embed_images(redrawn, e.image_model, seed=ctx.cfg.run.seed)
-        with_photo = [it.key for it in items if it.key in real]
-        photo_vecs = dict(zip(with_photo, embed_images([real[k] for k in with_photo], e.image_model,
-                                                       seed=ctx.cfg.run.seed)))
-        for i, (it, new) in enumerate(zip(items, redrawn)):
-            scores = image_scores[i]
-            scores["clip_regen_vs_original"] = float(original_vecs[i] @ redrawn_vecs[i])
-            scores["ssim_regen_vs_original"] = ssim(new, it.image)
-            photo = real.get(it.key)
-            if photo is not None:
-                photo_vec = photo_vecs[it.key]
-                scores["clip_regen_vs_real"] = float(photo_vec @ redrawn_vecs[i])
-                scores["clip_original_vs_real"] = float(photo_vec @ original_vecs[i])
-                scores["ssim_regen_vs_real"] = ssim(new, photo)
+    redrawn = painter(captions["finetuned"], [it.seed for it in items]) if painter is not None else []
+    images = image_scores(items, redrawn, real, e.image_model, ctx.cfg.run.seed) if painter else [{} for _ in items]
     rows = []
     for i, it in enumerate(items):
         rows.append({
@@ -109,7 +95,7 @@ def score_shard(items: list[Item], captioners: dict, constant: str, constant_vec
             "similarity": {name: float(sims[name][i]) for name in CAPTIONERS},
             "recovered": {name: {a: names_value(captions[name][i], it.attributes[a])
                                  for a in ATTRIBUTES if it.attributes.get(a)} for name in CAPTIONERS},
-            "image": image_scores[i],
+            "image": images[i],
         })
     return rows, redrawn
 
@@ -122,7 +108,7 @@ def real_photos(folder: str, items: list[Item]) -> dict:
     if not folder:
         return {}
     if folder == "renders":
-        from ..miniature.render import render
+        from ..models.miniature.render import render
 
         return {it.key: render(dict(it.attributes, productDisplayName=it.prompt)) for it in items
                 if it.attributes.get("articleType")}
@@ -145,11 +131,10 @@ def summarise(rows: list[dict], ctx: StageContext, constant: str, stats: dict) -
     sims = {name: [r["similarity"][name] for r in rows] for name in CAPTIONERS}
     attrs = [r["attributes"] for r in rows]
     image_keys = sorted({k for r in rows for k in r["image"]})
-    export = ctx.run_dir / "captioner" / "revprompt.json"
     return {
         "samples": len(rows),
-        "fingerprint": eval_fingerprint(ctx),
-        "captioner_step": json.loads(export.read_text()).get("step") if export.is_file() else None,
+        "fingerprint": evaluation_fingerprint(ctx.layout, ctx.cfg),
+        "captioner_step": ctx.layout.exported_step(),
         "constant_caption": constant,
         "similarity": {name: describe(sims[name], seed=seed) for name in CAPTIONERS},
         "gain": {"finetuned_minus_zero_shot": _mean_diff(sims["finetuned"], sims["zero_shot"]),
@@ -173,54 +158,58 @@ def _mean_diff(a: list[float], b: list[float]) -> float | None:
     return float(np.mean(np.asarray(a) - np.asarray(b))) if a else None
 
 
+def evaluate_shards(ctx: StageContext, shards: list[tuple[str, int]], pending: list[int], constant: str,
+                    constant_vec: np.ndarray) -> ReadStats:
+    """Score this rank's pending test shards, writing each one's rows and redrawn images when it is done."""
+    cfg, info, layout = ctx.cfg, ctx.info, ctx.layout
+    stats = ReadStats()
+    if not pending:
+        return stats
+    captioners = {"zero_shot": zero_shot_captioner(cfg, info.device),
+                  "finetuned": finetuned_captioner(layout, cfg, info.device)}
+    painter = Painter(cfg, info.device) if cfg.evaluate.regenerate else None
+    bar = _bar(info, len(pending), "evaluate")
+    for index in pending:
+        items = read_items(shards, index, cfg.evaluate.max_samples, stats)
+        rows, redrawn = score_shard(items, captioners, constant, constant_vec, painter, ctx,
+                                    real_photos(cfg.evaluate.real_images, items))
+        if painter is not None and items:
+            write_image_shard(layout.eval_images(index), items, [r["captions"]["finetuned"] for r in rows], redrawn,
+                              {"source": "evaluate", "text": "finetuned caption"})
+        write_json_lines(layout.eval_part(index), rows)
+        bar.update(1)
+    bar.close()
+    return stats
+
+
 def run_evaluation(ctx: StageContext) -> dict:
     """Evaluate this rank's test shards, gather, and report on rank 0; returns the summary."""
-    cfg, info = ctx.cfg, ctx.info
-    out = ctx.run_dir / "eval"
-    parts, regen_root = out / "parts", out / "regenerated"
-    shards = test_shards_for(ctx.run_dir)
-    current = eval_fingerprint(ctx)
+    cfg, info, layout = ctx.cfg, ctx.info, ctx.layout
+    shards = test_shards(layout)
+    current = evaluation_fingerprint(layout, cfg)
 
     def setup() -> str:
-        restart_if_changed(parts / "fingerprint.txt", current, [parts, regen_root],
+        restart_if_changed(layout.eval_parts / "fingerprint.txt", current, [layout.eval_parts, layout.eval_regenerated],
                            "the evaluation settings, shards or captioner")
-        return constant_caption(ctx.run_dir, cfg.evaluate.text_model)
+        return constant_caption(layout.prompts, cfg.evaluate.text_model)
 
     constant = on_main_first(info, setup)
     constant_vec = embed([constant], cfg.evaluate.text_model)[0]
     mine = owned(len(shards), info.rank, info.world_size)
-    pending = [s for s in mine if not (parts / f"{s:06d}.jsonl").is_file()]
+    pending = [s for s in mine if not layout.eval_part(s).is_file()]
     log.info("evaluating %d test shards (%d on this rank, %d pending); constant caption %r", len(shards), len(mine),
              len(pending), constant)
-    stats = ReadStats()
-    if pending:
-        captioners = {"zero_shot": Captioner.zero_shot(cfg, info.device),
-                      "finetuned": Captioner.finetuned(ctx.run_dir, cfg, info.device)}
-        painter = Painter(cfg, info.device) if cfg.evaluate.regenerate else None
-        bar = _bar(info, len(pending), "evaluate")
-        for index in pending:
-            items = read_items(shards, index, cfg.evaluate.max_samples, stats)
-            rows, redrawn = score_shard(items, captioners, constant, constant_vec, painter, ctx,
-                                        real_photos(cfg.evaluate.real_images, items))
-            if painter is not None and items:
-                write_image_shard(image_shard_path(regen_root, index), items, [r["captions"]["finetuned"]
-                                                                               for r in rows], redrawn,
-                                  {"source": "evaluate", "text": "finetuned caption"})
-            write_json_lines(parts / f"{index:06d}.jsonl", rows)
-            bar.update(1)
-        bar.close()
-    rows = [row for s in mine for row in read_json_lines(parts / f"{s:06d}.jsonl")]
+    stats = evaluate_shards(ctx, shards, pending, constant, constant_vec)
+    rows = [row for s in mine for row in read_json_lines(layout.eval_part(s))]
     gathered = dist.all_gather_object((rows, stats.as_dict()))
 
     def finish() -> dict:
-        from .report import write_eval_report
-
         every = sorted((r for part, _ in gathered for r in part), key=lambda r: r["order"])
         read = {k: sum(s[k] for _, s in gathered) for k in stats.as_dict()}
         summary = summarise(every, ctx, constant, read)
-        write_json_lines(out / "results.jsonl", [{k: v for k, v in r.items() if k != "order"} for r in every])
-        write_eval_report(every, summary, ctx, shards, regen_root)
-        write_json_atomic(out / "summary.json", summary)
+        write_json_lines(layout.eval / "results.jsonl", [{k: v for k, v in r.items() if k != "order"} for r in every])
+        write_eval_report(every, summary, ctx, shards)
+        write_json_atomic(layout.eval_summary, summary)
         _log_tb(ctx, every, summary)
         return summary
 
@@ -228,7 +217,7 @@ def run_evaluation(ctx: StageContext) -> dict:
     s = summary["similarity"]
     log.info("evaluated %d samples: similarity zero-shot %.3f, fine-tuned %.3f, constant %.3f; report %s",
              summary["samples"], s["zero_shot"]["mean"] or 0, s["finetuned"]["mean"] or 0,
-             s["constant"]["mean"] or 0, out / "report.md")
+             s["constant"]["mean"] or 0, layout.eval / "report.md")
     return summary
 
 
@@ -236,19 +225,6 @@ def _bar(info, total: int, desc: str):
     from tqdm import tqdm
 
     return tqdm(total=total, unit="shard", desc=desc, disable=not info.is_main, dynamic_ncols=True)
-
-
-def write_json_lines(path: Path, rows: list[dict]) -> None:
-    """Rows as JSON lines, written atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows), encoding="utf-8")
-    tmp.replace(path)
-
-
-def read_json_lines(path: Path) -> list[dict]:
-    """The rows of a JSON-lines file."""
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def _log_tb(ctx: StageContext, rows: list[dict], summary: dict) -> None:
@@ -272,4 +248,3 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of `revprompt evaluate`."""
     parser = build_parser("evaluate", "Score recovered prompts on the test split: text, attributes and images.")
     return run_stage("evaluate", argv if argv is not None else [], parser, run_evaluation)
-

@@ -1,12 +1,13 @@
-"""What evaluate and drift share: test samples as items, shard ownership, captioning and redrawing.
+"""What evaluate and drift share: the test split as items, the per-shard part files, redrawn-image shards.
 
-Work is done shard by shard, in fixed chunks from the start of each shard, so a sample meets the
-same batch neighbours whatever the number of ranks: 1 rank and N ranks compute the same bytes.
+Work is done shard by shard (the shard schema's ownership: shard s on rank s % world), in fixed
+chunks from the start of each shard, so a sample meets the same batch neighbours whatever the number
+of ranks: 1 rank and N ranks compute the same bytes. A finished shard's rows go to a part file
+(`{shard:06d}.jsonl`, written last) so a stopped stage resumes by shard.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -16,11 +17,19 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..launch.layout import RunLayout, remove_owned
+from ..launch.runner import StageError
+from ..models.captioner import Captioner, build_captioner, load_exported
+from ..models.text_to_image import build_pipeline, draw
+from ..shards.manifest import split_shards
 from ..shards.reader import ReadStats, build_reader
-from ..launch.layout import remove_owned
-from ..shards.writer import SHARD_PATTERNS, encode_image, encode_json, shard_name
+from ..shards.schema import RedrawnMeta, SampleMeta, SchemaError
+from ..shards.writer import SHARD_PATTERNS, ShardWriter, encode_image, encode_json
 
 log = logging.getLogger(__name__)
+
+# what evaluate and drift write into their part folders: per-shard rows, redrawn-image shards, their stamps
+PART_PATTERNS = ("[0-9]*.jsonl", ".[0-9]*.jsonl.partial", "fingerprint.txt", *SHARD_PATTERNS)
 
 
 @dataclass
@@ -45,42 +54,43 @@ def shard_offsets(shards: list[tuple[str, int]]) -> list[int]:
     return offsets
 
 
-def owned(n_shards: int, rank: int, world_size: int) -> list[int]:
-    """Shard s belongs to rank s % world_size."""
-    return [s for s in range(n_shards) if s % world_size == rank]
+def shard_of(order: int, offsets: list[int]) -> int:
+    """The shard holding the sample at global `order`."""
+    return max(i for i, first in enumerate(offsets) if first <= order)
 
 
-def read_items(shards: list[tuple[str, int]], index: int, max_samples: int, stats: ReadStats) -> list[Item]:
-    """The items of shard `index` in file order, cut at the split's first `max_samples` (0 = all)."""
+def read_items(shards: list[tuple[str, int]], index: int, max_samples: int, stats: ReadStats,
+               images: bool = True) -> list[Item]:
+    """The items of shard `index` in file order, cut at the split's first `max_samples` (0 = all).
+
+    `images=False` reads what each sample was made from without decoding its image. A sample whose
+    metadata breaks the shard schema is skipped and counted as corrupt, like an undecodable one.
+    """
     offset = shard_offsets(shards)[index]
-    items = []
-    for position, sample in enumerate(build_reader([shards[index][0]], stats=stats, split_workers=False,
-                                                   require=("image", "txt", "json"))):
-        order = offset + position
+    fields = ("image", "txt", "json") if images else ("txt", "json")
+    items: list[Item] = []
+    for sample in build_reader([shards[index][0]], stats=stats, split_workers=False, require=fields, fields=fields):
+        try:
+            meta = SampleMeta.from_json(sample["json"], sample["__key__"])
+        except SchemaError as exc:
+            stats.samples -= 1
+            stats.corrupt += 1
+            log.warning("corrupt sample %s in %s: %s", sample["__key__"], shards[index][0], exc)
+            continue
+        order = offset + len(items)
         if max_samples and order >= max_samples:
             break
-        meta = sample["json"]
-        items.append(Item(order, index, sample["__key__"], sample["txt"], int(meta.get("seed", 0)),
-                          dict(meta.get("attributes") or {}), sample["image"]))
+        items.append(Item(order, index, sample["__key__"], sample["txt"], meta.seed, meta.attributes,
+                          sample.get("image")))
     return items
 
 
-def test_shards_for(run_dir: Path) -> list[tuple[str, int]]:
+def test_shards(layout: RunLayout) -> list[tuple[str, int]]:
     """The test split's shards, after checking that generation finished and a captioner was exported."""
-    from ..launch.runner import StageError
-    from ..shards.manifest import split_shards
-
-    try:
-        shards = split_shards(Path(run_dir) / "shards", "test")
-    except ValueError as exc:
-        raise StageError(str(exc)) from None
-    if not (Path(run_dir) / "captioner" / "config.json").is_file():
-        raise StageError(f"{Path(run_dir) / 'captioner'}: no exported captioner; run `revprompt train` first")
+    shards = split_shards(layout.shards, "test")
+    if not (layout.captioner / "config.json").is_file():
+        raise StageError(f"{layout.captioner}: no exported captioner; run `revprompt train` first")
     return shards
-
-
-# what evaluate and drift write into their part folders: per-shard rows, redrawn-image shards, their stamps
-PART_PATTERNS = ("[0-9]*.jsonl", ".[0-9]*.jsonl.partial", "fingerprint.txt", *SHARD_PATTERNS)
 
 
 def restart_if_changed(stamp: Path, current: str, outputs: list[Path], what: str) -> None:
@@ -94,109 +104,78 @@ def restart_if_changed(stamp: Path, current: str, outputs: list[Path], what: str
     stamp.write_text(current + "\n")
 
 
-def chunks(seq: list, size: int):
-    """Consecutive slices of `size`."""
-    for start in range(0, len(seq), size):
-        yield seq[start:start + size]
+def write_json_lines(path: Path, rows: list[dict]) -> None:
+    """Rows as JSON lines, written atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows), encoding="utf-8")
+    tmp.replace(path)
 
 
-def fingerprint(obj) -> str:
-    """Short stable hash of a JSON-able object."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+def read_json_lines(path: Path) -> list[dict]:
+    """The rows of a JSON-lines file."""
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-class Captioner:
-    """A BLIP captioner on the job's device with the [evaluate] decoding settings."""
+def captioner_for(cfg, model, tokenizer, device: torch.device) -> Captioner:
+    """`model` captioning with the [evaluate] decoding settings."""
+    e = cfg.evaluate
+    return Captioner(model, tokenizer, device, batch_size=e.batch_size, max_new_tokens=e.max_new_tokens,
+                     num_beams=e.num_beams, repetition_penalty=e.repetition_penalty)
 
-    def __init__(self, model, tokenizer, cfg, device: torch.device):
-        from ..training.captioner import image_size_of
 
-        self.dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        self.model = model.to(device, self.dtype).eval()
-        self.tokenizer, self.cfg, self.device = tokenizer, cfg.evaluate, device
-        self.size = image_size_of(self.model)
+def zero_shot_captioner(cfg, device: torch.device) -> Captioner:
+    """The captioner before fine-tuning: train.captioner as built for training (same seed)."""
+    model, processor = build_captioner(cfg.train.captioner, cfg.run.seed)
+    return captioner_for(cfg, model, processor.tokenizer, device)
 
-    @classmethod
-    def zero_shot(cls, cfg, device: torch.device) -> "Captioner":
-        """The captioner before fine-tuning: train.captioner as built for training (same seed)."""
-        from ..training.captioner import build_captioner
 
-        model, processor = build_captioner(cfg.train.captioner, cfg.run.seed)
-        return cls(model, processor.tokenizer, cfg, device)
-
-    @classmethod
-    def finetuned(cls, run_dir: Path, cfg, device: torch.device) -> "Captioner":
-        """The exported captioner in run_dir/captioner, through plain from_pretrained."""
-        from transformers import BlipForConditionalGeneration, BlipProcessor
-
-        path = Path(run_dir) / "captioner"
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{path}: no exported captioner; run `revprompt train` first")
-        model = BlipForConditionalGeneration.from_pretrained(path)
-        return cls(model, BlipProcessor.from_pretrained(path).tokenizer, cfg, device)
-
-    def __call__(self, images: list[Image.Image]) -> list[str]:
-        """Captions in chunks of evaluate.batch_size."""
-        from ..training.captioner import generate_captions, preprocess_images
-
-        out: list[str] = []
-        for part in chunks(images, self.cfg.batch_size):
-            pixels = preprocess_images(part, self.size).to(self.device, self.dtype)
-            out += generate_captions(self.model, self.tokenizer, pixels, self.cfg.max_new_tokens, self.cfg.num_beams,
-                                     self.cfg.repetition_penalty)
-        return out
+def finetuned_captioner(layout: RunLayout, cfg, device: torch.device) -> Captioner:
+    """The exported captioner in run_dir/captioner, through plain from_pretrained."""
+    model, processor = load_exported(layout.captioner, device)
+    return captioner_for(cfg, model, processor.tokenizer, device)
 
 
 class Painter:
-    """The generation stage's Stable Diffusion pipeline, redrawing texts with given seeds."""
+    """The [generate] Stable Diffusion pipeline, redrawing texts with given seeds (None: a non-finite image)."""
 
     def __init__(self, cfg, device: torch.device):
-        from ..generation.models import build_pipeline
-
         g = cfg.generate
-        self.cfg = cfg
+        self.settings = g
         self.pipe = build_pipeline(g.model, scheduler=g.scheduler, dtype=g.dtype, device=device, seed=cfg.run.seed,
                                    compile=g.compile)
 
-    def __call__(self, texts: list[str], seeds: list[int]) -> list[Image.Image]:
-        """Images in chunks of generate.batch_size; a non-finite image comes back black (and is logged)."""
-        from ..generation.job import generate_images, to_pixels
-
-        images: list[Image.Image] = []
-        size = self.cfg.generate.batch_size
-        for part_texts, part_seeds in zip(chunks(texts, size), chunks(seeds, size)):
-            pixels, finite = to_pixels(generate_images(self.pipe, part_texts, part_seeds, self.cfg))
-            for text, px, ok in zip(part_texts, pixels, finite):
-                if not ok:
-                    log.warning("non-finite image for %r; using a black image", text)
-                    px = np.zeros_like(px)
-                images.append(Image.fromarray(px))
-        return images
+    def __call__(self, texts: list[str], seeds: list[int]) -> list[Image.Image | None]:
+        """Images in chunks of generate.batch_size."""
+        return draw(self.pipe, texts, seeds, self.settings)
 
 
-def write_image_shard(path: Path, items: list[Item], texts: list[str], images: list[Image.Image], extra: dict,
-                      fmt: str = "jpg") -> None:
-    """A shard of redrawn images: the item's key, the text that drew it, and where it came from."""
-    from ..shards.writer import ShardWriter
-
+def write_image_shard(path: Path, items: list[Item], texts: list[str], images: list[Image.Image | None],
+                      meta: dict, fmt: str = "jpg") -> None:
+    """A shard of redrawn images: the item's key, the text that drew it, and where it came from (`meta`: the
+    RedrawnMeta fields of the stage). A non-finite image (None) is left out and counted as a failure."""
     writer = ShardWriter(path)
     try:
         for item, text, image in zip(items, texts, images):
-            writer.write(item.key, {fmt: encode_image(np.asarray(image), fmt),
-                                    "txt": text.encode("utf-8"),
-                                    "json": encode_json({"key": item.key, "prompt": item.prompt, "seed": item.seed,
-                                                         "attributes": item.attributes, **extra})})
+            if image is None:
+                writer.failures += 1
+                continue
+            record = RedrawnMeta(key=item.key, prompt=item.prompt, seed=item.seed, attributes=item.attributes, **meta)
+            writer.write(item.key, {fmt: encode_image(np.asarray(image), fmt), "txt": text.encode("utf-8"),
+                                    "json": encode_json(record.to_json())})
     except BaseException:
         writer.abort()
         raise
     writer.close()
 
 
-def read_images(path: Path) -> dict[str, Image.Image]:
-    """key -> image of a redrawn-image shard."""
-    return {s["__key__"]: s["image"] for s in build_reader([str(path)], split_workers=False, require=("image",))}
+def read_images(path: Path, keys: set[str] | None = None) -> dict[str, Image.Image]:
+    """key -> image of a redrawn-image shard (only `keys`, when given: the others are never decoded)."""
+    return {s["__key__"]: s["image"] for s in build_reader([str(path)], split_workers=False, require=("image",),
+                                                           fields=("image",), keys=keys)}
 
 
-def image_shard_path(root: Path, index: int) -> Path:
-    """root/{index:06d}.tar (the same numbering as the test shards it mirrors)."""
-    return root / Path(shard_name("x", index)).name
+def read_originals(shards: list[tuple[str, int]], index: int, keys: set[str]) -> dict[str, Image.Image]:
+    """key -> the test image of the samples `keys` in shard `index`; no other image of it is decoded."""
+    return {s["__key__"]: s["image"] for s in build_reader([shards[index][0]], split_workers=False,
+                                                           require=("image",), fields=("image",), keys=keys)}

@@ -100,29 +100,34 @@ def example_grid(rows: list[dict], originals: dict, redrawn: dict) -> np.ndarray
     return captioned_grid(np.stack(cells), texts, columns=4, caption_lines=4)
 
 
-def write_eval_report(rows: list[dict], summary: dict, ctx, shards: list[tuple[str, int]], regen_root: Path) -> Path:
+def example_images(rows: list[dict], ctx, shards: list[tuple[str, int]], redrawn_path) -> tuple[dict, dict]:
+    """The original and redrawn images of `rows` (by key), decoding those samples alone."""
+    from .items import read_images, read_originals, shard_of, shard_offsets
+
+    offsets = shard_offsets(shards)
+    by_shard: dict[int, set[str]] = {}
+    for r in rows:
+        by_shard.setdefault(shard_of(r["order"], offsets), set()).add(r["key"])
+    originals: dict = {}
+    redrawn: dict = {}
+    for index, keys in sorted(by_shard.items()):
+        originals.update(read_originals(shards, index, keys))
+        path = redrawn_path(index)
+        if path.is_file():
+            redrawn.update(read_images(path, keys))
+    return originals, redrawn
+
+
+def write_eval_report(rows: list[dict], summary: dict, ctx, shards: list[tuple[str, int]]) -> Path:
     """eval/report.md with its PNGs; best and worst recoveries shown with their images."""
     from PIL import Image
 
-    from .items import image_shard_path, read_images
-
-    out = ctx.run_dir / "eval"
+    out = ctx.layout.eval
     out.mkdir(parents=True, exist_ok=True)
     k = ctx.cfg.evaluate.examples
     ranked = sorted(rows, key=lambda r: (-r["similarity"]["finetuned"], r["order"]))
     best, worst = ranked[:k], ranked[::-1][:k]
-    wanted = {r["key"] for r in best + worst}
-    originals: dict = {}
-    redrawn: dict = {}
-    from ..shards.reader import build_reader
-
-    for index in sorted(_shards_of(wanted, rows, shards)):
-        for s in build_reader([shards[index][0]], split_workers=False):
-            if s["__key__"] in wanted:
-                originals[s["__key__"]] = s["image"]
-        path = image_shard_path(regen_root, index)
-        if path.is_file():
-            redrawn.update({key: img for key, img in read_images(path).items() if key in wanted})
+    originals, redrawn = example_images(best + worst, ctx, shards, ctx.layout.eval_images)
     plots = {"similarity": plot_similarity_hist(rows, out / "similarity.png"),
              "attributes": plot_attributes(summary, out / "attributes.png")}
     if summary["by_articleType"]["finetuned"]:
@@ -137,17 +142,6 @@ def write_eval_report(rows: list[dict], summary: dict, ctx, shards: list[tuple[s
     path = out / "report.md"
     path.write_text(_eval_markdown(summary, plots, examples, best, worst), encoding="utf-8")
     return path
-
-
-def _shards_of(keys: set[str], rows: list[dict], shards: list[tuple[str, int]]) -> set[int]:
-    from .items import shard_offsets
-
-    offsets = shard_offsets(shards)
-    found = set()
-    for r in rows:
-        if r["key"] in keys:
-            found.add(max(i for i, off in enumerate(offsets) if off <= r["order"]))
-    return found
 
 
 def _eval_markdown(summary: dict, plots: dict, examples: dict, best: list[dict], worst: list[dict]) -> str:
@@ -258,52 +252,63 @@ def drift_strip(prompt: str, images: list, captions: list[str]) -> np.ndarray:
     return captioned_grid(cells, texts, columns=len(cells), caption_lines=4)
 
 
+def drift_strips(originals: list[tuple], per_iter: dict[int, list[dict]], ctx, shards: list[tuple[str, int]]
+                 ) -> np.ndarray | None:
+    """prompt -> image -> caption -> image ... rows of the first drift.examples samples, stacked."""
+    from .items import read_images, read_originals, shard_of, shard_offsets
+
+    K, layout = len(per_iter), ctx.layout
+    chosen = originals[:ctx.cfg.drift.examples]
+    if not chosen or not K:
+        return None
+    offsets = shard_offsets(shards)
+    by_shard: dict[int, set[str]] = {}
+    for order, key, _, _ in chosen:
+        by_shard.setdefault(shard_of(order, offsets), set()).add(key)
+    images: dict[str, list] = {key: [] for _, key, _, _ in chosen}
+    for index, keys in sorted(by_shard.items()):
+        for key, image in read_originals(shards, index, keys).items():
+            images[key].append(image)
+        for k in range(1, K + 1):
+            for key, image in read_images(layout.drift_images(k, index), keys).items():
+                images[key].append(image)
+    captions = {k: {r["key"]: r["caption"] for r in per_iter[k]} for k in range(1, K + 1)}
+    strips = [drift_strip(prompt, images[key], [captions[k][key] for k in range(1, K + 1)])
+              for _, key, prompt, _ in chosen if len(images[key]) == K + 1]
+    if not strips:
+        return None
+    canvas = np.full((sum(s.shape[0] for s in strips), max(s.shape[1] for s in strips), 3), 255, np.uint8)
+    y = 0
+    for strip in strips:
+        canvas[y:y + strip.shape[0], :strip.shape[1]] = strip
+        y += strip.shape[0]
+    return canvas
+
+
 def write_drift_report(summary: dict, originals: list[tuple], per_iter: dict[int, list[dict]], ctx,
                        shards: list[tuple[str, int]]) -> Path:
     """drift/report.md with curves.png and strips of a few examples."""
     from PIL import Image
 
-    from ..shards.reader import build_reader
-    from .drift import iteration_dir
-    from .items import image_shard_path, read_images
-
-    out = ctx.run_dir / "drift"
+    out = ctx.layout.drift
     K = len(per_iter)
     curves = plot_drift(summary, out / "curves.png") if K else None
-    chosen = originals[:ctx.cfg.drift.examples]
-    strips = []
-    if chosen and K:
-        wanted = {p[1] for p in chosen}
-        index_of = {}
-        offsets = [0]
-        for _, count in shards:
-            offsets.append(offsets[-1] + count)
-        for order, key, _, _ in chosen:
-            index_of[key] = max(i for i in range(len(shards)) if offsets[i] <= order)
-        images = {key: [] for key in wanted}
-        for index in sorted(set(index_of.values())):
-            for s in build_reader([shards[index][0]], split_workers=False):
-                if s["__key__"] in wanted:
-                    images[s["__key__"]].append(s["image"])
-            for k in range(1, K + 1):
-                drawn = read_images(image_shard_path(iteration_dir(ctx.run_dir, k), index))
-                for key in wanted:
-                    if index_of[key] == index and key in drawn:
-                        images[key].append(drawn[key])
-        captions = {key: [next(r["caption"] for r in per_iter[k] if r["key"] == key) for k in range(1, K + 1)]
-                    for key in wanted}
-        for order, key, prompt, _ in chosen:
-            if len(images[key]) == K + 1:
-                strips.append(drift_strip(prompt, images[key], captions[key]))
-    if strips:
-        width = max(s.shape[1] for s in strips)
-        canvas = np.full((sum(s.shape[0] for s in strips), width, 3), 255, np.uint8)
-        y = 0
-        for s in strips:
-            canvas[y:y + s.shape[0], :s.shape[1]] = s
-            y += s.shape[0]
-        Image.fromarray(canvas).save(out / "strips.png")
-        ctx.metrics.log_image("drift/strips", canvas, K)
+    strips = drift_strips(originals, per_iter, ctx, shards)
+    if strips is not None:
+        Image.fromarray(strips).save(out / "strips.png")
+        ctx.metrics.log_image("drift/strips", strips, K)
+    lines = _drift_table(summary, K)
+    if curves is not None:
+        lines += ["", f"![curves]({curves.name})"]
+    if strips is not None:
+        lines += ["", "## Examples", "", "Each row: the prompt's image, then each iteration's image with the caption "
+                  "that drew it.", "", "![strips](strips.png)"]
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def _drift_table(summary: dict, K: int) -> list[str]:
     lines = ["# Drift: prompt -> image -> caption -> image ...", "",
              f"{summary['samples']} test prompts, {K} iterations. Iteration 0 is the test split itself.", "",
              "| iteration | sim. to prompt | 95% CI | sim. to previous | image sim. to iteration 0 | SSIM | "
@@ -319,11 +324,4 @@ def write_drift_report(summary: dict, originals: list[tuple], per_iter: dict[int
                      _fmt(e["ssim_to_original"]["mean"])] + [_fmt(e["attribute_retention"][a]) for a in ATTRIBUTES]
         cells += [_fmt(e["caption_length"], 1), _fmt(e["distinct_2"]), _fmt(e["mean_pairwise_similarity"])]
         lines.append(f"| {e['iteration']} | " + " | ".join(cells) + " |")
-    if curves is not None:
-        lines += ["", f"![curves]({curves.name})"]
-    if strips:
-        lines += ["", "## Examples", "", "Each row: the prompt's image, then each iteration's image with the caption "
-                  "that drew it.", "", "![strips](strips.png)"]
-    path = out / "report.md"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
+    return lines

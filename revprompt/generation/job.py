@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -15,16 +14,18 @@ import numpy as np
 import torch
 
 from ..launch import dist
+from ..launch.layout import RunLayout, generation_fingerprint, remove_if_empty, remove_owned
 from ..launch.metrics import captioned_grid
 from ..launch.runner import StageContext, StageError, build_parser, on_main_first, run_stage
+from ..models.text_to_image import build_pipeline, generate_images, to_pixels
+from ..prompts.prepared import load_range, split_size
+from ..prompts.sources import Prompt
 from ..shards.keys import sample_key, sample_seed
 from ..shards.manifest import read_manifest, scan_manifest, write_manifest
-from ..launch.layout import remove_if_empty, remove_owned
+from ..shards.schema import SPLITS, SampleMeta, owner
 from ..shards.writer import (PARTIAL_PATTERNS, SHARD_PATTERNS, BackgroundWorker, ShardWriter, encode_image,
                              encode_json, is_complete, shard_name, write_json_atomic)
-from .models import build_pipeline
-from .prepare import load_range, prepare, split_size
-from .prompts import Prompt
+from .prepare import prepare
 
 log = logging.getLogger(__name__)
 
@@ -81,62 +82,25 @@ def task_samples(task: ShardTask, prompts: list[Prompt], images_per_prompt: int,
     return out
 
 
-def load_task_samples(run_dir: str | Path, task: ShardTask, images_per_prompt: int, seed: int) -> list[Sample]:
-    """Read only this task's prompts from the prepared split and make its samples."""
-    prompts = load_range(run_dir, task.split, task.start // images_per_prompt,
+def load_task_samples(prompts_dir: str | Path, task: ShardTask, images_per_prompt: int, seed: int) -> list[Sample]:
+    """Read only this task's prompts from the prepared split (the folder `prompts_dir`) and make its samples."""
+    prompts = load_range(prompts_dir, task.split, task.start // images_per_prompt,
                          (task.stop - 1) // images_per_prompt + 1)
     return task_samples(task, prompts, images_per_prompt, seed)
 
 
-def generation_fingerprint(prepared: str, cfg) -> str:
-    """What the shards depend on: the prepared prompts, the [generate] section and the run seed."""
-    g = cfg.to_dict()["generate"]
-    # these change speed or presentation, never the samples
-    for key in ("batch_size", "compile", "grid_images"):
-        g.pop(key)
-    blob = json.dumps({"prepared": prepared, "generate": g, "seed": cfg.run.seed}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
 def sample_metadata(sample: Sample, cfg) -> dict:
-    """The .json member of a sample."""
+    """The .json member of a sample (the shard schema's SampleMeta)."""
     g = cfg.generate
-    return {"key": sample.key, "prompt_id": sample.prompt.id, "split": sample.split,
-            "image_index": sample.image_index, "attributes": sample.prompt.attributes, "seed": sample.seed,
-            "model": g.model, "scheduler": g.scheduler, "steps": g.steps, "guidance_scale": g.guidance_scale,
-            "negative_prompt": g.negative_prompt, "height": g.height, "width": g.width, "drift_iteration": 0}
-
-
-def to_pixels(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Pipeline output (NCHW float in [0, 1], on its device) to NHWC uint8 pixels and a finite-mask.
-
-    The conversion, the NHWC layout included, runs where the images are (the GPU), so the host
-    receives contiguous bytes and the writer thread only encodes: no strided copies competing with
-    the thread that launches the model.
-    """
-    finite = torch.isfinite(images).flatten(1).all(dim=1)
-    pixels = (images.float().clamp(0.0, 1.0) * 255.0).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
-    return pixels.cpu().numpy(), finite.cpu().numpy()
+    return SampleMeta(key=sample.key, prompt_id=sample.prompt.id, split=sample.split, image_index=sample.image_index,
+                      seed=sample.seed, attributes=sample.prompt.attributes, model=g.model, scheduler=g.scheduler,
+                      steps=g.steps, guidance_scale=g.guidance_scale, negative_prompt=g.negative_prompt,
+                      height=g.height, width=g.width).to_json()
 
 
 def generate_batch(pipe, samples: list[Sample], cfg) -> torch.Tensor:
     """Images for `samples` (NCHW float in [0, 1], on the model's device); each from its own seed."""
-    return generate_images(pipe, [s.prompt.text for s in samples], [s.seed for s in samples], cfg)
-
-
-def generate_images(pipe, texts: list[str], seeds: list[int], cfg) -> torch.Tensor:
-    """Images for `texts`, one seed each, with the [generate] settings (NCHW float in [0, 1], on the device).
-
-    The generators live on the CPU so that the same key draws the same noise on any device.
-    """
-    g = cfg.generate
-    generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-    negative = [g.negative_prompt] * len(texts) if g.negative_prompt else None
-    with torch.inference_mode():
-        out = pipe(prompt=list(texts), negative_prompt=negative, num_inference_steps=g.steps,
-                   guidance_scale=g.guidance_scale, height=g.height, width=g.width, generator=generators,
-                   output_type="pt")
-    return out.images
+    return generate_images(pipe, [s.prompt.text for s in samples], [s.seed for s in samples], cfg.generate)
 
 
 class Progress:
@@ -247,7 +211,7 @@ def check_or_reset(root: Path, fingerprint: str, overwrite: bool) -> None:
                          f"{manifest.get('fingerprint')}, now {fingerprint}); rerun with --overwrite to replace "
                          "them, or choose another run.dir")
     log.warning("--overwrite: removing shards made under fingerprint %s", manifest.get("fingerprint"))
-    for split in ("train", "val", "test"):
+    for split in SPLITS:
         remove_owned(root / split, SHARD_PATTERNS)
         remove_if_empty(root / split)
     (root / "manifest.json").unlink()
@@ -268,38 +232,59 @@ def write_samples(samples: list[Sample], pixels: np.ndarray, finite: np.ndarray,
         })
 
 
-def run_generation(ctx: StageContext) -> dict:
-    """Prepare (rank 0), plan, generate this rank's pending shards, then write the manifest (rank 0)."""
-    cfg, info = ctx.cfg, ctx.info
-    root = ctx.run_dir / "shards"
-    report = on_main_first(info, lambda: prepare(cfg))
-    counts = {split: split_size(cfg.run.dir, split) for split in cfg.generate.splits}
+@dataclass(frozen=True)
+class GenerationPlan:
+    """The whole job's shards, what they are made from, and what is on disk: the same on every rank."""
+
+    tasks: list[ShardTask]
+    planned: dict[str, int]
+    fingerprint: str
+    extra: dict
+
+    def scan(self, root: Path) -> dict:
+        """The manifest of what is on disk now."""
+        return scan_manifest(root, self.fingerprint, self.planned, self.extra)
+
+
+def plan_generation(ctx: StageContext) -> GenerationPlan:
+    """Prepare the prompts (rank 0), then cut every split into shards."""
+    cfg, layout = ctx.cfg, ctx.layout
+    report = on_main_first(ctx.info, lambda: prepare(cfg))
+    counts = {split: split_size(layout.prompts, split) for split in cfg.generate.splits}
     tasks = plan_shards(counts, cfg.generate.images_per_prompt, cfg.generate.shard_size)
-    fingerprint = generation_fingerprint(report["fingerprint"], cfg)
     planned = {split: sum(t.split == split for t in tasks) for split in cfg.generate.splits}
     extra = {"config": cfg.to_dict()["generate"], "seed": cfg.run.seed, "prompts": report["splits"]}
+    return GenerationPlan(tasks, planned, generation_fingerprint(report["fingerprint"], cfg), extra)
 
-    def setup() -> None:
-        check_or_reset(root, fingerprint, getattr(ctx.args, "overwrite", False))
-        # a killed writer leaves a hidden partial file: this launch holds the generate lock, so every
-        # partial file is a dead writer's, and its shard starts again
-        for split in cfg.generate.splits:
-            remove_owned(root / split, PARTIAL_PATTERNS)
-        shutil.rmtree(root / ".progress", ignore_errors=True)
-        (root / ".progress").mkdir(parents=True)
-        write_manifest(root, scan_manifest(root, fingerprint, planned, extra))
 
-    on_main_first(info, setup)
-    mine = [t for t in tasks if t.index % info.world_size == info.rank]
+def start_generation(ctx: StageContext, plan: GenerationPlan) -> None:
+    """On rank 0: refuse or reset shards of another config, drop dead writers' partial files, write the manifest."""
+    root = ctx.layout.shards
+    check_or_reset(root, plan.fingerprint, getattr(ctx.args, "overwrite", False))
+    # a killed writer leaves a hidden partial file: this launch holds the generate lock, so every
+    # partial file is a dead writer's, and its shard starts again
+    for split in ctx.cfg.generate.splits:
+        remove_owned(root / split, PARTIAL_PATTERNS)
+    shutil.rmtree(ctx.layout.progress, ignore_errors=True)
+    ctx.layout.progress.mkdir(parents=True)
+    write_manifest(root, plan.scan(root))
+
+
+def run_generation(ctx: StageContext) -> dict:
+    """Prepare (rank 0), plan, generate this rank's pending shards, then write the manifest (rank 0)."""
+    info, root = ctx.info, ctx.layout.shards
+    plan = plan_generation(ctx)
+    on_main_first(info, lambda: start_generation(ctx, plan))
+    mine = [t for t in plan.tasks if owner(t.index, info.world_size) == info.rank]
     # rank 0 checks every shard for the progress bar's total, the other ranks only their own
-    checked = tasks if info.is_main else mine
+    checked = plan.tasks if info.is_main else mine
     done = {t.index for t in checked if is_complete(root / shard_name(t.split, t.shard))}
     pending = [t for t in mine if t.index not in done]
-    log.info("plan: %d shards (%s); this rank owns %d, %d still to write", len(tasks), planned, len(mine),
+    log.info("plan: %d shards (%s); this rank owns %d, %d still to write", len(plan.tasks), plan.planned, len(mine),
              len(pending))
     if getattr(ctx.args, "plan_only", False):
         return _plan_only(ctx, pending)
-    progress = Progress(root / ".progress", info, sum(t.size for t in tasks if t.index not in done))
+    progress = Progress(ctx.layout.progress, info, sum(t.size for t in plan.tasks if t.index not in done))
     try:
         if pending:
             _generate_shards(ctx, pending, root, progress)
@@ -310,9 +295,9 @@ def run_generation(ctx: StageContext) -> dict:
     seconds = time.monotonic() - progress.start
 
     def finish() -> dict:
-        manifest = scan_manifest(root, fingerprint, planned, extra)
+        manifest = plan.scan(root)
         write_manifest(root, manifest)
-        shutil.rmtree(root / ".progress", ignore_errors=True)
+        shutil.rmtree(ctx.layout.progress, ignore_errors=True)
         return manifest
 
     manifest = on_main_first(info, finish)
@@ -331,7 +316,7 @@ def _plan_only(ctx: StageContext, pending: list[ShardTask]) -> dict:
     cfg = ctx.cfg
     samples = 0
     for task in pending:
-        samples += len(load_task_samples(cfg.run.dir, task, cfg.generate.images_per_prompt, cfg.run.seed))
+        samples += len(load_task_samples(ctx.layout.prompts, task, cfg.generate.images_per_prompt, cfg.run.seed))
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     log.info("plan only: rank %d would write %d shards, %d samples; peak RSS %.1f MB", ctx.info.rank, len(pending),
              samples, peak_mb)
@@ -350,7 +335,7 @@ def _generate_shards(ctx: StageContext, pending: list[ShardTask], root: Path, pr
     clock = LoopClock()
     try:
         for task in pending:
-            samples = load_task_samples(cfg.run.dir, task, g.images_per_prompt, cfg.run.seed)
+            samples = load_task_samples(ctx.layout.prompts, task, g.images_per_prompt, cfg.run.seed)
             writer = ShardWriter(root / shard_name(task.split, task.shard))
             for start in range(0, len(samples), g.batch_size):
                 batch = samples[start:start + g.batch_size]

@@ -1,4 +1,9 @@
-"""`revprompt prepare`: read, clean, de-duplicate and split the prompt set once, into the run directory."""
+"""`revprompt prepare`: read, clean, de-duplicate and split the prompt set once, into the run directory.
+
+Prepare counts the prompts longer than the text encoder of `generate.model` takes (they are
+truncated when drawn), so it loads that model's tokenizer; everything else it does depends on the
+[prompts] section alone.
+"""
 
 from __future__ import annotations
 
@@ -6,52 +11,17 @@ import hashlib
 import json
 import logging
 import os
-import struct
 from pathlib import Path
+from typing import Iterator
 
 from ..launch.config import Config
+from ..launch.layout import RunLayout, prepared_fingerprint
+from ..models.text_to_image import load_tokenizer
+from ..prompts.prepared import SPLITS, SplitWriter, record, split_of
+from ..prompts.sources import CsvStats, Prompt, PromptSourceError, normalise, read_prompts, resolve_path
 from ..shards.writer import write_json_atomic
-from .models import load_tokenizer
-from .prompts import CsvStats, Prompt, PromptSourceError, normalise, read_prompts, resolve_path
 
 log = logging.getLogger(__name__)
-
-SPLITS = ("train", "val", "test")
-
-
-def split_of(text: str, val_fraction: float, test_fraction: float) -> str:
-    """train, val or test from a hash of the normalised text: stable as prompts are added or removed."""
-    digest = hashlib.sha256(normalise(text).encode("utf-8")).digest()
-    u = int.from_bytes(digest[:8], "big") / 2**64
-    if u < test_fraction:
-        return "test"
-    if u < test_fraction + val_fraction:
-        return "val"
-    return "train"
-
-
-def file_sha256(path: Path) -> str:
-    """Content hash of the prompt file, so an edited file is never mistaken for the prepared one."""
-    h = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def prompts_dir(run_dir: str | Path) -> Path:
-    """Where the prepared prompt set lives."""
-    return Path(run_dir) / "prompts"
-
-
-def prepare_fingerprint(cfg: Config) -> str:
-    """What the prepared set depends on: the [prompts] section and the prompt file's bytes."""
-    try:
-        content = file_sha256(resolve_path(cfg.prompts.path))
-    except OSError as exc:
-        raise PromptSourceError(f"{resolve_path(cfg.prompts.path)}: cannot read prompt file: "
-                                f"{exc.strerror or exc}") from None
-    return hashlib.sha256((cfg.fingerprint("prompts") + content).encode()).hexdigest()[:16]
 
 
 class SeenSet:
@@ -83,37 +53,50 @@ class SeenSet:
         self.path.unlink(missing_ok=True)
 
 
-class SplitWriter:
-    """prompts/{split}.jsonl plus prompts/{split}.idx (little-endian uint64 byte offsets, one per line)."""
+def unique_prompts(cfg: Config, seen: SeenSet, counts: dict, csv_stats: CsvStats) -> Iterator[Prompt]:
+    """The prompt file's non-empty, first-seen prompts, up to prompts.limit; `counts` tallies what was dropped.
 
-    def __init__(self, out_dir: Path, split: str):
-        self.final = out_dir / f"{split}.jsonl", out_dir / f"{split}.idx"
-        self.tmp = tuple(p.with_name(f".{p.name}.tmp{os.getpid()}") for p in self.final)
-        self.data, self.index = open(self.tmp[0], "wb"), open(self.tmp[1], "wb")
-        self.offset = 0
-        self.count = 0
+    A prompt id used again for another text is an error naming both lines.
+    """
+    p = cfg.prompts
+    source = resolve_path(p.path)
+    for prompt in read_prompts(p.path, p.format, p.template, p.id_field, csv_stats):
+        counts["rows"] += 1
+        if not prompt.text:
+            counts["empty"] += 1
+            continue
+        if not seen.add_text(hashlib.sha256(normalise(prompt.text).encode("utf-8")).digest()[:12]):
+            counts["duplicates"] += 1
+            continue
+        if p.limit and counts["kept"] >= p.limit:
+            return
+        first = seen.add_id(prompt.id, prompt.line)
+        if first is not None:
+            raise PromptSourceError(f"{source}:{prompt.line}: id {prompt.id!r} already used at line "
+                                    f"{first} for a different prompt")
+        counts["kept"] += 1
+        yield prompt
 
-    def write(self, record: str) -> None:
-        """Append one prompt's JSON line and its offset."""
-        data = (record + "\n").encode("utf-8")
-        self.index.write(struct.pack("<Q", self.offset))
-        self.data.write(data)
-        self.offset += len(data)
-        self.count += 1
 
-    def commit(self) -> None:
-        """Close and move both files into place."""
-        self.data.close()
-        self.index.close()
-        for tmp, final in zip(self.tmp, self.final):
-            os.replace(tmp, final)
+def write_splits(prompts: Iterator[Prompt], cfg: Config, writers: dict[str, SplitWriter], tokenizer, counts: dict,
+                 chunk: int) -> None:
+    """Assign each prompt its split and append it, tokenising in chunks to count the over-long ones."""
+    p, max_tokens = cfg.prompts, tokenizer.model_max_length
+    pending: list[Prompt] = []
 
-    def abort(self) -> None:
-        """Close and delete the temporary files."""
-        self.data.close()
-        self.index.close()
-        for tmp in self.tmp:
-            tmp.unlink(missing_ok=True)
+    def flush() -> None:
+        lengths = tokenizer([q.text for q in pending], add_special_tokens=True)["input_ids"] if pending else []
+        for prompt, ids in zip(pending, lengths):
+            counts["too_long"] += len(ids) > max_tokens
+            split = split_of(prompt.text, p.val_fraction, p.test_fraction)
+            writers[split].write(record(prompt, split))
+        pending.clear()
+
+    for prompt in prompts:
+        pending.append(prompt)
+        if len(pending) == chunk:
+            flush()
+    flush()
 
 
 def prepare(cfg: Config, chunk: int = 1024) -> dict:
@@ -122,55 +105,22 @@ def prepare(cfg: Config, chunk: int = 1024) -> dict:
     Memory does not grow with the prompt count: prompts are read, checked and written in chunks of
     `chunk`, and the texts and ids seen so far live in an SQLite file while this runs.
     """
-    out_dir = prompts_dir(cfg.run.dir)
-    fingerprint = prepare_fingerprint(cfg)
-    report_path = out_dir / "report.json"
+    layout = RunLayout(cfg.run.dir)
+    out_dir, report_path = layout.prompts, layout.prompts_report
+    fingerprint = prepared_fingerprint(cfg)
     if report_path.is_file():
         report = json.loads(report_path.read_text(encoding="utf-8"))
         if report.get("fingerprint") == fingerprint and all((out_dir / f"{s}.idx").is_file() for s in SPLITS):
             log.info("prompts already prepared (%s), reusing them", report_path)
             return report
     out_dir.mkdir(parents=True, exist_ok=True)
-    p = cfg.prompts
     tokenizer = load_tokenizer(cfg.generate.model)
-    max_tokens = tokenizer.model_max_length
     csv_stats = CsvStats()
     counts = dict(rows=0, empty=0, duplicates=0, too_long=0, kept=0)
     seen = SeenSet(out_dir / f".seen.sqlite{os.getpid()}")
     writers = {s: SplitWriter(out_dir, s) for s in SPLITS}
-    source = resolve_path(p.path)
-    pending: list[Prompt] = []
-
-    def flush() -> None:
-        if not pending:
-            return
-        lengths = tokenizer([q.text for q in pending], add_special_tokens=True)["input_ids"]
-        for prompt, ids in zip(pending, lengths):
-            counts["too_long"] += len(ids) > max_tokens
-            split = split_of(prompt.text, p.val_fraction, p.test_fraction)
-            writers[split].write(_record(prompt, split))
-        pending.clear()
-
     try:
-        for prompt in read_prompts(p.path, p.format, p.template, p.id_field, csv_stats):
-            counts["rows"] += 1
-            if not prompt.text:
-                counts["empty"] += 1
-                continue
-            if not seen.add_text(hashlib.sha256(normalise(prompt.text).encode("utf-8")).digest()[:12]):
-                counts["duplicates"] += 1
-                continue
-            if p.limit and counts["kept"] >= p.limit:
-                break
-            first = seen.add_id(prompt.id, prompt.line)
-            if first is not None:
-                raise PromptSourceError(f"{source}:{prompt.line}: id {prompt.id!r} already used at line "
-                                        f"{first} for a different prompt")
-            pending.append(prompt)
-            counts["kept"] += 1
-            if len(pending) == chunk:
-                flush()
-        flush()
+        write_splits(unique_prompts(cfg, seen, counts, csv_stats), cfg, writers, tokenizer, counts, chunk)
     except BaseException:
         for writer in writers.values():
             writer.abort()
@@ -180,67 +130,14 @@ def prepare(cfg: Config, chunk: int = 1024) -> dict:
     for writer in writers.values():
         writer.commit()
     split_counts = {s: w.count for s, w in writers.items()}
-    report = dict(fingerprint=fingerprint, source=str(source), max_tokens=max_tokens,
+    source = resolve_path(cfg.prompts.path)
+    report = dict(fingerprint=fingerprint, source=str(source), max_tokens=tokenizer.model_max_length,
                   recovered_commas=csv_stats.recovered_commas, splits=split_counts, **counts)
     write_json_atomic(report_path, report)
     log.info("prepared %d prompts from %s: %s (empty %d, duplicates %d, longer than %d tokens %d, "
              "comma rows recovered %d)", counts["kept"], source, split_counts, counts["empty"],
-             counts["duplicates"], max_tokens, counts["too_long"], csv_stats.recovered_commas)
+             counts["duplicates"], tokenizer.model_max_length, counts["too_long"], csv_stats.recovered_commas)
     return report
-
-
-def _record(prompt: Prompt, split: str) -> str:
-    return json.dumps({"id": prompt.id, "text": prompt.text, "split": split, "line": prompt.line,
-                       "attributes": prompt.attributes}, ensure_ascii=False, sort_keys=True)
-
-
-def _prompt(line: bytes | str) -> Prompt:
-    obj = json.loads(line)
-    return Prompt(id=obj["id"], text=obj["text"], attributes=obj["attributes"], line=obj["line"])
-
-
-def split_size(run_dir: str | Path, split: str) -> int:
-    """How many prompts a split holds (from its index, without reading the prompts)."""
-    return (prompts_dir(run_dir) / f"{split}.idx").stat().st_size // 8
-
-
-def load_range(run_dir: str | Path, split: str, start: int, stop: int) -> list[Prompt]:
-    """Prompts start..stop-1 of a split, read through the index: a rank reads only what its shards need."""
-    folder = prompts_dir(run_dir)
-    stop = min(stop, split_size(run_dir, split))
-    if start >= stop:
-        return []
-    with open(folder / f"{split}.idx", "rb") as index:
-        index.seek(8 * start)
-        (offset,) = struct.unpack("<Q", index.read(8))
-    with open(folder / f"{split}.jsonl", "rb") as data:
-        data.seek(offset)
-        return [_prompt(data.readline()) for _ in range(stop - start)]
-
-
-def load_at(run_dir: str | Path, split: str, positions) -> list[Prompt]:
-    """The prompts at `positions` (ascending) of a split, each read through the index."""
-    folder = prompts_dir(run_dir)
-    out = []
-    with open(folder / f"{split}.idx", "rb") as index, open(folder / f"{split}.jsonl", "rb") as data:
-        for position in positions:
-            index.seek(8 * position)
-            (offset,) = struct.unpack("<Q", index.read(8))
-            data.seek(offset)
-            out.append(_prompt(data.readline()))
-    return out
-
-
-def load_split(run_dir: str | Path, split: str) -> list[Prompt]:
-    """The prepared prompts of one split, in source order (all of them: for small sets and tests)."""
-    return load_range(run_dir, split, 0, split_size(run_dir, split))
-
-
-def iter_split(run_dir: str | Path, split: str):
-    """The prompts of one split, one at a time."""
-    with open(prompts_dir(run_dir) / f"{split}.jsonl", "rb") as data:
-        for line in data:
-            yield _prompt(line)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import sys
 from dataclasses import dataclass, field
 from importlib import resources
@@ -12,6 +10,8 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 import tomli_w
+
+from ..shards.schema import SPLITS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -87,6 +87,9 @@ class TrainConfig:
     max_steps: int = _f(100, "optimizer steps in total; rerunning with more continues from the last checkpoint",
                         min=0)
     zero_stage: int = _f(2, "DeepSpeed ZeRO stage (training/deepspeed/zero{N}.json)", min=0, max=3)
+    deepspeed_config: str = _f("", "a DeepSpeed JSON of your own instead of the shipped zero{N}.json (its stage must "
+                               "equal train.zero_stage; batch, clipping and precision come from [train]); the "
+                               "config a run used is written to checkpoints/deepspeed.json")
     precision: str = _f("auto", "auto = bf16 on CUDA, fp32 on CPU", choices=("auto", "bf16", "fp32"))
     micro_batch_size: int = _f(8, "samples per rank per forward pass", min=1, max=4096)
     grad_accum: int = _f(1, "micro-batches per optimizer step", min=1, max=1024)
@@ -125,7 +128,7 @@ class EvaluateConfig:
     image_model: str = _f("tiny", "image embedding model for image similarity: CLIP hub id or directory, or "
                           "'tiny' (random, offline)")
     real_images: str = _f("", "folder of real product photos named {prompt id}.jpg (Kaggle images/); 'renders' = "
-                          "the product renders of revprompt.miniature; '' = none")
+                          "the product renders of revprompt.models.miniature; '' = none")
     examples: int = _f(4, "best and worst recoveries shown with their images in the report", min=0, max=64)
 
 
@@ -137,6 +140,21 @@ class DriftConfig:
 
 
 @dataclass
+class CaptionConfig:
+    captioner: str = _f("", "captioner to caption with: an exported folder, a BLIP hub id, or '' for run.dir/captioner "
+                        "(read by `revprompt caption`; decoding as in [evaluate])")
+    inputs: list = _f([], "image files, folders of images, shard .tar files or shard roots to caption")
+    out: str = _f("captions.jsonl", "JSONL output: one {path|key, caption} per image, written atomically")
+
+
+@dataclass
+class ExportConfig:
+    checkpoint: str = _f("", "a committed checkpoints/step-N folder to consolidate (read by `revprompt export`)")
+    out: str = _f("", "output folder: new, empty, or an earlier export (replaced atomically); anything else is "
+                  "refused")
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
@@ -144,20 +162,12 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     drift: DriftConfig = field(default_factory=DriftConfig)
+    caption: CaptionConfig = field(default_factory=CaptionConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
     def to_dict(self) -> dict:
         """Plain nested dict, as written to config.toml."""
         return dataclasses.asdict(self)
-
-    def fingerprint(self, *sections: str) -> str:
-        """Hash of the named sections ('run.seed' style keys allowed): what a stage's outputs depend on."""
-        full = self.to_dict()
-        picked = {}
-        for name in sections:
-            sec, _, key = name.partition(".")
-            picked[name] = full[sec][key] if key else full[sec]
-        blob = json.dumps(picked, sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def _coerce(value: Any, typ: Any, name: str, from_cli: bool) -> Any:
@@ -228,9 +238,9 @@ def validate(cfg: Config) -> Config:
     for name in ("height", "width"):
         if getattr(g, name) % 8:
             raise ConfigError(f"generate.{name}: must be a multiple of 8, got {getattr(g, name)}")
-    bad = [s for s in g.splits if s not in ("train", "val", "test")]
+    bad = [s for s in g.splits if s not in SPLITS]
     if bad or not g.splits:
-        raise ConfigError(f"generate.splits: expected a non-empty subset of train, val, test, got {g.splits}")
+        raise ConfigError(f"generate.splits: expected a non-empty subset of {', '.join(SPLITS)}, got {g.splits}")
     if p.val_fraction + p.test_fraction > 1.0:
         raise ConfigError("prompts.val_fraction + prompts.test_fraction: must be <= 1, got "
                           f"{p.val_fraction + p.test_fraction}")
@@ -244,8 +254,10 @@ def preset_path(name: str) -> Path:
     return Path(str(resources.files("revprompt.launch") / "configs" / f"{name}.toml"))
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a TOML file (or a preset name; default `tiny`), apply `section.key=value` overrides, validate."""
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                values: dict[str, Any] | None = None) -> Config:
+    """Read a TOML file (or a preset name; default `tiny`), apply `section.key=value` overrides, then `values`
+    (dotted key -> a command-line string or a Python value), validate."""
     path = path or "tiny"
     file = preset_path(str(path)) if str(path) in PRESETS else Path(path)
     try:
@@ -270,6 +282,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not sep:
             raise ConfigError(f"override {item!r}: expected --section.key=value")
         _set(cfg, dotted, value, from_cli=True)
+    for dotted, value in (values or {}).items():
+        _set(cfg, dotted, value, from_cli=isinstance(value, str))
     return validate(cfg)
 
 

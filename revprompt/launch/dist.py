@@ -154,23 +154,28 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
-def setup_logging(log_dir: str | Path, rank: int, level: str = "INFO") -> Path:
-    """Log every rank to `log_dir/rank-N.log`; only rank 0 echoes INFO to the console, others errors."""
-    log_dir = Path(log_dir)
-    log_dir.mkdir(parents=True, exist_ok=True)
-    path = log_dir / f"rank-{rank}.log"
+def setup_logging(log_dir: str | Path | None, rank: int, level: str = "INFO") -> Path | None:
+    """Log every rank to `log_dir/rank-N.log` (None: the console alone); only rank 0 echoes INFO to the
+    console, others errors."""
+    path = None
+    if log_dir is not None:
+        Path(log_dir).mkdir(parents=True, exist_ok=True)
+        path = Path(log_dir) / f"rank-{rank}.log"
     fmt = logging.Formatter(f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s")
     root = logging.getLogger()
     for handler in list(root.handlers):
         if getattr(handler, "_revprompt", False):
             root.removeHandler(handler)
             handler.close()
-    file_handler = logging.FileHandler(path, encoding="utf-8")
-    file_handler.setFormatter(fmt)
     console = logging.StreamHandler(sys.stderr)
     console.setFormatter(fmt)
     console.setLevel(logging.INFO if rank == 0 else logging.ERROR)
-    for handler in (file_handler, console):
+    handlers: list[logging.Handler] = [console]
+    if path is not None:
+        file_handler = logging.FileHandler(path, encoding="utf-8")
+        file_handler.setFormatter(fmt)
+        handlers.append(file_handler)
+    for handler in handlers:
         handler._revprompt = True  # type: ignore[attr-defined]
         root.addHandler(handler)
     root.setLevel(getattr(logging, level))

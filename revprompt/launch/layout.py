@@ -17,12 +17,17 @@ from __future__ import annotations
 import datetime
 import errno
 import fnmatch
+import hashlib
 import json
 import logging
 import os
 import socket
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .config import Config
 
 log = logging.getLogger(__name__)
 
@@ -168,3 +173,256 @@ def remove_if_empty(folder: str | Path) -> None:
         Path(folder).rmdir()
     except OSError:
         pass
+
+
+# ---------------------------------------------------------------------------------------------- paths
+class RunLayout:
+    """Every path under run.dir, and what the files there say about the stages' state.
+
+    No other module joins a path under the run directory by hand: they ask this one.
+    """
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    # files of the whole run
+    @property
+    def config(self) -> Path:
+        """The resolved config of the last launch."""
+        return self.root / "config.toml"
+
+    @property
+    def logs(self) -> Path:
+        """logs/: rank-N.log per rank."""
+        return self.root / "logs"
+
+    def tb(self, stage: str) -> Path:
+        """tb/<stage>/: TensorBoard events of one stage."""
+        return self.root / "tb" / stage
+
+    @property
+    def pipeline_record(self) -> Path:
+        """pipeline.json: each stage's time and outcome."""
+        return self.root / "pipeline.json"
+
+    def samples_log(self, rank: int) -> Path:
+        """The keys each training step read on `rank` (train.record_samples)."""
+        return self.logs / f"samples-rank-{rank}.jsonl"
+
+    # prepare and generate
+    @property
+    def prompts(self) -> Path:
+        """prompts/: the prepared prompt set ({split}.jsonl + .idx, report.json)."""
+        return self.root / "prompts"
+
+    @property
+    def prompts_report(self) -> Path:
+        """prompts/report.json: what prepare read, kept and dropped, and its fingerprint."""
+        return self.prompts / "report.json"
+
+    @property
+    def shards(self) -> Path:
+        """shards/: the shard root (manifest.json, {split}/{shard:06d}.tar)."""
+        return self.root / "shards"
+
+    @property
+    def progress(self) -> Path:
+        """shards/.progress/: each generating rank's count while generate runs."""
+        return self.shards / ".progress"
+
+    # train
+    @property
+    def checkpoints(self) -> Path:
+        """checkpoints/: step-N folders, DeepSpeed's `latest`, the DeepSpeed config in use."""
+        return self.root / "checkpoints"
+
+    @property
+    def deepspeed_config(self) -> Path:
+        """The DeepSpeed config the last training launch ran with, as it passed it to DeepSpeed."""
+        return self.checkpoints / "deepspeed.json"
+
+    @property
+    def captioner(self) -> Path:
+        """captioner/: the exported Hugging Face captioner."""
+        return self.root / "captioner"
+
+    # evaluate
+    @property
+    def eval(self) -> Path:
+        """eval/: results.jsonl, summary.json, report.md and plots."""
+        return self.root / "eval"
+
+    @property
+    def eval_parts(self) -> Path:
+        """eval/parts/: one finished test shard's rows each ({shard:06d}.jsonl)."""
+        return self.eval / "parts"
+
+    def eval_part(self, shard: int) -> Path:
+        """The rows of test shard `shard`."""
+        return self.eval_parts / f"{shard:06d}.jsonl"
+
+    @property
+    def eval_regenerated(self) -> Path:
+        """eval/regenerated/: the images redrawn from recovered prompts, one shard per test shard."""
+        return self.eval / "regenerated"
+
+    def eval_images(self, shard: int) -> Path:
+        """The redrawn images of test shard `shard`."""
+        return self.eval_regenerated / f"{shard:06d}.tar"
+
+    @property
+    def eval_summary(self) -> Path:
+        """eval/summary.json."""
+        return self.eval / "summary.json"
+
+    # drift
+    @property
+    def drift(self) -> Path:
+        """drift/: results.jsonl, summary.json, report.md, curves and strips."""
+        return self.root / "drift"
+
+    def drift_iteration(self, k: int) -> Path:
+        """drift/iter_{k:02d}/: iteration k's images and rows, one shard each per test shard."""
+        return self.drift / f"iter_{k:02d}"
+
+    def drift_iterations(self) -> list[Path]:
+        """The iteration folders on disk, in order."""
+        return sorted(p for p in self.drift.glob("iter_[0-9]*") if p.is_dir())
+
+    def drift_part(self, k: int, shard: int) -> Path:
+        """Iteration k's rows of test shard `shard` (written last: its completion mark)."""
+        return self.drift_iteration(k) / f"{shard:06d}.jsonl"
+
+    def drift_images(self, k: int, shard: int) -> Path:
+        """Iteration k's images of test shard `shard`."""
+        return self.drift_iteration(k) / f"{shard:06d}.tar"
+
+    @property
+    def drift_summary(self) -> Path:
+        """drift/summary.json."""
+        return self.drift / "summary.json"
+
+    # what the files say
+    def exported(self) -> dict | None:
+        """What the exported captioner was made from (its step and position), or None before an export."""
+        return read_export_info(self.captioner)
+
+    def exported_step(self) -> int | None:
+        """The training step of the exported captioner, or None."""
+        info = self.exported()
+        return info.get("step") if info else None
+
+
+EXPORT_INFO = "revprompt.json"  # an export's marker: what it was made from, and the list of its files
+
+
+def read_export_info(folder: str | Path) -> dict | None:
+    """What the export in `folder` was made from, or None when it is not a revprompt export. The list of
+    the export's own files is left out: it says nothing of the model."""
+    try:
+        info = json.loads((Path(folder) / EXPORT_INFO).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(info, dict):
+        return None
+    info.pop("files", None)
+    return info
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+# ---------------------------------------------------------------------------------------------- fingerprints
+def short_hash(obj: Any, **dumps: Any) -> str:
+    """The first 16 hex digits of the sha256 of `obj` as sorted JSON."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, **dumps).encode()).hexdigest()[:16]
+
+
+def section_hash(cfg: "Config", *names: str) -> str:
+    """Hash of config sections or keys ('prompts', 'run.seed')."""
+    full = cfg.to_dict()
+    picked = {}
+    for name in names:
+        sec, _, key = name.partition(".")
+        picked[name] = full[sec][key] if key else full[sec]
+    return short_hash(picked, separators=(",", ":"))
+
+
+def file_sha256(path: Path) -> str:
+    """Content hash of a file, read in blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def prepared_fingerprint(cfg: "Config") -> str:
+    """What the prepared prompt set depends on: the [prompts] section and the prompt file's bytes."""
+    from ..prompts.sources import PromptSourceError, resolve_path
+
+    source = resolve_path(cfg.prompts.path)
+    try:
+        content = file_sha256(source)
+    except OSError as exc:
+        raise PromptSourceError(f"{source}: cannot read prompt file: {exc.strerror or exc}") from None
+    return hashlib.sha256((section_hash(cfg, "prompts") + content).encode()).hexdigest()[:16]
+
+
+# keys of [generate] that change speed or presentation, never a sample
+GENERATE_SPEED_KEYS = ("batch_size", "compile", "grid_images")
+
+
+def generation_fingerprint(prepared: str, cfg: "Config") -> str:
+    """What the shards depend on: the prepared prompts, the [generate] section and the run seed."""
+    g = {k: v for k, v in cfg.to_dict()["generate"].items() if k not in GENERATE_SPEED_KEYS}
+    return short_hash({"prepared": prepared, "generate": g, "seed": cfg.run.seed})
+
+
+def evaluation_fingerprint(layout: RunLayout, cfg: "Config") -> str:
+    """What the evaluation depends on: the shards, the fine-tuned captioner, and the settings that score."""
+    full = cfg.to_dict()
+    e = {k: v for k, v in full["evaluate"].items() if k != "examples"}
+    manifest = _read_json(layout.shards / "manifest.json") or {}
+    return short_hash({"shards": manifest.get("fingerprint"), "evaluate": e, "seed": cfg.run.seed,
+                       "zero_shot": cfg.train.captioner, "generate": full["generate"],
+                       "captioner": layout.exported()}, default=str)
+
+
+# the [evaluate] keys drift captions and scores with
+DRIFT_EVALUATE_KEYS = ("text_model", "image_model", "max_new_tokens", "num_beams", "repetition_penalty", "batch_size")
+
+
+def drift_fingerprint(layout: RunLayout, cfg: "Config") -> str:
+    """What every drift iteration depends on (not their number: more iterations continue a run)."""
+    full = cfg.to_dict()
+    manifest = _read_json(layout.shards / "manifest.json") or {}
+    return short_hash({"shards": manifest.get("fingerprint"), "generate": full["generate"],
+                       "evaluate": {k: full["evaluate"][k] for k in DRIFT_EVALUATE_KEYS},
+                       "seed": cfg.run.seed, "max_samples": cfg.drift.max_samples,
+                       "captioner": layout.exported()}, default=str)
+
+
+def is_done(stage: str, layout: RunLayout, cfg: "Config") -> bool:
+    """Whether `stage`'s outputs in `layout` are complete for `cfg` (then a pipeline skips it)."""
+    if stage == "generate":
+        report = _read_json(layout.prompts_report) or {}
+        manifest = _read_json(layout.shards / "manifest.json") or {}
+        if not manifest.get("complete") or report.get("fingerprint") != prepared_fingerprint(cfg):
+            return False
+        return manifest.get("fingerprint") == generation_fingerprint(report["fingerprint"], cfg)
+    if stage == "train":
+        return layout.exported_step() == cfg.train.max_steps
+    if stage == "evaluate":
+        summary = _read_json(layout.eval_summary) or {}
+        return summary.get("fingerprint") == evaluation_fingerprint(layout, cfg)
+    if stage == "drift":
+        summary = _read_json(layout.drift_summary) or {}
+        return (summary.get("fingerprint") == drift_fingerprint(layout, cfg)
+                and len(summary.get("iterations", [])) == cfg.drift.iterations + 1)
+    raise ValueError(f"unknown stage {stage!r}")

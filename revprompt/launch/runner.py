@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 from . import dist
 from .config import Config, ConfigError, load_config, save_config
-from .layout import RunDirError, StageLock, claim_run_dir
+from .layout import RunDirError, RunLayout, StageLock, claim_run_dir
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -19,6 +19,12 @@ log = logging.getLogger(__name__)
 
 class StageError(RuntimeError):
     """A failure that every rank must see, so none of them waits in a collective for the others."""
+
+
+def is_user_error(exc: BaseException) -> bool:
+    """True for the errors revprompt raises on purpose (its own exception classes: a bad config, a prompt
+    file, a manifest, a run directory...): their message says what to do. Anything else is a bug."""
+    return type(exc).__module__.startswith("revprompt.")
 
 
 @dataclass
@@ -35,6 +41,11 @@ class StageContext:
         """The run directory."""
         return Path(self.cfg.run.dir)
 
+    @property
+    def layout(self) -> RunLayout:
+        """Every path under the run directory."""
+        return RunLayout(self.cfg.run.dir)
+
 
 def build_parser(stage: str, description: str) -> argparse.ArgumentParser:
     """The options every stage takes; `--section.key=value` overrides are collected separately."""
@@ -46,7 +57,11 @@ def build_parser(stage: str, description: str) -> argparse.ArgumentParser:
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[Config, argparse.Namespace]:
-    """Split argv into known flags and overrides; load and validate the config."""
+    """Split argv into known flags and overrides; load and validate the config.
+
+    A flag whose `dest` is a config key ("evaluate.batch_size") sets that key, like the override
+    `--evaluate.batch_size=N`; a ConfigError about it names the flag too.
+    """
     args, rest = parser.parse_known_args(argv)
     overrides, i = [], 0
     while i < len(rest):
@@ -59,7 +74,15 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[Config
             item, i = f"{item}={rest[i + 1]}", i + 1
         overrides.append(item)
         i += 1
-    return load_config(args.config, overrides), args
+    values = {k: v for k, v in vars(args).items() if "." in k and v is not None}
+    try:
+        return load_config(args.config, overrides, values), args
+    except ConfigError as exc:
+        flags = {a.dest: a.option_strings[0] for a in parser._actions if a.option_strings and "." in a.dest}
+        key = str(exc).split(":", 1)[0]
+        if key in flags and key in values:
+            raise ConfigError(f"{flags[key]} ({key}){str(exc)[len(key):]}") from None
+        raise
 
 
 def on_main_first(info: dist.DistInfo, fn: Callable[[], Any]) -> Any:
@@ -77,16 +100,8 @@ def on_main_first(info: dist.DistInfo, fn: Callable[[], Any]) -> Any:
     return result
 
 
-def run_stage(stage: str, argv: list[str], parser: argparse.ArgumentParser,
-              body: Callable[[StageContext], None]) -> int:
-    """Parse, init the runtime, save the resolved config (rank 0), run `body`, close; return the exit code."""
-    try:
-        cfg, args = parse_args(parser, argv)
-    except ConfigError as exc:
-        logging.basicConfig(level=logging.INFO)
-        log.error("config error: %s", exc)
-        return 2
-    info = dist.init(cfg.run.device, cfg.run.timeout_s)
+def _claim(stage: str, cfg: Config, info: dist.DistInfo) -> list[StageLock]:
+    """Rank 0 claims the run directory and takes the stage's lock before any rank writes in it."""
     held: list[StageLock] = []
 
     def claim() -> None:
@@ -96,39 +111,63 @@ def run_stage(stage: str, argv: list[str], parser: argparse.ArgumentParser,
             raise RunDirError(f"cannot write the run directory {cfg.run.dir}: {exc}") from None
         held.append(StageLock(cfg.run.dir, stage).acquire())
 
+    on_main_first(info, claim)
+    return held
+
+
+def _open_run(stage: str, cfg: Config, info: dist.DistInfo) -> Metrics:
+    """Per-rank logs and TensorBoard under the run directory; the resolved config saved (rank 0)."""
+    layout = RunLayout(cfg.run.dir)
+    dist.setup_logging(layout.logs, info.rank, cfg.run.log_level)
+    metrics = Metrics(layout.tb(stage), enabled=info.is_main)
+    if info.is_main:
+        save_config(cfg, layout.config)
+    return metrics
+
+
+def run_stage(stage: str, argv: list[str], parser: argparse.ArgumentParser,
+              body: Callable[[StageContext], None], *, uses_run_dir: bool = True) -> int:
+    """Parse, init the runtime, claim and lock the run directory, log per rank, save the resolved config (rank 0),
+    run `body`, close; return the exit code. A command that works outside a run (`caption`, `export`) passes
+    `uses_run_dir=False`: it logs to the console only and writes nothing under run.dir."""
     try:
-        # rank 0 claims the folder and takes the stage's lock before any rank writes in it
-        on_main_first(info, claim)
-    except StageError as exc:
+        cfg, args = parse_args(parser, argv)
+    except ConfigError as exc:
         logging.basicConfig(level=logging.INFO)
-        log.error("%s: %s", stage, str(exc).removeprefix("RunDirError: "))
-        dist.close()
-        return 1
+        log.error("config error: %s", exc)
+        return 2
+    info = dist.init(cfg.run.device, cfg.run.timeout_s)
+    held: list[StageLock] = []
     try:
-        dist.setup_logging(Path(cfg.run.dir) / "logs", info.rank, cfg.run.log_level)
-        metrics = Metrics(Path(cfg.run.dir) / "tb" / stage, enabled=info.is_main)
-    except OSError as exc:  # an unwritable or missing run directory: say which path, not a traceback
+        if uses_run_dir:
+            held = _claim(stage, cfg, info)
+            metrics = _open_run(stage, cfg, info)
+        else:
+            dist.setup_logging(None, info.rank, cfg.run.log_level)
+            metrics = Metrics("", enabled=False)
+    except (StageError, OSError) as exc:  # an unwritable, foreign or busy run directory: one line, no traceback
         logging.basicConfig(level=logging.INFO)
-        log.error("%s: cannot write the run directory %s: %s", stage, cfg.run.dir, exc)
+        message = str(exc).removeprefix("RunDirError: ")
+        log.error("%s: %s", stage, message if isinstance(exc, StageError) else
+                  f"cannot write the run directory {cfg.run.dir}: {exc}")
         for lock in held:
             lock.release()
         dist.close()
         return 1
     try:
-        if info.is_main:
-            save_config(cfg, Path(cfg.run.dir) / "config.toml")
-        log.info("revprompt %s: rank %d of %d on %s, run dir %s", stage, info.rank, info.world_size,
-                 info.device, cfg.run.dir)
+        log.info("revprompt %s: rank %d of %d on %s%s", stage, info.rank, info.world_size, info.device,
+                 f", run dir {cfg.run.dir}" if uses_run_dir else "")
         warning = dist.restart_store_warning()
         if warning and info.is_main:
             log.warning("%s", warning)
         body(StageContext(cfg, info, metrics, args))
         return 0
-    except StageError as exc:
-        log.error("%s failed: %s", stage, exc)
-        return 1
-    except Exception:
-        log.exception("%s failed on rank %d", stage, info.rank)
+    except Exception as exc:
+        if is_user_error(exc):  # a message for the user; the traceback goes to the rank's log only
+            log.debug("%s", traceback.format_exc())
+            log.error("%s failed: %s", stage, exc)
+        else:
+            log.exception("%s failed on rank %d", stage, info.rank)
         return 1
     finally:
         metrics.close()

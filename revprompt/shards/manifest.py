@@ -11,6 +11,10 @@ MANIFEST = "manifest.json"
 FORMAT = "revprompt-shards/1"
 
 
+class ManifestError(ValueError):
+    """No usable manifest for what a stage needs; the message says what to run first."""
+
+
 def read_manifest(root: str | Path) -> dict | None:
     """The manifest under `root`, or None when there is none yet."""
     path = Path(root) / MANIFEST
@@ -19,7 +23,7 @@ def read_manifest(root: str | Path) -> dict | None:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path}: unreadable manifest: {exc}") from None
+        raise ManifestError(f"{path}: unreadable manifest: {exc}") from None
 
 
 def scan_manifest(root: str | Path, fingerprint: str, planned: dict[str, int], extra: dict | None = None) -> dict:
@@ -47,11 +51,21 @@ def write_manifest(root: str | Path, manifest: dict) -> None:
 
 
 def split_shards(root: str | Path, split: str) -> list[tuple[str, int]]:
-    """(path, count) of a split's shards from a complete manifest; ValueError says what to run first."""
+    """(path, count) of a split's shards from a complete manifest; ManifestError says what to run first."""
     root = Path(root)
     manifest = read_manifest(root)
     if manifest is None or split not in manifest["splits"]:
-        raise ValueError(f"{root}: no {split} shards; run `revprompt generate` first")
+        raise ManifestError(f"{root}: no {split} shards; run `revprompt generate` first")
     if not manifest["complete"]:
-        raise ValueError(f"{root}/manifest.json: generation is incomplete; rerun `revprompt generate` to finish it")
+        raise ManifestError(f"{root}/manifest.json: generation is incomplete; rerun `revprompt generate` to finish it")
     return [(str(root / s["name"]), s["count"]) for s in manifest["splits"][split]["shards"]]
+
+
+def listed_shards(root: str | Path, splits: tuple[str, ...] | None = None) -> list[str]:
+    """Paths of the shards the manifest under `root` lists (complete ones), split by split; all splits by default."""
+    root = Path(root)
+    manifest = read_manifest(root)
+    if manifest is None:
+        raise ManifestError(f"{root}: no {MANIFEST}; not a shard root written by `revprompt generate`")
+    return [str(root / s["name"]) for split, body in manifest["splits"].items() if splits is None or split in splits
+            for s in body["shards"]]

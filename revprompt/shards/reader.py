@@ -19,6 +19,7 @@ import webdataset as wds
 from PIL import Image
 
 from .keys import is_safe_key
+from .schema import owner
 from .writer import IMAGE_EXTS, is_complete, stats_path
 
 log = logging.getLogger(__name__)
@@ -57,12 +58,23 @@ def list_shards(root: str | Path, split: str) -> list[str]:
 
 
 def split_by_rank(rank: int, world_size: int):
-    """Pipeline stage: keep every `world_size`-th shard starting at `rank` (shard s belongs to rank s % world)."""
+    """Pipeline stage: keep the shards this rank owns (the shard schema's `owner`)."""
 
     def stage(src: Iterable[dict]) -> Iterator[dict]:
         for index, item in enumerate(src):
-            if index % world_size == rank:
+            if owner(index, world_size) == rank:
                 yield item
+
+    return stage
+
+
+def only_keys(keys: set[str]):
+    """Pipeline stage: keep the raw samples whose key is in `keys` (before anything is decoded)."""
+
+    def stage(src: Iterable[dict]) -> Iterator[dict]:
+        for sample in src:
+            if sample.get("__key__") in keys:
+                yield sample
 
     return stage
 
@@ -170,12 +182,12 @@ def shuffle_buffer(size: int, rng: random.Random):
 def build_reader(shards: list[str], *, rank: int = 0, world_size: int = 1, stats: ReadStats | None = None,
                  require: tuple[str, ...] = ("image", "txt"), shuffle_shards_seed: int | None = None,
                  buffer: int = 0, buffer_seed: int | str = 0, split_workers: bool = True,
-                 fields: tuple[str, ...] = ("image", "txt", "json")) -> wds.DataPipeline:
+                 fields: tuple[str, ...] = ("image", "txt", "json"), keys: set[str] | None = None) -> wds.DataPipeline:
     """A WebDataset pipeline over `shards`: this rank's shards, then this worker's, decoded safely.
 
     `buffer` > 0 shuffles samples through a seeded buffer before decoding. `split_workers=False`
     reads every given shard in this process (for callers that assign shards to workers themselves).
-    `fields` are the parts decoded (see `decode_sample`).
+    `fields` are the parts decoded (see `decode_sample`); with `keys`, only those samples are decoded.
     """
     stats = stats if stats is not None else ReadStats()
     shards = list(shards)
@@ -186,6 +198,8 @@ def build_reader(shards: list[str], *, rank: int = 0, world_size: int = 1, stats
     if split_workers:
         stages.append(wds.split_by_worker)
     stages.append(wds.tarfile_to_samples(handler=counting_handler(stats)))
+    if keys is not None:
+        stages.append(only_keys(keys))
     if buffer > 0:
         stages.append(shuffle_buffer(buffer, random.Random(buffer_seed)))
     stages.append(SafeDecoder(stats, require, fields))

@@ -22,7 +22,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..shards.reader import ReadStats, build_reader
-from .captioner import encode_prompts, preprocess_images
+from ..shards.schema import owner
+from ..models.captioner import encode_prompts, preprocess_images
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ def plan_epoch(shards: list[tuple[str, int]], epoch: int, seed: int, rank: int, 
     quotas: list[int] = []
     mine: tuple[tuple[str, ...], ...] = ()
     for r in range(world_size):
-        per_rank = order[r::world_size]
+        per_rank = [shard for position, shard in enumerate(order) if owner(position, world_size) == r]
         quotas += [sum(c for _, c in per_rank[w::workers]) // batch_size for w in range(workers)]
         if r == rank:
             mine = tuple(tuple(p for p, _ in per_rank[w::workers]) for w in range(workers))

@@ -16,15 +16,29 @@ from ..launch.config import TrainConfig
 log = logging.getLogger(__name__)
 
 
-def read_stage_json(stage: int) -> dict:
-    """training/deepspeed/zero{stage}.json, as shipped (or as edited by the user)."""
-    text = (resources.files("revprompt.training") / "deepspeed" / f"zero{stage}.json").read_text()
-    config = json.loads(text)
+class DeepSpeedConfigError(ValueError):
+    """A DeepSpeed JSON that cannot be used; the message names the file."""
+
+
+def read_stage_json(stage: int, path: str = "") -> dict:
+    """The ZeRO JSON of `stage`: the file `path` when given (train.deepspeed_config), else the shipped
+    training/deepspeed/zero{stage}.json. Its batch, clipping and precision fields are filled from [train]."""
+    if path:
+        try:
+            config = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise DeepSpeedConfigError(f"train.deepspeed_config {path}: cannot read it as JSON: {exc}") from None
+        found = config.get("zero_optimization", {}).get("stage", 0) if isinstance(config, dict) else None
+        if found != stage:
+            raise DeepSpeedConfigError(f"train.deepspeed_config {path}: zero_optimization.stage is {found}, "
+                                       f"train.zero_stage is {stage}; set them equal")
+    else:
+        config = json.loads((resources.files("revprompt.training") / "deepspeed" / f"zero{stage}.json").read_text())
     config.pop("_comment", None)
     return config
 
 
-def effective_stage(requested: int, world_size: int) -> int:
+def effective_stage(requested: int, world_size: int, path: str = "") -> int:
     """The ZeRO stage a job of `world_size` ranks runs.
 
     Stages 1 and 2 partition optimizer state and gradients across ranks. On one rank there is
@@ -35,15 +49,22 @@ def effective_stage(requested: int, world_size: int) -> int:
     """
     if world_size > 1 or requested not in (1, 2):
         return requested
-    zero = read_stage_json(requested).get("zero_optimization", {})
+    zero = read_stage_json(requested, path).get("zero_optimization", {})
     if "offload_optimizer" in zero or "offload_param" in zero:
         return requested
     return 0
 
 
 def load_ds_config(train: TrainConfig, world_size: int, device: torch.device) -> dict:
-    """The JSON of the stage this job runs (see `effective_stage`) with its "auto" fields filled from [train]."""
-    config = read_stage_json(effective_stage(train.zero_stage, world_size))
+    """The DeepSpeed config this job runs: the JSON of its stage (see `effective_stage`; a one-rank job that
+    falls back to stage 0 runs its JSON with the stage set to 0), the "auto" fields filled from [train]."""
+    stage = effective_stage(train.zero_stage, world_size, train.deepspeed_config)
+    if train.deepspeed_config:
+        config = read_stage_json(train.zero_stage, train.deepspeed_config)
+        if stage != train.zero_stage:
+            config["zero_optimization"] = {"stage": 0}
+    else:
+        config = read_stage_json(stage)
     config["train_micro_batch_size_per_gpu"] = train.micro_batch_size
     config["gradient_accumulation_steps"] = train.grad_accum
     config["train_batch_size"] = train.micro_batch_size * train.grad_accum * world_size

@@ -10,30 +10,15 @@ from pathlib import Path
 
 import torch
 
+from ..launch.layout import EXPORT_INFO
+
 log = logging.getLogger(__name__)
 
 HF_SUBDIR = "hf"  # inside each checkpoint: the processor and model config, so export needs nothing else
 
 
-EXPORT_INFO = "revprompt.json"  # the marker of a revprompt export: what it was made from, and its files
-
-
 class ExportError(RuntimeError):
     """The export cannot go where it was asked to; nothing was written there."""
-
-
-def read_export_info(out_dir: Path) -> dict | None:
-    """What an export was made from (its step and position, or its checkpoint), or None when `out_dir` is
-    not a revprompt export. The list of the export's own files is left out: it says nothing of the model."""
-    path = Path(out_dir) / EXPORT_INFO
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(info, dict):
-        return None
-    info.pop("files", None)
-    return info
 
 
 def check_export_target(out_dir: Path) -> None:
@@ -147,7 +132,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
     checkpoint = Path(checkpoint)
     hf = checkpoint / HF_SUBDIR
     if not (hf / "config.json").is_file():
-        raise FileNotFoundError(f"{checkpoint}: not a revprompt checkpoint (no {HF_SUBDIR}/config.json)")
+        raise ExportError(f"{checkpoint}: not a revprompt checkpoint (no {HF_SUBDIR}/config.json)")
     problem = checkpoint_problem(checkpoint)
     if problem is not None:
         raise ExportError(f"{checkpoint}: {problem}; export a committed checkpoint (the newest one training "
@@ -159,7 +144,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
     else:  # ZeRO-0 (what a one-rank job runs): the whole model is in the model-states file
         files = sorted(checkpoint.glob("mp_rank_*_model_states.pt"))
         if not files:
-            raise FileNotFoundError(f"{checkpoint}: no DeepSpeed model states (mp_rank_*_model_states.pt)")
+            raise ExportError(f"{checkpoint}: no DeepSpeed model states (mp_rank_*_model_states.pt)")
         module = torch.load(files[0], map_location="cpu", weights_only=True)["module"]
         state = {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
     model = BlipForConditionalGeneration(BlipConfig.from_pretrained(hf))
@@ -168,21 +153,22 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
     return save_hf_dir(model, processor, state, Path(out_dir), {"from_checkpoint": str(checkpoint), **client})
 
 
+def export_stage(ctx) -> Path:
+    """`revprompt export` with the [export] section: consolidate export.checkpoint into export.out."""
+    e = ctx.cfg.export
+    if not e.checkpoint or not e.out:
+        raise ExportError("export.checkpoint and export.out are both needed (--checkpoint DIR --out DIR)")
+    path = export_checkpoint(e.checkpoint, e.out)
+    log.info("exported %s to %s", e.checkpoint, path)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `revprompt export --checkpoint DIR --out DIR`."""
-    import argparse
+    from ..launch.runner import build_parser, run_stage
 
-    parser = argparse.ArgumentParser(prog="revprompt export",
-                                     description="Consolidate a training checkpoint into a Hugging Face captioner.")
-    parser.add_argument("--checkpoint", required=True, help="a checkpoints/step-N folder")
-    parser.add_argument("--out", required=True, help="output folder: new, empty, or a previous export (replaced "
-                                                     "atomically); anything else is refused")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        path = export_checkpoint(args.checkpoint, args.out)
-    except (FileNotFoundError, RuntimeError, ValueError, OSError) as exc:
-        log.error("export failed: %s", exc)
-        return 1
-    log.info("exported %s to %s", args.checkpoint, path)
-    return 0
+    parser = build_parser("export", "Consolidate a training checkpoint into a Hugging Face captioner.")
+    parser.add_argument("--checkpoint", dest="export.checkpoint", help="a committed checkpoints/step-N folder")
+    parser.add_argument("--out", dest="export.out", help="output folder: new, empty, or an earlier export "
+                                                         "(replaced atomically); anything else is refused")
+    return run_stage("export", argv if argv is not None else [], parser, export_stage, uses_run_dir=False)

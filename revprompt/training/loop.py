@@ -15,9 +15,11 @@ import torch
 from ..launch import dist
 from ..launch.metrics import captioned_grid
 from ..launch.runner import StageContext, StageError, build_parser, on_main_first, run_stage
-from ..shards.manifest import split_shards as manifest_split_shards
+from ..models.captioner import build_captioner, freeze_vision, generate_captions, image_size_of, preprocess_images
+from ..models.text_embedder import pairwise_cosine
+from ..shards.manifest import read_manifest, split_shards
+from ..shards.reader import build_reader
 from ..shards.writer import write_json_atomic
-from .captioner import build_captioner, freeze_vision, generate_captions, image_size_of, preprocess_images
 from .data import DataPlanError, TrainStream, build_loader, smallest_share
 from .engine import (allow_deepspeed_checkpoint_types, commit_checkpoint, force_weights_only_loads, fsync_files,
                      gathered_state_dict, initialize, prune_checkpoints, resume_point, write_latest)
@@ -41,29 +43,24 @@ class Position:
                     batch_in_epoch=self.batch_in_epoch)
 
 
-def split_shards(run_dir: Path, split: str) -> list[tuple[str, int]]:
-    """(path, count) of a split's complete shards, from the manifest."""
-    try:
-        return manifest_split_shards(run_dir / "shards", split)
-    except ValueError as exc:
-        raise StageError(str(exc)) from None
-
-
 class Trainer:
     """Owns the engine, the data stream, validation, checkpoints and export for one run."""
 
     def __init__(self, ctx: StageContext):
         self.ctx, self.cfg, self.info = ctx, ctx.cfg, ctx.info
         self.t = ctx.cfg.train
-        self.ckpt_root = ctx.run_dir / "checkpoints"
-        self.export_dir = ctx.run_dir / "captioner"
+        self.layout = ctx.layout
+        self.ckpt_root = self.layout.checkpoints
+        self.export_dir = self.layout.captioner
         force_weights_only_loads()
         allow_deepspeed_checkpoint_types()
         dist.ensure_group(self.info)
         # a captioner/ that is not an earlier export would be refused at the end: say so before training
         on_main_first(self.info, lambda: check_export_target(self.export_dir))
-        self.train_shards = split_shards(ctx.run_dir, "train")
-        self.val_shards = split_shards(ctx.run_dir, "val") if "val" in self.cfg.generate.splits else []
+        self.train_shards = split_shards(self.layout.shards, "train")
+        # validate on the val shards the manifest lists, if generation wrote any
+        has_val = "val" in (read_manifest(self.layout.shards) or {}).get("splits", {})
+        self.val_shards = split_shards(self.layout.shards, "val") if has_val else []
         model, self.processor = build_captioner(self.t.captioner, self.cfg.run.seed)
         if self.t.freeze_vision:
             log.info("froze %d vision parameters", freeze_vision(model))
@@ -73,17 +70,21 @@ class Trainer:
         # rank 0 keeps a plain copy for captioning during validation and for export (ZeRO-3 partitions the original)
         self.twin = copy.deepcopy(model).eval() if self.info.is_main else None
         self.engine, self.optimizer, self.scheduler = initialize(model, self.t, self.info.world_size, self.info.device)
-        self.layout = {"zero_stage": self.engine.zero_optimization_stage(), "world_size": self.info.world_size}
-        if self.layout["zero_stage"] != self.t.zero_stage:
+        if self.info.is_main:  # the DeepSpeed config this run passed, as DeepSpeed got it
+            self.layout.checkpoints.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(self.layout.deepspeed_config, self.engine.config)
+        # the partition layout this engine writes its checkpoints in
+        self.zero_layout = {"zero_stage": self.engine.zero_optimization_stage(), "world_size": self.info.world_size}
+        if self.zero_layout["zero_stage"] != self.t.zero_stage:
             log.info("train.zero_stage=%d on one rank has nothing to partition: running as ZeRO-%d",
-                     self.t.zero_stage, self.layout["zero_stage"])
+                     self.t.zero_stage, self.zero_layout["zero_stage"])
         if self.t.compile:
             self.engine.compile()
         self.pos = Position()
         self.grad_norm: float | None = None
         self.samples_log = None
         if self.t.record_samples:
-            self.samples_log = open(ctx.run_dir / "logs" / f"samples-rank-{self.info.rank}.jsonl", "a",
+            self.samples_log = open(self.layout.samples_log(self.info.rank), "a",
                                     buffering=1)  # line-buffered: a killed run keeps what it recorded
 
     # ---------------------------------------------------------------- checkpoints
@@ -96,13 +97,13 @@ class Trainer:
             return False
         tag = folder.name
         written = self.checkpoint_layout(tag)
-        same_layout = written is None or written == self.layout
+        same_layout = written is None or written == self.zero_layout
         if not same_layout:
             # optimizer partitions of another ZeRO stage or rank count do not map onto this engine's:
             # keep the weights, the position and the schedule, restart the AdamW moments
             log.warning("%s was written by ZeRO-%d on %d rank(s), this job is ZeRO-%d on %d: loading the weights "
                         "only; the optimizer's moments start again", self.ckpt_root / tag, written["zero_stage"],
-                        written["world_size"], self.layout["zero_stage"], self.layout["world_size"])
+                        written["world_size"], self.zero_layout["zero_stage"], self.zero_layout["world_size"])
         _, client = self.engine.load_checkpoint(str(self.ckpt_root), tag=tag, load_module_only=not same_layout,
                                                 load_optimizer_states=same_layout,
                                                 load_lr_scheduler_states=same_layout)
@@ -140,7 +141,7 @@ class Trainer:
         if not record.is_file():
             return None
         saved = json.loads(record.read_text())
-        return {k: saved[k] for k in self.layout} if all(k in saved for k in self.layout) else None
+        return {k: saved[k] for k in self.zero_layout} if all(k in saved for k in self.zero_layout) else None
 
     def convert_position(self, old_world: int) -> None:
         """Map the data position of a run with `old_world` ranks onto this rank count.
@@ -184,7 +185,7 @@ class Trainer:
             hf = folder / HF_SUBDIR
             self.twin.config.save_pretrained(hf)
             self.processor.save_pretrained(hf)
-            write_json_atomic(hf / "position.json", {**self.pos.as_dict(), **self.layout})
+            write_json_atomic(hf / "position.json", {**self.pos.as_dict(), **self.zero_layout})
             commit_checkpoint(folder, self.pos.step)
             write_latest(self.ckpt_root, tag)
             for old in prune_checkpoints(self.ckpt_root, self.t.keep_checkpoints):
@@ -199,11 +200,6 @@ class Trainer:
                                                                             **self.pos.as_dict()})
             log.info("exported the captioner at step %d to %s", self.pos.step, self.export_dir)
         dist.barrier()
-
-    def exported_step(self) -> int | None:
-        """The step of the current export, if any."""
-        info = self.export_dir / "revprompt.json"
-        return json.loads(info.read_text()).get("step") if info.is_file() else None
 
     # ---------------------------------------------------------------- data
     def stream(self, shards, *, epoch: int, batch: int, train: bool) -> TrainStream:
@@ -260,9 +256,6 @@ class Trainer:
         return metrics
 
     def _caption_similarity(self, state: dict) -> dict:
-        from ..evaluation.similarity import pairwise_cosine
-        from ..shards.reader import build_reader
-
         self.twin.load_state_dict(state, strict=False)
         self.twin.to(self.info.device)
         samples = []
@@ -295,7 +288,7 @@ class Trainer:
         resumed = self.resume()
         if resumed and self.pos.step >= self.t.max_steps:
             log.info("training already reached step %d (train.max_steps=%d)", self.pos.step, self.t.max_steps)
-            if self.exported_step() != self.pos.step:
+            if self.layout.exported_step() != self.pos.step:
                 self.export()
             return self.pos
         stream = self.stream(self.train_shards, epoch=self.pos.epoch, batch=self.pos.batch_in_epoch, train=True)
@@ -315,28 +308,12 @@ class Trainer:
             data = iter(loader)
             while self.pos.step < self.t.max_steps:
                 batch = next(data)
-                if (batch["epoch"], batch["position"]) != (self.pos.epoch, self.pos.batch_in_epoch):
-                    raise RuntimeError(f"data stream out of step: got batch {batch['position']} of epoch "
-                                       f"{batch['epoch']}, expected {self.pos.batch_in_epoch} of {self.pos.epoch}")
                 read_stats[batch["worker"]] = batch["read_stats"]
-                loss = self.forward(batch)
-                self.engine.backward(loss)
-                boundary = self.engine.is_gradient_accumulation_boundary()
-                if boundary and self.logs_at(self.pos.step + 1):
-                    self.grad_norm = self.own_grad_norm()
-                self.engine.step()
-                window["loss"] += loss.item()
+                loss, boundary = self._micro_step(batch)
+                window["loss"] += loss
                 window["micro"] += 1
                 window["samples"] += len(batch["keys"])
-                self.pos.samples_seen += len(batch["keys"]) * self.info.world_size
-                self.pos.batch_in_epoch += 1
-                if self.pos.batch_in_epoch == epoch_batches[self.pos.epoch]:
-                    self.pos.epoch += 1
-                    self.pos.batch_in_epoch = 0
-                    epoch_batches[self.pos.epoch] = stream.plan(self.pos.epoch).batches
-                if self.samples_log is not None:
-                    self.samples_log.write(json.dumps({"step": self.pos.step, "epoch": batch["epoch"],
-                                                       "position": batch["position"], "keys": batch["keys"]}) + "\n")
+                self._advance(batch, stream, epoch_batches)
                 if not boundary:
                     continue
                 self.pos.step += 1
@@ -345,10 +322,7 @@ class Trainer:
                 if self.logs_at(self.pos.step):
                     self._log_window(window, read_stats)
                     window = {"loss": 0.0, "micro": 0, "samples": 0, "start": time.monotonic()}
-                if self.t.val_every and self.pos.step % self.t.val_every == 0 and self.pos.step < self.t.max_steps:
-                    self._log(self.validate())
-                if self.pos.step % self.t.save_every == 0 and self.pos.step < self.t.max_steps:
-                    self.save()
+                self._on_schedule()
         finally:
             if bar is not None:
                 bar.close()
@@ -358,6 +332,38 @@ class Trainer:
         self.save()
         self.export()
         return self.pos
+
+    def _micro_step(self, batch: dict) -> tuple[float, bool]:
+        """Forward and backward one micro-batch, step at an accumulation boundary; (loss, boundary)."""
+        if (batch["epoch"], batch["position"]) != (self.pos.epoch, self.pos.batch_in_epoch):
+            raise RuntimeError(f"data stream out of step: got batch {batch['position']} of epoch "
+                               f"{batch['epoch']}, expected {self.pos.batch_in_epoch} of {self.pos.epoch}")
+        loss = self.forward(batch)
+        self.engine.backward(loss)
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        if boundary and self.logs_at(self.pos.step + 1):
+            self.grad_norm = self.own_grad_norm()
+        self.engine.step()
+        return loss.item(), boundary
+
+    def _advance(self, batch: dict, stream: TrainStream, epoch_batches: dict[int, int]) -> None:
+        """Count one consumed micro-batch in the position (the next epoch at the end of one); record its keys."""
+        self.pos.samples_seen += len(batch["keys"]) * self.info.world_size
+        self.pos.batch_in_epoch += 1
+        if self.pos.batch_in_epoch == epoch_batches[self.pos.epoch]:
+            self.pos.epoch += 1
+            self.pos.batch_in_epoch = 0
+            epoch_batches[self.pos.epoch] = stream.plan(self.pos.epoch).batches
+        if self.samples_log is not None:
+            self.samples_log.write(json.dumps({"step": self.pos.step, "epoch": batch["epoch"],
+                                               "position": batch["position"], "keys": batch["keys"]}) + "\n")
+
+    def _on_schedule(self) -> None:
+        """Validate and checkpoint when the step says so (the end does both anyway)."""
+        if self.t.val_every and self.pos.step % self.t.val_every == 0 and self.pos.step < self.t.max_steps:
+            self._log(self.validate())
+        if self.pos.step % self.t.save_every == 0 and self.pos.step < self.t.max_steps:
+            self.save()
 
     def _log_window(self, window: dict, read_stats: dict[int, torch.Tensor]) -> None:
         seconds = time.monotonic() - window["start"]

@@ -13,23 +13,13 @@ import webdataset as wds
 from tests.conftest import run_cli, shard_digests, tiny_args
 
 
-def test_cli_writes_shards_that_plain_readers_read(run_dir: Path):
-    first = run_cli("generate", *tiny_args(run_dir, limit=30), threads=2)
-    # the console carries the run, not library noise: no deprecation (torch_dtype) or backend warnings
-    assert "FutureWarning" not in first.stderr and "torchvision" not in first.stderr
-    manifest = json.loads((run_dir / "shards" / "manifest.json").read_text())
-    assert manifest["complete"] is True
-    report = json.loads((run_dir / "prompts" / "report.json").read_text())
-    assert report["kept"] == 30
-    assert sum(s["count"] for s in manifest["splits"].values()) == 30
-    assert {k: v["count"] for k, v in manifest["splits"].items()} == report["splits"]
-
+def check_shards_read_with_plain_webdataset(run_dir: Path, manifest: dict) -> None:
+    """Every sample of every shard, read with webdataset alone, matches the prepared prompt it came from."""
     prepared = {}
     for split in ("train", "val", "test"):
         for line in (run_dir / "prompts" / f"{split}.jsonl").read_text().splitlines():
             obj = json.loads(line)
             prepared[obj["id"]] = (split, obj["text"])
-
     seen = {}
     for split, info in manifest["splits"].items():
         for shard in info["shards"]:
@@ -45,10 +35,14 @@ def test_cli_writes_shards_that_plain_readers_read(run_dir: Path):
                 assert meta["key"] == sample["__key__"]
                 seen[sample["__key__"]] = meta["seed"]
     assert len(seen) == 30 and len(set(seen.values())) == 30
-    assert (run_dir / "config.toml").is_file()
+
+
+def check_loop_clock_and_tensorboard(run_dir: Path, manifest: dict) -> None:
+    """The log says where the generating thread's time went; TensorBoard has the same figures and the grid."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     log_text = (run_dir / "logs" / "rank-0.log").read_text()
     assert "generated 30 images" in log_text
-    # where the generating thread's time went: one model time per batch, the rest host time
     clock = re.search(r"generating thread: ([\d.]+) s in the model, ([\d.]+) s elsewhere \(([\d.]+)% of the loop\) "
                       r"over (\d+) batches", log_text)
     assert clock is not None
@@ -56,10 +50,6 @@ def test_cli_writes_shards_that_plain_readers_read(run_dir: Path):
     assert int(clock.group(4)) == batches
     model_s, host_s = float(clock.group(1)), float(clock.group(2))
     assert model_s > 0 and host_s >= 0
-
-    # TensorBoard: throughput scalars and the sample grid with its prompts
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     events = EventAccumulator(str(run_dir / "tb" / "generate"), size_guidance={"images": 0})
     events.Reload()
     assert "perf/images_per_s" in events.Tags()["scalars"]
@@ -70,6 +60,21 @@ def test_cli_writes_shards_that_plain_readers_read(run_dir: Path):
     (fraction,) = [e.value for e in events.Scalars("perf/host_fraction")]
     assert 100 * fraction == pytest.approx(float(clock.group(3)), abs=0.06)
     assert "generate/prompts/text_summary" in events.Tags()["tensors"]
+
+
+def test_cli_writes_shards_that_plain_readers_read(run_dir: Path):
+    first = run_cli("generate", *tiny_args(run_dir, limit=30), threads=2)
+    # the console carries the run, not library noise: no deprecation (torch_dtype) or backend warnings
+    assert "FutureWarning" not in first.stderr and "torchvision" not in first.stderr
+    manifest = json.loads((run_dir / "shards" / "manifest.json").read_text())
+    assert manifest["complete"] is True
+    report = json.loads((run_dir / "prompts" / "report.json").read_text())
+    assert report["kept"] == 30
+    assert sum(s["count"] for s in manifest["splits"].values()) == 30
+    assert {k: v["count"] for k, v in manifest["splits"].items()} == report["splits"]
+    check_shards_read_with_plain_webdataset(run_dir, manifest)
+    assert (run_dir / "config.toml").is_file()
+    check_loop_clock_and_tensorboard(run_dir, manifest)
 
     # rerun: every shard is complete, nothing is rewritten
     before = {p: (run_dir / "shards" / p).stat().st_mtime_ns for p in shard_digests(run_dir)}

@@ -23,21 +23,8 @@ def tags(tb_dir: Path) -> dict[str, set[str]]:
     return found
 
 
-def test_pipeline_end_to_end(tmp_path: Path):
-    run_dir = tmp_path / "run"
-    args = tiny_args(run_dir, limit=60, generate__height=64, generate__width=64, train__max_steps=6,
-                     train__micro_batch_size=8, train__val_every=0, train__val_captions=2, train__num_workers=0,
-                     drift__iterations=2)
-    proc = run_cli("pipeline", *args, threads=2)
-    stderr = proc.stderr
-    assert "similarity to prompt (mean)" in stderr and f"report: {run_dir / 'eval' / 'report.md'}" in stderr
-
-    # the captioner loads with plain transformers
-    from transformers import BlipForConditionalGeneration
-
-    BlipForConditionalGeneration.from_pretrained(run_dir / "captioner")
-    assert json.loads((run_dir / "captioner" / "revprompt.json").read_text())["step"] == 6
-
+def check_evaluation(run_dir: Path) -> None:
+    """Every test sample scored for every captioner, intervals around the means, the report and its plots."""
     summary = json.loads((run_dir / "eval" / "summary.json").read_text())
     rows = [json.loads(line) for line in (run_dir / "eval" / "results.jsonl").read_text().splitlines()]
     n_test = sum(1 for line in (run_dir / "prompts" / "test.jsonl").read_text().splitlines() if line.strip())
@@ -56,6 +43,24 @@ def test_pipeline_end_to_end(tmp_path: Path):
         with Image.open(run_dir / "eval" / f"{png}.png") as img:
             assert img.size[0] > 100 and img.size[1] > 50
         assert f"({png}.png)" in report
+
+
+def test_pipeline_end_to_end(tmp_path: Path):
+    run_dir = tmp_path / "run"
+    args = tiny_args(run_dir, limit=60, generate__height=64, generate__width=64, train__max_steps=6,
+                     train__micro_batch_size=8, train__val_every=0, train__val_captions=2, train__num_workers=0,
+                     drift__iterations=2)
+    proc = run_cli("pipeline", *args, threads=2)
+    stderr = proc.stderr
+    assert "similarity to prompt (mean)" in stderr and f"report: {run_dir / 'eval' / 'report.md'}" in stderr
+
+    # the captioner loads with plain transformers
+    from transformers import BlipForConditionalGeneration
+
+    BlipForConditionalGeneration.from_pretrained(run_dir / "captioner")
+    assert json.loads((run_dir / "captioner" / "revprompt.json").read_text())["step"] == 6
+
+    check_evaluation(run_dir)
 
     drift = json.loads((run_dir / "drift" / "summary.json").read_text())
     assert [e["iteration"] for e in drift["iterations"]] == [0, 1, 2]

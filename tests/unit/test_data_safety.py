@@ -14,10 +14,11 @@ import pytest
 from revprompt.launch.layout import RUN_MARKER, RunDirError, StageLock, claim_run_dir, remove_owned
 from revprompt.shards.writer import (SHARD_PATTERNS, ShardWriter, count_members, encode_image, is_complete,
                                      partial_path, stats_path)
-from revprompt.training.captioner import build_captioner
+from revprompt.models.captioner import build_captioner
 from revprompt.training.engine import (COMMIT, checkpoint_problem, commit_checkpoint, prune_checkpoints,
                                        resume_point)
-from revprompt.training.export import EXPORT_INFO, ExportError, read_export_info, save_hf_dir
+from revprompt.launch.layout import EXPORT_INFO, read_export_info
+from revprompt.training.export import ExportError, save_hf_dir
 
 
 # ------------------------------------------------------------------ the run directory

@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 
 from revprompt.evaluation.attributes import chance_rates, grouped_mean, names_value, recovery
-from revprompt.evaluation.images import build_tiny_image_encoder, embed_images, load_image_encoder, ssim
+from revprompt.evaluation.ssim import ssim
+from revprompt.models.image_embedder import build_tiny_image_encoder, embed_images, load_image_encoder
 from revprompt.evaluation.stats import bootstrap_ci, describe, distinct_ngrams, mean_pairwise_similarity
 
 

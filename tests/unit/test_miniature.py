@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from revprompt.generation.fashion import ARTICLES, COLOURS
-from revprompt.miniature.check import ArticleClassifier, garment_colour
-from revprompt.miniature.render import PALETTE, SHAPES, pattern_of, render
+from revprompt.prompts.fashion import ARTICLES, COLOURS
+from revprompt.models.miniature.check import ArticleClassifier, garment_colour
+from revprompt.models.miniature.render import PALETTE, SHAPES, pattern_of, render
 
 
 def row(article: str = "Tshirts", colour: str = "Red", gender: str = "Men", name: str = "Nike Men Red T-shirt",
@@ -54,9 +54,9 @@ def test_the_shipped_miniature_draws_its_prompts():
     """The tiny preset's model, loaded as any diffusers directory, on held-out prompts at the preset's settings."""
     import torch
 
-    from revprompt.generation.models import MINIATURE, build_pipeline
-    from revprompt.miniature.check import ArticleClassifier, check
-    from revprompt.miniature.train import training_rows
+    from revprompt.models.text_to_image import MINIATURE, build_pipeline
+    from revprompt.models.miniature.check import ArticleClassifier, check
+    from revprompt.models.miniature.train import training_rows
 
     shipped = sum(p.stat().st_size for p in MINIATURE.rglob("*") if p.is_file())
     assert shipped <= 20 * 2**20 and list(MINIATURE.rglob("*.safetensors"))

@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-from revprompt.generation.prepare import load_split, prepare
-from revprompt.generation.prompts import (CsvStats, PromptSourceError, bundled_path, normalise, read_prompts,
+from revprompt.generation.prepare import prepare
+from revprompt.prompts.prepared import load_split
+from revprompt.prompts.sources import (CsvStats, PromptSourceError, bundled_path, normalise, read_prompts,
                                           text_id)
 from revprompt.launch.config import load_config
 
@@ -46,7 +47,7 @@ def test_bundled_set_has_broken_rows_and_real_vocabulary():
 
 
 def test_bundled_set_is_reproducible(tmp_path):
-    from revprompt.generation.fashion import main
+    from revprompt.prompts.fashion import main
 
     main(["--out", str(tmp_path / "styles.csv")])
     assert (tmp_path / "styles.csv").read_bytes() == bundled_path().read_bytes()
@@ -108,7 +109,7 @@ def test_prepare_counts_empty_duplicates_and_long(tmp_path):
     report = prepare(cfg)
     assert {k: report[k] for k in ("rows", "empty", "duplicates", "too_long", "kept")} == \
         dict(rows=7, empty=2, duplicates=1, too_long=1, kept=4)
-    texts = sorted(p.text for s in ("train", "val", "test") for p in load_split(cfg.run.dir, s))
+    texts = sorted(p.text for s in ("train", "val", "test") for p in load_split(tmp_path / "run" / "prompts", s))
     assert texts == sorted(["red shirt", "blue jeans", long_prompt, "green cap"])
     assert sum(report["splits"].values()) == 4
 
@@ -126,27 +127,28 @@ def test_prepare_limit_and_duplicate_id(tmp_path):
 
 def test_prepared_splits_are_indexed_and_ranges_read_alone(tmp_path):
     from revprompt.generation.job import load_task_samples, plan_shards
-    from revprompt.generation.prepare import iter_split, load_at, load_range, split_size
+    from revprompt.prompts.prepared import iter_split, load_at, load_range, split_size
 
     cfg = load_config("tiny", [f"--run.dir={tmp_path / 'run'}", "--prompts.limit=300"])
     report = prepare(cfg, chunk=7)  # a chunk size that does not divide the count
+    folder = tmp_path / "run" / "prompts"
     for split in ("train", "val", "test"):
-        everything = load_split(cfg.run.dir, split)
-        assert split_size(cfg.run.dir, split) == report["splits"][split] == len(everything)
-        assert [p.id for p in iter_split(cfg.run.dir, split)] == [p.id for p in everything]
+        everything = load_split(folder, split)
+        assert split_size(folder, split) == report["splits"][split] == len(everything)
+        assert [p.id for p in iter_split(folder, split)] == [p.id for p in everything]
         for start, stop in ((0, 1), (5, 17), (len(everything) - 3, len(everything) + 10)):
-            assert load_range(cfg.run.dir, split, start, stop) == everything[start:stop]
-    train = load_split(cfg.run.dir, "train")
-    assert load_at(cfg.run.dir, "train", [0, 5, 16, len(train) - 1]) == [train[i] for i in (0, 5, 16, len(train) - 1)]
+            assert load_range(folder, split, start, stop) == everything[start:stop]
+    train = load_split(folder, "train")
+    assert load_at(folder, "train", [0, 5, 16, len(train) - 1]) == [train[i] for i in (0, 5, 16, len(train) - 1)]
     assert not list((tmp_path / "run" / "prompts").glob(".*"))  # no temporary or SQLite file left behind
 
     # a shard's samples come from its own prompts: prompt t // m, image t % m, as one list of all would give
-    counts = {s: split_size(cfg.run.dir, s) for s in ("train", "val", "test")}
+    counts = {s: split_size(folder, s) for s in ("train", "val", "test")}
     tasks = plan_shards(counts, images_per_prompt=3, shard_size=10)
-    train = load_split(cfg.run.dir, "train")
+    train = load_split(folder, "train")
     flat = [(p.id, i) for p in train for i in range(3)]
     got = [(s.prompt.id, s.image_index) for t in tasks if t.split == "train"
-           for s in load_task_samples(cfg.run.dir, t, 3, seed=0)]
+           for s in load_task_samples(folder, t, 3, seed=0)]
     assert got == flat
     assert [t.index for t in tasks] == list(range(len(tasks)))
     assert sum(t.size for t in tasks) == 3 * sum(counts.values())

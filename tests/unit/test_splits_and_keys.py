@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import random
 
-from revprompt.generation.fashion import make_rows
-from revprompt.generation.prepare import split_of
+from revprompt.prompts.fashion import make_rows
+from revprompt.prompts.prepared import split_of
 from revprompt.shards.keys import is_safe_key, prompt_slug, sample_key, sample_seed
 
 

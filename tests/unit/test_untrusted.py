@@ -13,7 +13,7 @@ import pytest
 from revprompt.launch.config import ConfigError, load_config
 from revprompt.shards.reader import ReadStats, build_reader
 from revprompt.shards.writer import ShardWriter, encode_image, encode_json, write_json_atomic
-from revprompt.training.captioner import build_captioner
+from revprompt.models.captioner import build_captioner
 from revprompt.training.data import TrainStream
 
 

@@ -1,6 +1,6 @@
 """The Kaggle "Fashion Product Images" vocabulary and the synthetic styles.csv made from it.
 
-`python -m revprompt.generation.fashion --rows 3000 --seed 20261126 --out revprompt/data/fashion-styles.csv`
+`python -m revprompt.prompts.fashion --rows 3000 --seed 20261126 --out revprompt/prompts/data/fashion-styles.csv`
 rebuilds the bundled prompt set byte for byte.
 """
 

@@ -6,7 +6,7 @@ then dropped and the whole captioner saved with save_pretrained. Captioning is n
 fine-tuning the captioner still writes noise (the "zero-shot" of the tiny preset), but fine-tuning
 starts from eyes that already see colour, shape and the gender mark.
 
-    python -m revprompt.miniature.captioner --out revprompt/miniature/captioner --steps 600 --seed 0
+    python -m revprompt.models.miniature.warm_start --out revprompt/models/miniature/captioner --steps 600 --seed 0
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import CAPTIONER
+from ..builtin import MINIATURE_CAPTIONER as CAPTIONER
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     """Train the vision tower on renders and save the warm-started captioner."""
     import sys
 
-    from ..training.captioner import build_captioner, preprocess_images
+    from ..captioner import build_captioner, preprocess_images
     from .render import PALETTE, PATTERNS, SHAPES, pattern_of, render
     from .train import training_rows
 
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
                     for i, (name, head) in enumerate(zip(("articleType", "baseColour", "gender", "pattern"), heads))}
     model.save_pretrained(args.out)
     processor.save_pretrained(args.out)
-    record = {"command": "python -m revprompt.miniature.captioner " + " ".join(sys.argv[1:] if argv is None else argv),
+    record = {"command": "python -m revprompt.models.miniature.warm_start " + " ".join(sys.argv[1:] if argv is None else argv),
               "seed": args.seed, "steps": args.steps, "batch": args.batch, "lr": args.lr, "renders": len(rows),
               "head_accuracy_on_training_renders": accuracy, "seconds": round(time.monotonic() - start, 1),
               "torch": torch.__version__}

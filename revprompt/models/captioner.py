@@ -1,4 +1,4 @@
-"""The BLIP captioner factory: a hub id, a local directory, or `tiny` (random, offline), plus its inputs.
+"""The BLIP captioner: its factory (hub id, local directory, `tiny-warm` or `tiny`), its inputs, and captioning.
 
 Two pitfalls make a BLIP captioner print empty strings, and both are handled here: the decoder
 starts from `[DEC]` (the tokenizer's bos), so position 0 of every training sequence is bos, not
@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+
+from .builtin import MINIATURE_CAPTIONER
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +70,9 @@ TINY_WARM = "tiny-warm"  # the tiny captioner with a vision tower warm-started o
 
 def build_captioner(name: str = TINY, seed: int = 0):
     """(BlipForConditionalGeneration, BlipProcessor) from a hub id, a local directory, `tiny` (random) or
-    `tiny-warm` (revprompt/miniature/captioner: the same model, its vision tower trained on product renders)."""
+    `tiny-warm` (models/miniature/captioner: the same model, its vision tower trained on product renders)."""
     if name == TINY_WARM:
-        from ..miniature import CAPTIONER
-
-        name = str(CAPTIONER)
+        name = str(MINIATURE_CAPTIONER)
     if name == TINY:
         model, processor = build_tiny_captioner(seed)
     else:
@@ -164,3 +165,39 @@ def generate_captions(model, tokenizer, pixel_values: torch.Tensor, max_new_toke
     ids = model.generate(pixel_values=pixel_values, max_new_tokens=max_new_tokens, num_beams=num_beams,
                          repetition_penalty=repetition_penalty, do_sample=False)
     return decode_captions(tokenizer, ids)
+
+
+def caption_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on CUDA, fp32 on the CPU."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def load_exported(path: str | Path, device: torch.device):
+    """(model, processor) of an exported captioner (or any BLIP directory or hub id), through plain
+    from_pretrained, on `device` in its captioning dtype."""
+    from transformers import BlipForConditionalGeneration, BlipProcessor
+
+    model = BlipForConditionalGeneration.from_pretrained(path, dtype=caption_dtype(device))
+    return model.to(device).eval(), BlipProcessor.from_pretrained(path)
+
+
+class Captioner:
+    """A captioner on a device with fixed decoding settings: images in, captions out, in batches."""
+
+    def __init__(self, model, tokenizer, device: torch.device, *, batch_size: int, max_new_tokens: int,
+                 num_beams: int, repetition_penalty: float):
+        self.dtype = caption_dtype(device)
+        self.model = model.to(device, self.dtype).eval()
+        self.tokenizer, self.device = tokenizer, device
+        self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
+        self.num_beams, self.repetition_penalty = num_beams, repetition_penalty
+        self.size = image_size_of(self.model)
+
+    def __call__(self, images: list[Image.Image]) -> list[str]:
+        """Captions in chunks of `batch_size`."""
+        out: list[str] = []
+        for start in range(0, len(images), self.batch_size):
+            pixels = preprocess_images(images[start:start + self.batch_size], self.size).to(self.device, self.dtype)
+            out += generate_captions(self.model, self.tokenizer, pixels, self.max_new_tokens, self.num_beams,
+                                     self.repetition_penalty)
+        return out

@@ -46,7 +46,7 @@ def text_id(text: str) -> str:
 
 def bundled_path() -> Path:
     """The synthetic fashion prompt set shipped with revprompt (styles.csv shape)."""
-    return Path(str(resources.files("revprompt") / "data" / "fashion-styles.csv"))
+    return Path(str(resources.files("revprompt.prompts") / "data" / "fashion-styles.csv"))
 
 
 def resolve_path(path: str) -> Path:

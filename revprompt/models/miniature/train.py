@@ -5,7 +5,7 @@ the offline BERT vocabulary), small enough for a CPU, trained from scratch on `r
 the bundled styles.csv rows whose prompts fall in the train and val splits (the test split stays
 held out), then saved with StableDiffusionPipeline.save_pretrained in float16 safetensors.
 
-    python -m revprompt.miniature.train --out revprompt/miniature/weights --seed 0
+    python -m revprompt.models.miniature.train --out revprompt/models/miniature/weights --seed 0
 
 reproduces the shipped weights' recipe (the numbers in the weights' revprompt-miniature.json).
 """
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import WEIGHTS
+from ..builtin import MINIATURE_WEIGHTS as WEIGHTS
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ def build_components(seed: int = 0) -> dict:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from ..generation.models import TEXT_MAX_TOKENS, offline_tokenizer
+    from ..text_to_image import TEXT_MAX_TOKENS, offline_tokenizer
 
     tokenizer = offline_tokenizer()
     torch.manual_seed(seed)
@@ -57,8 +57,8 @@ def build_components(seed: int = 0) -> dict:
 
 def training_rows(val_fraction: float = 0.1, test_fraction: float = 0.1) -> tuple[list, list]:
     """(rows to train on, held-out rows) of the bundled prompt set, split as the tiny preset splits it."""
-    from ..generation.prepare import split_of
-    from ..generation.prompts import read_prompts
+    from ...prompts.prepared import split_of
+    from ...prompts.sources import read_prompts
 
     train, held_out = [], []
     for prompt in read_prompts("bundled"):
@@ -179,13 +179,8 @@ def train_unet(components: dict, latents: torch.Tensor, texts: list[str], steps:
     return losses
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Train and save the miniature; prints where it went."""
-    from diffusers import StableDiffusionPipeline
-
-    from ..generation.models import make_scheduler
-    from .render import render
-
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The recipe's options."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--out", type=Path, default=WEIGHTS)
     parser.add_argument("--seed", type=int, default=0)
@@ -198,51 +193,70 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated: vae, unet, decoder (each continues from the previous)")
     parser.add_argument("--init", type=Path, default=None, help="start from a saved miniature instead of random")
     parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args(argv)
-    stages = set(args.stages.split(","))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    torch.set_num_threads(args.threads)
-    start = time.monotonic()
-    train, held_out = training_rows()
-    texts = [t for t, _ in train]
-    pixels = to_tensor([render(row) for _, row in train])
-    log.info("%d training renders, %d held-out prompts", len(train), len(held_out))
-    components = build_components(args.seed)
-    record = {}
-    if args.init is not None:
-        from diffusers import StableDiffusionPipeline as Loader
+    return parser.parse_args(argv)
 
-        loaded = Loader.from_pretrained(args.init, dtype=torch.float32, safety_checker=None,
-                                        feature_extractor=None, requires_safety_checker=False)
-        components = dict(text_encoder=loaded.text_encoder, tokenizer=loaded.tokenizer, unet=loaded.unet,
-                          vae=loaded.vae)
-        previous = args.init / "revprompt-miniature.json"
-        record = json.loads(previous.read_text()) if previous.is_file() else {}
+
+def starting_point(args: argparse.Namespace) -> tuple[dict, dict]:
+    """(components, record so far): random from the seed, or a saved miniature with its record."""
+    components = build_components(args.seed)  # seeds torch's generator either way, as the recorded recipes did
+    if args.init is None:
+        return components, {}
+    from diffusers import StableDiffusionPipeline
+
+    loaded = StableDiffusionPipeline.from_pretrained(args.init, dtype=torch.float32, safety_checker=None,
+                                                     feature_extractor=None, requires_safety_checker=False)
+    previous = args.init / "revprompt-miniature.json"
+    return (dict(text_encoder=loaded.text_encoder, tokenizer=loaded.tokenizer, unet=loaded.unet, vae=loaded.vae),
+            json.loads(previous.read_text()) if previous.is_file() else {})
+
+
+def run_stages(args: argparse.Namespace, components: dict, record: dict, pixels: torch.Tensor,
+               texts: list[str]) -> None:
+    """The VAE, UNet and decoder stages asked for, in that order, noting their losses in `record`."""
+    stages = set(args.stages.split(","))
     vae = components["vae"]
     if "vae" in stages:
         record["final_vae_loss"] = float(np.mean(train_vae(vae, pixels, args.vae_steps, args.batch, args.seed)[-50:]))
         record["vae_steps"] = args.vae_steps
         vae.register_to_config(scaling_factor=float(1.0 / encoder_means(vae, pixels).std()))
     if "unet" in stages:
-        losses = train_unet(components, encoder_means(vae, pixels) * vae.config.scaling_factor, texts, args.unet_steps, args.batch,
-                            args.seed + ("unet_steps" in record), lr=args.unet_lr)
+        losses = train_unet(components, encoder_means(vae, pixels) * vae.config.scaling_factor, texts,
+                            args.unet_steps, args.batch, args.seed + ("unet_steps" in record), lr=args.unet_lr)
         record["unet_steps"] = record.get("unet_steps", 0) + args.unet_steps
         record["final_unet_loss"] = float(np.mean(losses[-200:]))
     if "decoder" in stages:
         losses = train_decoder(vae, pixels, args.decoder_steps, args.batch, args.seed)
         record.update(decoder_steps=args.decoder_steps, final_decoder_loss=float(np.mean(losses[-50:])))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Train and save the miniature; prints where it went."""
+    import sys
+
+    from diffusers import StableDiffusionPipeline
+
+    from ..text_to_image import make_scheduler
+    from .render import render
+
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.set_num_threads(args.threads)
+    start = time.monotonic()
+    train, held_out = training_rows()
+    pixels = to_tensor([render(row) for _, row in train])
+    log.info("%d training renders, %d held-out prompts", len(train), len(held_out))
+    components, record = starting_point(args)
+    run_stages(args, components, record, pixels, [t for t, _ in train])
     pipe = StableDiffusionPipeline(**components, scheduler=make_scheduler("dpmsolver++"), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.to(torch.float16)
     args.out.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(args.out, safe_serialization=True)
-    import sys
-
-    command = "python -m revprompt.miniature.train " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m revprompt.models.miniature.train " + " ".join(sys.argv[1:] if argv is None else argv)
     record.setdefault("commands", []).append(command)
     record.pop("command", None)
     record.update(seed=args.seed, batch=args.batch, train_prompts=len(train), held_out_prompts=len(held_out),
-                  latent_scaling_factor=vae.config.scaling_factor, torch=torch.__version__)
+                  latent_scaling_factor=components["vae"].config.scaling_factor, torch=torch.__version__)
     record["seconds"] = round(record.get("seconds", 0) + time.monotonic() - start, 1)
     (args.out / "revprompt-miniature.json").write_text(json.dumps(record, indent=2) + "\n")
     log.info("saved the miniature to %s in %.0f s", args.out, record["seconds"])

@@ -1,6 +1,6 @@
 """Does the miniature draw what the prompt says? Colour and article type on held-out prompts.
 
-    python -m revprompt.miniature.check [--weights DIR] [--limit N] [--steps 20]
+    python -m revprompt.models.miniature.check [--weights DIR] [--limit N] [--steps 20]
 
 For every held-out prompt (the bundled set's test split), the miniature draws one image with the
 sample seed generation would use. Colour: the palette colour nearest the median of the pixels
@@ -22,7 +22,7 @@ import torch
 from PIL import Image, ImageFilter
 
 from .render import BACKGROUND, SHAPES, nearest_colour, render, silhouette_mask
-from . import WEIGHTS
+from ..builtin import MINIATURE_WEIGHTS as WEIGHTS
 from .train import training_rows
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ def garment_colour(image: Image.Image, article: str) -> str:
 def check(pipe, rows: list[tuple[str, dict]], classifier: ArticleClassifier, steps: int, guidance: float,
           seed: int = 0, batch: int = 16) -> dict:
     """Draw each prompt, score colour and article; returns counts and per-row results."""
-    from ..shards.keys import sample_key, sample_seed
+    from ...shards.keys import sample_key, sample_seed
 
     results = []
     for start in range(0, len(rows), batch):
@@ -92,7 +92,7 @@ def check(pipe, rows: list[tuple[str, dict]], classifier: ArticleClassifier, ste
 def main(argv: list[str] | None = None) -> int:
     from diffusers import StableDiffusionPipeline
 
-    from ..generation.models import make_scheduler
+    from ..text_to_image import make_scheduler
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--weights", type=Path, default=WEIGHTS)

@@ -1,8 +1,15 @@
-"""The Stable Diffusion factory: a hub id, a local diffusers directory, `tiny` or `tiny-random` (offline).
+"""Text to image: the Stable Diffusion factory and the one way every stage draws.
 
-`tiny` is the miniature latent-diffusion model shipped in revprompt/miniature/weights (trained on
-product renders of the bundled prompts, so its images show their prompt); `tiny-random` is the same
-kind of small model, random-initialised from the seed, for tests that only need shapes.
+`build_pipeline` takes a hub id, a local diffusers directory, `tiny` (the miniature latent-diffusion
+model shipped in models/miniature/weights, trained on product renders of the bundled prompts, so its
+images show their prompt) or `tiny-random` (the same kind of small model, random-initialised from the
+seed, for tests that only need shapes). `generate_images` draws with per-sample seeds (generators on
+the CPU, so the same key draws the same noise on any device); `to_pixels` brings the images to the host.
+
+Non-finite images (a diverged sampler, an fp16 overflow) have one policy everywhere: they are never
+written or scored as if they were pictures. `to_pixels` says which they are; generate leaves such a
+sample out of its shard (counted in its marker's `failures`), and `draw` returns None for it, so
+evaluate scores its text but not its image and drift ends that sample's chain.
 """
 
 from __future__ import annotations
@@ -10,15 +17,17 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
-from ..miniature import WEIGHTS
+from .builtin import MINIATURE_WEIGHTS
 
 log = logging.getLogger(__name__)
 
 TINY = "tiny"
 TINY_RANDOM = "tiny-random"
-MINIATURE = WEIGHTS
+MINIATURE = MINIATURE_WEIGHTS
 TEXT_MAX_TOKENS = 77
 # Stable Diffusion 2-base's noise schedule, shared by every sampler built here
 SD_SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
@@ -124,3 +133,44 @@ def build_pipeline(model: str = TINY, *, scheduler: str = "dpmsolver++", dtype: 
     if compile:
         pipe.unet = torch.compile(pipe.unet, fullgraph=False)
     return pipe
+
+
+def generate_images(pipe, texts: list[str], seeds: list[int], settings) -> torch.Tensor:
+    """Images for `texts`, one seed each, with the [generate] `settings` (NCHW float in [0, 1], on the device).
+
+    The generators live on the CPU so that the same key draws the same noise on any device.
+    """
+    g = settings
+    generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+    negative = [g.negative_prompt] * len(texts) if g.negative_prompt else None
+    with torch.inference_mode():
+        out = pipe(prompt=list(texts), negative_prompt=negative, num_inference_steps=g.steps,
+                   guidance_scale=g.guidance_scale, height=g.height, width=g.width, generator=generators,
+                   output_type="pt")
+    return out.images
+
+
+def to_pixels(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Pipeline output (NCHW float in [0, 1], on its device) to NHWC uint8 pixels and a finite-mask.
+
+    The conversion, the NHWC layout included, runs where the images are (the GPU), so the host
+    receives contiguous bytes and the writer thread only encodes: no strided copies competing with
+    the thread that launches the model.
+    """
+    finite = torch.isfinite(images).flatten(1).all(dim=1)
+    pixels = (images.float().clamp(0.0, 1.0) * 255.0).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+    return pixels.cpu().numpy(), finite.cpu().numpy()
+
+
+def draw(pipe, texts: list[str], seeds: list[int], settings) -> list[Image.Image | None]:
+    """PIL images for `texts` in chunks of settings.batch_size; None where an image came out non-finite."""
+    images: list[Image.Image | None] = []
+    size = settings.batch_size
+    for start in range(0, len(texts), size):
+        part = texts[start:start + size]
+        pixels, finite = to_pixels(generate_images(pipe, part, seeds[start:start + size], settings))
+        for text, px, ok in zip(part, pixels, finite):
+            if not ok:
+                log.warning("non-finite image for %r: left out", text)
+            images.append(Image.fromarray(px) if ok else None)
+    return images

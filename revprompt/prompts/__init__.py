@@ -1,0 +1,1 @@
+"""The prompt-set contract: prompt sources (styles.csv, JSONL, text), normalisation and splits, the prepared index."""
