@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
                                     "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"},
                     "captions": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        models = {"tiny": (build_captioner("tiny"), 64)}
+        models = {"tiny": (build_captioner("random-tiny"), 64)}
         if args.blip_base:
             models["blip-base-shaped"] = (blip_base(), 512)
         for name, ((model, processor), size) in models.items():

@@ -1,7 +1,7 @@
 """Throughput of `revprompt train` against a bare PyTorch loop over the same tiny captioner, on the CPU.
 
 What is measured
-    Both sides train `build_captioner("tiny")` (random BLIP, 64 px, hidden 64, 2+2 layers) with the
+    Both sides train `build_captioner("random-tiny")` (random BLIP, 64 px, hidden 64, 2+2 layers) with the
     same micro batch, the same AdamW parameter groups, lr and weight decay (`build_optimizer` and the
     warm-up + cosine `LambdaLR` of revprompt.training.engine), gradient clipping at train.grad_clip,
     fp32, and the same OMP_NUM_THREADS / MKL_NUM_THREADS (`--threads`, default 2):

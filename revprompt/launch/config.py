@@ -62,7 +62,9 @@ class PromptsConfig:
 
 @dataclass
 class GenerateConfig:
-    model: str = _f("tiny", "Stable Diffusion: hub id, local diffusers directory, or 'tiny' (random, offline)")
+    model: str = _f("miniature", "text-to-image model: hub id, local diffusers folder, 'miniature' (the shipped "
+                    "model of the tiny preset) or 'random-tiny' (random, shapes only); prepare counts over-long "
+                    "prompts with its tokenizer")
     scheduler: str = _f("dpmsolver++", "sampler", choices=("dpmsolver++", "euler", "ddim"))
     steps: int = _f(25, "denoising steps per image", min=1, max=1000)
     guidance_scale: float = _f(7.5, "classifier-free guidance scale (<= 1 disables CFG)", min=0.0, max=50.0)
@@ -83,7 +85,8 @@ class GenerateConfig:
 
 @dataclass
 class TrainConfig:
-    captioner: str = _f("tiny", "BLIP captioner to fine-tune: hub id, local directory, or 'tiny' (random, offline)")
+    captioner: str = _f("miniature", "BLIP captioner to fine-tune: hub id, local folder, 'miniature' (the shipped "
+                        "captioner, vision tower warm-started on renders) or 'random-tiny' (random)")
     max_steps: int = _f(100, "optimizer steps in total; rerunning with more continues from the last checkpoint",
                         min=0)
     zero_stage: int = _f(2, "DeepSpeed ZeRO stage (training/deepspeed/zero{N}.json)", min=0, max=3)
@@ -125,8 +128,8 @@ class EvaluateConfig:
     repetition_penalty: float = _f(1.0, "repetition penalty during decoding", min=0.5, max=5.0)
     batch_size: int = _f(32, "images per captioning forward pass", min=1, max=4096)
     regenerate: bool = _f(True, "redraw each image from its fine-tuned caption (original seed) and compare images")
-    image_model: str = _f("tiny", "image embedding model for image similarity: CLIP hub id or directory, or "
-                          "'tiny' (random, offline)")
+    image_model: str = _f("random-tiny", "image embedding model for image similarity: CLIP hub id or folder, or "
+                          "'random-tiny' (a random CLIP: offline, but its similarities mean nothing)")
     real_images: str = _f("", "folder of real product photos named {prompt id}.jpg (Kaggle images/); 'renders' = "
                           "the product renders of revprompt.models.miniature; '' = none")
     examples: int = _f(4, "best and worst recoveries shown with their images in the report", min=0, max=64)

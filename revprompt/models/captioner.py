@@ -1,4 +1,4 @@
-"""The BLIP captioner: its factory (hub id, local directory, `tiny-warm` or `tiny`), its inputs, and captioning.
+"""The BLIP captioner: its factory (hub id, local directory, `miniature` or `random-tiny`), its inputs, captioning.
 
 Two pitfalls make a BLIP captioner print empty strings, and both are handled here: the decoder
 starts from `[DEC]` (the tokenizer's bos), so position 0 of every training sequence is bos, not
@@ -15,11 +15,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .builtin import MINIATURE_CAPTIONER
+from .builtin import MINIATURE, MINIATURE_CAPTIONER, RANDOM_TINY, builtin_name
 
 log = logging.getLogger(__name__)
 
-TINY = "tiny"
 BOS = "[DEC]"
 # BLIP's (and CLIP's) normalisation
 IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -65,15 +64,14 @@ def build_tiny_captioner(seed: int = 0, image_size: int = 64, hidden: int = 64, 
     return model, processor
 
 
-TINY_WARM = "tiny-warm"  # the tiny captioner with a vision tower warm-started on product renders (shipped)
-
-
-def build_captioner(name: str = TINY, seed: int = 0):
-    """(BlipForConditionalGeneration, BlipProcessor) from a hub id, a local directory, `tiny` (random) or
-    `tiny-warm` (models/miniature/captioner: the same model, its vision tower trained on product renders)."""
-    if name == TINY_WARM:
+def build_captioner(name: str = MINIATURE, seed: int = 0):
+    """(BlipForConditionalGeneration, BlipProcessor) from a hub id, a local directory, `random-tiny` (random
+    from `seed`) or `miniature` (models/miniature/captioner: the same model, its vision tower trained on
+    product renders)."""
+    name = builtin_name("captioner", name)
+    if name == MINIATURE:
         name = str(MINIATURE_CAPTIONER)
-    if name == TINY:
+    if name == RANDOM_TINY:
         model, processor = build_tiny_captioner(seed)
     else:
         from transformers import BlipForConditionalGeneration, BlipProcessor

@@ -1,7 +1,7 @@
 """Image embeddings: CLIP image-embedding cosine, the image side of every comparison (`evaluate.image_model`).
 
-`tiny` is a seeded random-initialised small CLIP vision tower: offline and the same code path as a
-real CLIP (`from_pretrained` of a hub id or a local directory), but its embeddings carry no meaning.
+`random-tiny` is a seeded random-initialised small CLIP vision tower: offline and the same code path as
+a real CLIP (`from_pretrained` of a hub id or a local directory), but its embeddings carry no meaning.
 """
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .builtin import RANDOM_TINY, builtin_name
+
 log = logging.getLogger(__name__)
 
-TINY = "tiny"
 
 
 def build_tiny_image_encoder(seed: int = 0):
@@ -32,9 +33,9 @@ def build_tiny_image_encoder(seed: int = 0):
 
 
 @lru_cache(maxsize=2)
-def load_image_encoder(name: str = TINY, seed: int = 0, device: str = "cpu"):
+def load_image_encoder(name: str = RANDOM_TINY, seed: int = 0, device: str = "cpu"):
     """(model, processor) from a hub id or local directory (CLIP), or `tiny`."""
-    if name == TINY:
+    if builtin_name("image_embedder", name) == RANDOM_TINY:
         model, processor = build_tiny_image_encoder(seed)
     else:
         from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
@@ -44,7 +45,7 @@ def load_image_encoder(name: str = TINY, seed: int = 0, device: str = "cpu"):
     return model.to(device), processor
 
 
-def embed_images(images: list[Image.Image], name: str = TINY, *, seed: int = 0, device: str = "cpu",
+def embed_images(images: list[Image.Image], name: str = RANDOM_TINY, *, seed: int = 0, device: str = "cpu",
                  batch_size: int = 64) -> np.ndarray:
     """L2-normalised image embeddings, float32, one row per image."""
     if not images:

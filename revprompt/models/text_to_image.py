@@ -1,9 +1,9 @@
 """Text to image: the Stable Diffusion factory and the one way every stage draws.
 
-`build_pipeline` takes a hub id, a local diffusers directory, `tiny` (the miniature latent-diffusion
-model shipped in models/miniature/weights, trained on product renders of the bundled prompts, so its
-images show their prompt) or `tiny-random` (the same kind of small model, random-initialised from the
-seed, for tests that only need shapes). `generate_images` draws with per-sample seeds (generators on
+`build_pipeline` takes a hub id, a local diffusers directory, `miniature` (the latent-diffusion model
+shipped in models/miniature/weights, trained on product renders of the bundled prompts, so its images
+show their prompt) or `random-tiny` (the same kind of small model, random-initialised from the seed,
+for tests that only need shapes); see models/builtin.py. `generate_images` draws with per-sample seeds (generators on
 the CPU, so the same key draws the same noise on any device); `to_pixels` brings the images to the host.
 
 Non-finite images (a diverged sampler, an fp16 overflow) have one policy everywhere: they are never
@@ -21,13 +21,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .builtin import MINIATURE_WEIGHTS
+from .builtin import MINIATURE, MINIATURE_WEIGHTS, RANDOM_TINY, builtin_name
 
 log = logging.getLogger(__name__)
 
-TINY = "tiny"
-TINY_RANDOM = "tiny-random"
-MINIATURE = MINIATURE_WEIGHTS
 TEXT_MAX_TOKENS = 77
 # Stable Diffusion 2-base's noise schedule, shared by every sampler built here
 SD_SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
@@ -47,7 +44,7 @@ def offline_tokenizer(max_length: int = TEXT_MAX_TOKENS):
 
 def load_tokenizer(model: str):
     """The text encoder's tokenizer of `model` (for counting over-long prompts without loading weights)."""
-    if model in (TINY, TINY_RANDOM):
+    if builtin_name("text_to_image", model) in (MINIATURE, RANDOM_TINY):
         return offline_tokenizer()
     from transformers import AutoTokenizer
 
@@ -102,7 +99,7 @@ def build_tiny_components(seed: int = 0) -> dict:
     return dict(text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, vae=vae)
 
 
-def build_pipeline(model: str = TINY, *, scheduler: str = "dpmsolver++", dtype: str = "auto",
+def build_pipeline(model: str = MINIATURE, *, scheduler: str = "dpmsolver++", dtype: str = "auto",
                    device: torch.device | str = "cpu", seed: int = 0, compile: bool = False):
     """A StableDiffusionPipeline without safety checker, on `device`, SDPA attention, chosen sampler."""
     from diffusers import StableDiffusionPipeline
@@ -110,14 +107,15 @@ def build_pipeline(model: str = TINY, *, scheduler: str = "dpmsolver++", dtype: 
 
     device = torch.device(device)
     torch_dtype = resolve_dtype(dtype, device)
-    if model == TINY_RANDOM:
+    model = builtin_name("text_to_image", model)
+    if model == RANDOM_TINY:
         pipe = StableDiffusionPipeline(**build_tiny_components(seed), scheduler=make_scheduler(scheduler),
                                        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
         if torch_dtype != torch.float32:
             pipe = pipe.to(dtype=torch_dtype)
     else:
-        if model == TINY:
-            model = str(MINIATURE)
+        if model == MINIATURE:
+            model = str(MINIATURE_WEIGHTS)
         elif not Path(model).exists():
             log.info("loading %s from the hub cache (set HF_HUB_OFFLINE=1 to forbid downloads)", model)
         try:

@@ -31,7 +31,7 @@ def check_shards_read_with_plain_webdataset(run_dir: Path, manifest: dict) -> No
                 meta = sample["json"]
                 assert sample["jpg"].size == (32, 32)
                 assert (split, sample["txt"]) == prepared[meta["prompt_id"]]
-                assert meta["split"] == split and meta["steps"] == 2 and meta["model"] == "tiny"
+                assert meta["split"] == split and meta["steps"] == 2 and meta["model"] == "miniature"
                 assert meta["key"] == sample["__key__"]
                 seen[sample["__key__"]] = meta["seed"]
     assert len(seen) == 30 and len(set(seen.values())) == 30

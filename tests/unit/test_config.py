@@ -17,7 +17,7 @@ def test_presets_have_the_keys_others_rely_on():
             assert getattr(getattr(cfg, sec), name) is not None
     assert load_config("sd2-blip").generate.model == "stabilityai/stable-diffusion-2-base"
     assert load_config("sd2-blip").generate.dtype == "bf16"
-    assert load_config("tiny").generate.model == "tiny"
+    assert load_config("tiny").generate.model == "miniature"
 
 
 def test_overrides_are_typed():

@@ -141,7 +141,7 @@ def test_a_marker_is_trusted_only_when_its_tar_matches(tmp_path: Path):
 # ------------------------------------------------------------------ export
 @pytest.fixture(scope="module")
 def captioner():
-    return build_captioner("tiny")
+    return build_captioner("random-tiny")
 
 
 def test_export_refuses_a_folder_of_the_users_and_leaves_it_whole(tmp_path: Path, captioner):

@@ -83,11 +83,11 @@ def test_image_encoder_loads_through_from_pretrained(tmp_path):
     model.save_pretrained(tmp_path / "clip")
     processor.save_pretrained(tmp_path / "clip")
     images = [Image.new("RGB", (64, 64), c) for c in ((200, 30, 30), (30, 200, 30), (30, 30, 200))]
-    direct = embed_images(images, "tiny", seed=0)
+    direct = embed_images(images, "random-tiny", seed=0)
     loaded = embed_images(images, str(tmp_path / "clip"))
     assert direct.shape == (3, 64)
     np.testing.assert_allclose(np.linalg.norm(direct, axis=1), 1.0, atol=1e-6)
     np.testing.assert_allclose(loaded, direct, atol=1e-6)
-    assert load_image_encoder("tiny", 0)[0] is load_image_encoder("tiny", 0)[0]  # built once per process
+    assert load_image_encoder("random-tiny", 0)[0] is load_image_encoder("random-tiny", 0)[0]  # built once per process
     with torch.no_grad():
         assert not np.allclose(direct[0], direct[1])

@@ -54,13 +54,14 @@ def test_the_shipped_miniature_draws_its_prompts():
     """The tiny preset's model, loaded as any diffusers directory, on held-out prompts at the preset's settings."""
     import torch
 
-    from revprompt.models.text_to_image import MINIATURE, build_pipeline
+    from revprompt.models.builtin import MINIATURE_WEIGHTS
+    from revprompt.models.text_to_image import build_pipeline
     from revprompt.models.miniature.check import ArticleClassifier, check
     from revprompt.models.miniature.train import training_rows
 
-    shipped = sum(p.stat().st_size for p in MINIATURE.rglob("*") if p.is_file())
-    assert shipped <= 20 * 2**20 and list(MINIATURE.rglob("*.safetensors"))
-    pipe = build_pipeline("tiny")
+    shipped = sum(p.stat().st_size for p in MINIATURE_WEIGHTS.rglob("*") if p.is_file())
+    assert shipped <= 20 * 2**20 and list(MINIATURE_WEIGHTS.rglob("*.safetensors"))
+    pipe = build_pipeline("miniature")
     assert pipe.unet.dtype == torch.float32 and pipe.vae.config.latent_channels == 4
     train, held_out = training_rows()
     classifier = ArticleClassifier([r for _, r in train[:600]])

@@ -26,7 +26,7 @@ def samples(n: int, seed: int = 0):
 @pytest.fixture(scope="module")
 def pipe():
     # runtime behaviour needs shapes only: the random-initialised model (the miniature has its own tests)
-    return build_pipeline("tiny-random")
+    return build_pipeline("random-tiny")
 
 
 def test_tiny_pipeline_has_no_safety_checker_and_uses_sdpa(pipe):
@@ -57,7 +57,7 @@ def test_images_depend_on_seed_not_batch_position(pipe):
 @pytest.mark.parametrize("scheduler", ["dpmsolver++", "euler", "ddim"])
 def test_every_scheduler_and_negative_prompt(scheduler):
     cfg = cfg_for(generate__scheduler=scheduler)
-    pipe = build_pipeline("tiny-random", scheduler=scheduler)
+    pipe = build_pipeline("random-tiny", scheduler=scheduler)
     batch = samples(1)
     plain = generate_batch(pipe, batch, cfg)
     pixels, finite = to_pixels(plain)
@@ -68,7 +68,7 @@ def test_every_scheduler_and_negative_prompt(scheduler):
 
 
 def test_bf16_dtype():
-    pipe = build_pipeline("tiny", dtype="bf16")
+    pipe = build_pipeline("miniature", dtype="bf16")
     assert pipe.unet.dtype == torch.bfloat16
 
 

@@ -57,7 +57,7 @@ def test_pickle_members_are_never_unpickled(tmp_path: Path):
     assert not marker.exists()
 
     # the training data path too, in a DataLoader worker process
-    _, processor = build_captioner("tiny")
+    _, processor = build_captioner("random-tiny")
     stream = TrainStream([(str(shard), 3)], seed=0, rank=0, world_size=1, num_workers=1, batch_size=2,
                          image_size=64, tokenizer=processor.tokenizer, max_length=16, shuffle_buffer=0)
     batch = next(iter(stream))
