@@ -21,7 +21,7 @@ from ..models.text_to_image import build_pipeline, generate_images, to_pixels
 from ..prompts.prepared import load_range, split_size
 from ..prompts.sources import Prompt
 from ..shards.keys import sample_key, sample_seed
-from ..shards.manifest import read_manifest, scan_manifest, write_manifest
+from ..shards.manifest import MANIFEST, read_manifest, scan_manifest, write_manifest
 from ..shards.schema import SPLITS, SampleMeta, owner
 from ..shards.writer import (PARTIAL_PATTERNS, SHARD_PATTERNS, BackgroundWorker, ShardWriter, encode_image,
                              encode_json, is_complete, shard_name, write_json_atomic)
@@ -214,7 +214,7 @@ def check_or_reset(root: Path, fingerprint: str, overwrite: bool) -> None:
     for split in SPLITS:
         remove_owned(root / split, SHARD_PATTERNS)
         remove_if_empty(root / split)
-    (root / "manifest.json").unlink()
+    (root / MANIFEST).unlink()
 
 
 def write_samples(samples: list[Sample], pixels: np.ndarray, finite: np.ndarray, cfg, writer: ShardWriter) -> None:

@@ -1,4 +1,11 @@
-"""The run directory's owner: which folder is a run, who may write in it now, and what revprompt may delete.
+"""The run directory's owner: every path under run.dir, what its files say, and who may write or delete there.
+
+- `RunLayout` names every path under run.dir (config, prompts, shards, checkpoints, captioner, eval,
+  drift, logs, TensorBoard); no other module joins a run-dir path by hand.
+- The stage fingerprints (`prepared_fingerprint`, `generation_fingerprint`, `evaluation_fingerprint`,
+  `drift_fingerprint`) say what a stage's outputs were made from; `is_done(stage)` answers whether
+  they are complete for a config (the pipeline asks it); `RunLayout.exported()` reads what the
+  exported captioner was made from.
 
 Three rules keep a user's files safe:
 
@@ -25,6 +32,8 @@ import socket
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from ..shards.manifest import MANIFEST
 
 if TYPE_CHECKING:
     from .config import Config
@@ -226,6 +235,11 @@ class RunLayout:
         return self.root / "shards"
 
     @property
+    def manifest(self) -> Path:
+        """shards/manifest.json: what generation planned and wrote, and its fingerprint."""
+        return self.shards / MANIFEST
+
+    @property
     def progress(self) -> Path:
         """shards/.progress/: each generating rank's count while generate runs."""
         return self.shards / ".progress"
@@ -388,7 +402,7 @@ def evaluation_fingerprint(layout: RunLayout, cfg: "Config") -> str:
     """What the evaluation depends on: the shards, the fine-tuned captioner, and the settings that score."""
     full = cfg.to_dict()
     e = {k: v for k, v in full["evaluate"].items() if k != "examples"}
-    manifest = _read_json(layout.shards / "manifest.json") or {}
+    manifest = _read_json(layout.manifest) or {}
     return short_hash({"shards": manifest.get("fingerprint"), "evaluate": e, "seed": cfg.run.seed,
                        "zero_shot": cfg.train.captioner, "generate": full["generate"],
                        "captioner": layout.exported()}, default=str)
@@ -401,7 +415,7 @@ DRIFT_EVALUATE_KEYS = ("text_model", "image_model", "max_new_tokens", "num_beams
 def drift_fingerprint(layout: RunLayout, cfg: "Config") -> str:
     """What every drift iteration depends on (not their number: more iterations continue a run)."""
     full = cfg.to_dict()
-    manifest = _read_json(layout.shards / "manifest.json") or {}
+    manifest = _read_json(layout.manifest) or {}
     return short_hash({"shards": manifest.get("fingerprint"), "generate": full["generate"],
                        "evaluate": {k: full["evaluate"][k] for k in DRIFT_EVALUATE_KEYS},
                        "seed": cfg.run.seed, "max_samples": cfg.drift.max_samples,
@@ -412,7 +426,7 @@ def is_done(stage: str, layout: RunLayout, cfg: "Config") -> bool:
     """Whether `stage`'s outputs in `layout` are complete for `cfg` (then a pipeline skips it)."""
     if stage == "generate":
         report = _read_json(layout.prompts_report) or {}
-        manifest = _read_json(layout.shards / "manifest.json") or {}
+        manifest = _read_json(layout.manifest) or {}
         if not manifest.get("complete") or report.get("fingerprint") != prepared_fingerprint(cfg):
             return False
         return manifest.get("fingerprint") == generation_fingerprint(report["fingerprint"], cfg)
