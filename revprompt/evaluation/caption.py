@@ -53,9 +53,15 @@ def iter_inputs(inputs: list[str], stats: ReadStats) -> Iterator[tuple[str, str,
             yield from _shard_samples([str(path)], stats)
         elif path.is_dir():
             for file in sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
-                yield from _image_file(file, stats)
+                if file.is_file():
+                    yield from _image_file(file, stats)
+                elif not file.is_dir():  # a FIFO or device would block the read
+                    stats.rejected += 1
+                    log.warning("skipping %s: not a regular file", file)
         elif path.is_file():
             yield from _image_file(path, stats)
+        elif path.exists():
+            raise CaptionInputError(f"{path}: not a regular file, folder or shard (a FIFO or device)")
         else:
             raise CaptionInputError(f"{path}: no such image, folder or shard")
 

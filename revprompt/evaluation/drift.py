@@ -165,7 +165,7 @@ def run_drift(ctx: StageContext) -> dict:
     """Plan (what each owned test shard holds, no image decoded), iterate, then summarise on rank 0."""
     cfg, info, layout = ctx.cfg, ctx.info, ctx.layout
     K = cfg.drift.iterations
-    shards = test_shards(layout)
+    shards = test_shards(layout, cfg)
     on_main_first(info, lambda: restart_if_changed(layout.drift / "fingerprint.txt", drift_fingerprint(layout, cfg),
                                                    [layout.drift, *layout.drift_iterations()],
                                                    "the shards, captioner or drift settings"))

@@ -185,7 +185,7 @@ def evaluate_shards(ctx: StageContext, shards: list[tuple[str, int]], pending: l
 def run_evaluation(ctx: StageContext) -> dict:
     """Evaluate this rank's test shards, gather, and report on rank 0; returns the summary."""
     cfg, info, layout = ctx.cfg, ctx.info, ctx.layout
-    shards = test_shards(layout)
+    shards = test_shards(layout, cfg)
     current = evaluation_fingerprint(layout, cfg)
 
     def setup() -> str:

@@ -17,14 +17,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..launch.layout import RunLayout, remove_owned
+from ..launch.layout import GENERATE_SPEED_KEYS, RunLayout, remove_owned
 from ..launch.runner import StageError
 from ..models.captioner import Captioner, build_captioner, load_exported
 from ..models.text_to_image import build_pipeline, draw
-from ..shards.manifest import split_shards
+from ..shards.manifest import read_manifest, split_shards
 from ..shards.reader import ReadStats, build_reader
 from ..shards.schema import RedrawnMeta, SampleMeta, SchemaError
-from ..shards.writer import SHARD_PATTERNS, ShardWriter, encode_image, encode_json
+from ..shards.writer import SHARD_PATTERNS, ShardWriter, encode_image, encode_json, write_error
 
 log = logging.getLogger(__name__)
 
@@ -85,11 +85,26 @@ def read_items(shards: list[tuple[str, int]], index: int, max_samples: int, stat
     return items
 
 
-def test_shards(layout: RunLayout) -> list[tuple[str, int]]:
-    """The test split's shards, after checking that generation finished and a captioner was exported."""
+def test_shards(layout: RunLayout, cfg) -> list[tuple[str, int]]:
+    """The test split's shards, after checking that generation finished, that a captioner trained on these shards
+    was exported, and that [generate] draws as the shards were drawn (evaluate and drift redraw with it)."""
     shards = split_shards(layout.shards, "test")
     if not (layout.captioner / "config.json").is_file():
         raise StageError(f"{layout.captioner}: no exported captioner; run `revprompt train` first")
+    manifest = read_manifest(layout.shards) or {}
+    trained_on = ((layout.exported() or {}).get("made_from") or {}).get("data", manifest.get("fingerprint"))
+    if trained_on != manifest.get("fingerprint"):
+        raise StageError(f"{layout.captioner} was trained on the shards of fingerprint {trained_on}, but "
+                         f"{layout.shards} now holds {manifest.get('fingerprint')}: run `revprompt train --overwrite` "
+                         "to train on them")
+    drawn = {k: v for k, v in (manifest.get("config") or {}).items() if k not in GENERATE_SPEED_KEYS}
+    now = cfg.to_dict()["generate"]
+    diff = [f"generate.{k}: {v!r} (shards) vs {now.get(k)!r} (now)" for k, v in sorted(drawn.items())
+            if now.get(k) != v]
+    if diff:
+        raise StageError(f"the test shards were drawn with other [generate] settings ({'; '.join(diff)}); images "
+                         "redrawn now would not be comparable: use the shards' settings, or draw them again with "
+                         "`revprompt generate --overwrite`")
     return shards
 
 
@@ -106,10 +121,14 @@ def restart_if_changed(stamp: Path, current: str, outputs: list[Path], what: str
 
 def write_json_lines(path: Path, rows: list[dict]) -> None:
     """Rows as JSON lines, written atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows), encoding="utf-8")
-    tmp.replace(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows), encoding="utf-8")
+        tmp.replace(path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise write_error(path, "a part file", exc) from None
 
 
 def read_json_lines(path: Path) -> list[dict]:

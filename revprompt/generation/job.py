@@ -14,14 +14,14 @@ import numpy as np
 import torch
 
 from ..launch import dist
-from ..launch.layout import RunLayout, generation_fingerprint, remove_if_empty, remove_owned
+from ..launch.layout import generation_fingerprint, prepared_fingerprint, remove_if_empty, remove_owned
 from ..launch.metrics import captioned_grid
 from ..launch.runner import StageContext, StageError, build_parser, on_main_first, run_stage
 from ..models.text_to_image import build_pipeline, generate_images, to_pixels
 from ..prompts.prepared import load_range, split_size
 from ..prompts.sources import Prompt
 from ..shards.keys import sample_key, sample_seed
-from ..shards.manifest import MANIFEST, read_manifest, scan_manifest, write_manifest
+from ..shards.manifest import MANIFEST, ManifestError, read_manifest, scan_manifest, write_manifest
 from ..shards.schema import SPLITS, SampleMeta, owner
 from ..shards.writer import (PARTIAL_PATTERNS, SHARD_PATTERNS, BackgroundWorker, ShardWriter, encode_image,
                              encode_json, is_complete, shard_name, write_json_atomic)
@@ -202,15 +202,22 @@ class LoopClock:
 
 def check_or_reset(root: Path, fingerprint: str, overwrite: bool) -> None:
     """Refuse shards made under another config unless `overwrite`, which removes them (revprompt's shard
-    files only: anything else in the shard folders stays)."""
-    manifest = read_manifest(root)
-    if manifest is None or manifest.get("fingerprint") == fingerprint:
+    files only: anything else in the shard folders stays). Runs before anything of this launch is written."""
+    try:
+        manifest = read_manifest(root)
+        recorded = manifest.get("fingerprint") if manifest else None
+    except ManifestError as exc:  # which config made the shards cannot be known
+        if not overwrite:
+            raise StageError(f"{exc}; the config that made the shards there cannot be checked: rerun with "
+                             "--overwrite to write them again, or restore the manifest") from None
+        manifest, recorded = {}, "a damaged manifest"
+    if manifest is None or recorded == fingerprint:
         return
     if not overwrite:
-        raise StageError(f"{root} holds shards from a different generation config (fingerprint "
-                         f"{manifest.get('fingerprint')}, now {fingerprint}); rerun with --overwrite to replace "
-                         "them, or choose another run.dir")
-    log.warning("--overwrite: removing shards made under fingerprint %s", manifest.get("fingerprint"))
+        raise StageError(f"{root} holds shards from a different generation config (fingerprint {recorded}, now "
+                         f"{fingerprint}): the prompt file, [prompts] or [generate] changed; rerun with --overwrite "
+                         "to replace them, or choose another run.dir")
+    log.warning("--overwrite: removing shards made under %s", recorded)
     for split in SPLITS:
         remove_owned(root / split, SHARD_PATTERNS)
         remove_if_empty(root / split)
@@ -246,21 +253,45 @@ class GenerationPlan:
         return scan_manifest(root, self.fingerprint, self.planned, self.extra)
 
 
+def prepare_for_generation(ctx: StageContext) -> dict:
+    """On rank 0, before anything is written: refuse (or, with --overwrite, reset) shards of another config,
+    then prepare the prompts; returns the prepared set's report."""
+    cfg = ctx.cfg
+    fingerprint = generation_fingerprint(prepared_fingerprint(cfg), cfg)
+    check_or_reset(ctx.layout.shards, fingerprint, getattr(ctx.args, "overwrite", False))
+    return prepare(cfg)
+
+
 def plan_generation(ctx: StageContext) -> GenerationPlan:
-    """Prepare the prompts (rank 0), then cut every split into shards."""
+    """Check and prepare (rank 0), then cut every split into shards."""
     cfg, layout = ctx.cfg, ctx.layout
-    report = on_main_first(ctx.info, lambda: prepare(cfg))
+    report = on_main_first(ctx.info, lambda: prepare_for_generation(ctx))
     counts = {split: split_size(layout.prompts, split) for split in cfg.generate.splits}
     tasks = plan_shards(counts, cfg.generate.images_per_prompt, cfg.generate.shard_size)
     planned = {split: sum(t.split == split for t in tasks) for split in cfg.generate.splits}
-    extra = {"config": cfg.to_dict()["generate"], "seed": cfg.run.seed, "prompts": report["splits"]}
+    extra = {"config": cfg.to_dict()["generate"], "seed": cfg.run.seed, "prompts": report["splits"],
+             "prepared": report["fingerprint"]}
     return GenerationPlan(tasks, planned, generation_fingerprint(report["fingerprint"], cfg), extra)
 
 
+def determinism(info: dist.DistInfo) -> dict:
+    """What equal bytes across runs assume besides the config: the device kind and the intra-op thread count
+    per rank (on a CPU, 1 and 2 threads can round a few pixels differently)."""
+    return {"device": info.device.type, "torch_threads": torch.get_num_threads()}
+
+
 def start_generation(ctx: StageContext, plan: GenerationPlan) -> None:
-    """On rank 0: refuse or reset shards of another config, drop dead writers' partial files, write the manifest."""
+    """On rank 0: drop dead writers' partial files, write the manifest of what is on disk, and say what equal
+    bytes depend on besides the config (warning when shards already written were made otherwise)."""
     root = ctx.layout.shards
-    check_or_reset(root, plan.fingerprint, getattr(ctx.args, "overwrite", False))
+    now = determinism(ctx.info)
+    log.info("equal shard bytes at any rank count hold for the same device kind and intra-op thread count per "
+             "rank: this launch writes with %s", now)
+    earlier = [m for m in (read_manifest(root) or {}).get("made_with", []) if m != now]
+    if earlier:
+        log.warning("shards already written were made with %s, this launch writes with %s: its shards may differ "
+                    "by a few pixel levels from what those settings would write (the samples stay valid)",
+                    earlier, now)
     # a killed writer leaves a hidden partial file: this launch holds the generate lock, so every
     # partial file is a dead writer's, and its shard starts again
     for split in ctx.cfg.generate.splits:
@@ -336,7 +367,7 @@ def _generate_shards(ctx: StageContext, pending: list[ShardTask], root: Path, pr
     try:
         for task in pending:
             samples = load_task_samples(ctx.layout.prompts, task, g.images_per_prompt, cfg.run.seed)
-            writer = ShardWriter(root / shard_name(task.split, task.shard))
+            writer = ShardWriter(root / shard_name(task.split, task.shard), made_with=determinism(info))
             for start in range(0, len(samples), g.batch_size):
                 batch = samples[start:start + g.batch_size]
                 clock.model_starts()

@@ -11,15 +11,18 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Iterator
 
 from ..launch.config import Config
-from ..launch.layout import RunLayout, prepared_fingerprint
+from ..launch.layout import (RunLayout, prepared_fingerprint, private_sibling, remove_dead_siblings, remove_if_empty,
+                             remove_owned, swap_folder)
 from ..models.text_to_image import load_tokenizer
 from ..prompts.prepared import SPLITS, SplitWriter, record, split_of
 from ..prompts.sources import CsvStats, Prompt, PromptSourceError, normalise, read_prompts, resolve_path
-from ..shards.writer import write_json_atomic
+from ..shards.manifest import read_manifest
+from ..shards.writer import WriteError, write_error, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -99,21 +102,70 @@ def write_splits(prompts: Iterator[Prompt], cfg: Config, writers: dict[str, Spli
     flush()
 
 
+class PrepareError(ValueError):
+    """Preparing now would leave the run inconsistent; the message says what to run instead."""
+
+
+def check_shards_keep_their_prompts(layout: RunLayout, fingerprint: str) -> None:
+    """Refuse to prepare other prompts under shards generated from the prepared set on disk."""
+    manifest = read_manifest(layout.shards)
+    if manifest is None:
+        return
+    made_from = manifest.get("prepared")
+    if made_from is None:  # manifests before the record: the shards came from the prompts prepared now
+        report = json.loads(layout.prompts_report.read_text()) if layout.prompts_report.is_file() else {}
+        made_from = report.get("fingerprint")
+    if made_from not in (None, fingerprint):
+        raise PrepareError(f"{layout.shards} holds shards generated from other prompts (prepared set {made_from}, "
+                           f"now {fingerprint}): the prompt file or [prompts] changed; run `revprompt generate "
+                           "--overwrite` to prepare and generate again, or choose another run.dir")
+
+
 def prepare(cfg: Config, chunk: int = 1024) -> dict:
     """Write prompts/{split}.jsonl + .idx and prompts/report.json, streaming; return the report (counts).
 
     Memory does not grow with the prompt count: prompts are read, checked and written in chunks of
-    `chunk`, and the texts and ids seen so far live in an SQLite file while this runs.
+    `chunk`, and the texts and ids seen so far live in an SQLite file while this runs. The new set is
+    written into a private folder and swapped in whole, so prompts/ is always one prepared set; a set
+    that shards were generated from is never replaced by another.
     """
     layout = RunLayout(cfg.run.dir)
-    out_dir, report_path = layout.prompts, layout.prompts_report
     fingerprint = prepared_fingerprint(cfg)
-    if report_path.is_file():
-        report = json.loads(report_path.read_text(encoding="utf-8"))
-        if report.get("fingerprint") == fingerprint and all((out_dir / f"{s}.idx").is_file() for s in SPLITS):
-            log.info("prompts already prepared (%s), reusing them", report_path)
+    if layout.prompts_report.is_file():
+        report = json.loads(layout.prompts_report.read_text(encoding="utf-8"))
+        if report.get("fingerprint") == fingerprint and all((layout.prompts / f"{s}.idx").is_file() for s in SPLITS):
+            log.info("prompts already prepared (%s), reusing them", layout.prompts_report)
             return report
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_shards_keep_their_prompts(layout, fingerprint)
+    layout.root.mkdir(parents=True, exist_ok=True)
+    remove_dead_siblings(layout.prompts)
+    out_dir = private_sibling(layout.prompts, "tmp")
+    out_dir.mkdir()
+    try:
+        report = write_prepared(cfg, out_dir, fingerprint, chunk)
+        old = swap_folder(out_dir, layout.prompts)
+    except OSError as exc:
+        raise exc if isinstance(exc, WriteError) else write_error(layout.prompts, "the prepared prompts", exc) from None
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)
+    if old is not None:  # the previous set: revprompt's files go, anything else stays where it was
+        remove_owned(old, PROMPT_PATTERNS)
+        remove_if_empty(old)
+        if old.exists():
+            log.warning("%s kept files revprompt did not write; they are in %s now", layout.prompts, old)
+    c = report
+    log.info("prepared %d prompts from %s: %s (empty %d, duplicates %d, longer than %d tokens %d, "
+             "comma rows recovered %d)", c["kept"], c["source"], c["splits"], c["empty"], c["duplicates"],
+             c["max_tokens"], c["too_long"], c["recovered_commas"])
+    return report
+
+
+# what prepare writes into prompts/
+PROMPT_PATTERNS = ("*.jsonl", "*.idx", "report.json", ".*.tmp*", ".seen.sqlite*")
+
+
+def write_prepared(cfg: Config, out_dir: Path, fingerprint: str, chunk: int) -> dict:
+    """The prepared set in `out_dir`: the split files, then report.json; returns the report."""
     tokenizer = load_tokenizer(cfg.generate.model)
     csv_stats = CsvStats()
     counts = dict(rows=0, empty=0, duplicates=0, too_long=0, kept=0)
@@ -129,14 +181,10 @@ def prepare(cfg: Config, chunk: int = 1024) -> dict:
         seen.close()
     for writer in writers.values():
         writer.commit()
-    split_counts = {s: w.count for s, w in writers.items()}
-    source = resolve_path(cfg.prompts.path)
-    report = dict(fingerprint=fingerprint, source=str(source), max_tokens=tokenizer.model_max_length,
-                  recovered_commas=csv_stats.recovered_commas, splits=split_counts, **counts)
-    write_json_atomic(report_path, report)
-    log.info("prepared %d prompts from %s: %s (empty %d, duplicates %d, longer than %d tokens %d, "
-             "comma rows recovered %d)", counts["kept"], source, split_counts, counts["empty"],
-             counts["duplicates"], tokenizer.model_max_length, counts["too_long"], csv_stats.recovered_commas)
+    report = dict(fingerprint=fingerprint, source=str(resolve_path(cfg.prompts.path)),
+                  max_tokens=tokenizer.model_max_length, recovered_commas=csv_stats.recovered_commas,
+                  splits={s: w.count for s, w in writers.items()}, **counts)
+    write_json_atomic(out_dir / "report.json", report)
     return report
 
 

@@ -263,6 +263,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     (dotted key -> a command-line string or a Python value), validate."""
     path = path or "tiny"
     file = preset_path(str(path)) if str(path) in PRESETS else Path(path)
+    if file.exists() and not file.is_file():
+        raise ConfigError(f"{file}: not a regular file (a folder, FIFO or device); --config takes a TOML file or a "
+                          f"preset ({', '.join(PRESETS)})")
     try:
         data = tomllib.loads(file.read_text(encoding="utf-8"))
     except FileNotFoundError:

@@ -95,10 +95,43 @@ def _want_cuda(device: str) -> bool:
     return device != "cpu" and torch.cuda.is_available()
 
 
+def stop_with_launcher(env: dict[str, str] | None = None) -> bool:
+    """Under torchrun, have the kernel kill this rank when its launcher dies; True when set up.
+
+    torchrun starts each rank in a process session of its own, so killing torchrun's process group
+    leaves the ranks running: they would finish the job beside the rerun that follows ("kill, then
+    rerun" becoming two writers). PR_SET_PDEATHSIG (Linux) ties the rank to its parent; elsewhere a
+    thread checks the parent once a second.
+    """
+    env = os.environ if env is None else env
+    if "TORCHELASTIC_RUN_ID" not in env:
+        return False
+    parent = os.getppid()
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    else:  # pragma: no cover - not Linux
+        import threading
+        import time
+
+        def watch() -> None:
+            while os.getppid() == parent:
+                time.sleep(1.0)
+            os._exit(1)
+
+        threading.Thread(target=watch, name="launcher-watch", daemon=True).start()
+    if os.getppid() != parent or parent == 1:  # the launcher died before the request was in place
+        os._exit(1)
+    return True
+
+
 def init(device: str = "auto", timeout_s: int = 1800) -> DistInfo:
     """Join the job's process group (NCCL on CUDA, gloo on CPU) or run alone; return this rank's place."""
     from accelerate import PartialState
 
+    stop_with_launcher()
     map_slurm_env()
     cuda = _want_cuda(device)
     if not cuda:
@@ -154,6 +187,9 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
+FILE_ONLY = "revprompt_file_only"  # a log record with this attribute set skips the console (a traceback, say)
+
+
 def setup_logging(log_dir: str | Path | None, rank: int, level: str = "INFO") -> Path | None:
     """Log every rank to `log_dir/rank-N.log` (None: the console alone); only rank 0 echoes INFO to the
     console, others errors."""
@@ -170,6 +206,7 @@ def setup_logging(log_dir: str | Path | None, rank: int, level: str = "INFO") ->
     console = logging.StreamHandler(sys.stderr)
     console.setFormatter(fmt)
     console.setLevel(logging.INFO if rank == 0 else logging.ERROR)
+    console.addFilter(lambda record: not getattr(record, FILE_ONLY, False))
     handlers: list[logging.Handler] = [console]
     if path is not None:
         file_handler = logging.FileHandler(path, encoding="utf-8")

@@ -28,6 +28,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import socket
 import sys
 from pathlib import Path
@@ -174,6 +175,51 @@ def remove_owned(folder: str | Path, patterns: tuple[str, ...]) -> list[Path]:
             entry.unlink()
             removed.append(entry)
     return removed
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9-]+", "-", socket.gethostname())[:32]
+
+
+def private_sibling(path: Path, what: str) -> Path:
+    """A hidden path beside `path` that only this process uses: `.{name}.{what}-{host}-{pid}`."""
+    return path.with_name(f".{path.name}.{what}-{_host()}-{os.getpid()}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_dead_siblings(path: Path) -> None:
+    """Remove the private temporary folders beside `path` (`tmp`, `old`) that processes of this host left when
+    they died mid-write; a live process's stay."""
+    import shutil
+
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(tmp|old)-{re.escape(_host())}-(\d+)")
+    if not path.parent.is_dir():
+        return
+    for entry in path.parent.iterdir():
+        match = pattern.fullmatch(entry.name)
+        if match and entry.is_dir() and not _alive(int(match.group(2))):
+            log.info("removing %s, left by a process that did not finish", entry)
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def swap_folder(new: Path, final: Path) -> Path | None:
+    """Put the complete folder `new` in place of `final` by renames; returns where the previous `final` went
+    (a private sibling the caller disposes of), or None. A kill leaves `final` either old or new, whole."""
+    old = None
+    if final.exists():
+        old = private_sibling(final, "old")
+        os.replace(final, old)
+    os.replace(new, final)
+    return old
 
 
 def remove_if_empty(folder: str | Path) -> None:
@@ -378,9 +424,9 @@ def file_sha256(path: Path) -> str:
 
 def prepared_fingerprint(cfg: "Config") -> str:
     """What the prepared prompt set depends on: the [prompts] section and the prompt file's bytes."""
-    from ..prompts.sources import PromptSourceError, resolve_path
+    from ..prompts.sources import PromptSourceError, prompt_file
 
-    source = resolve_path(cfg.prompts.path)
+    source = prompt_file(cfg.prompts.path)
     try:
         content = file_sha256(source)
     except OSError as exc:
@@ -422,6 +468,26 @@ def drift_fingerprint(layout: RunLayout, cfg: "Config") -> str:
                        "captioner": layout.exported()}, default=str)
 
 
+# the [train] keys that shape what training computes: changing one under a checkpoint mixes two runs
+TRAJECTORY_KEYS = ("captioner", "precision", "micro_batch_size", "grad_accum", "lr", "weight_decay", "warmup_steps",
+                   "min_lr_ratio", "grad_clip", "label_smoothing", "max_length", "freeze_vision", "shuffle_buffer")
+
+
+def made_from(cfg: "Config", data: str | None) -> dict:
+    """What a training run's checkpoints and export are made from: the shards' fingerprint, the run seed and the
+    [train] keys that shape the trajectory."""
+    return {"data": data, "seed": cfg.run.seed, "train": {k: getattr(cfg.train, k) for k in TRAJECTORY_KEYS}}
+
+
+def changes(recorded: dict, now: dict) -> list[str]:
+    """'key: old -> new' for every trajectory key (and the seed) that differs between two made_from records."""
+    out = [f"train.{k}: {v!r} -> {now['train'].get(k)!r}" for k, v in sorted(recorded.get("train", {}).items())
+           if now["train"].get(k) != v]
+    if recorded.get("seed") != now["seed"]:
+        out.append(f"run.seed: {recorded.get('seed')!r} -> {now['seed']!r}")
+    return out
+
+
 def is_done(stage: str, layout: RunLayout, cfg: "Config") -> bool:
     """Whether `stage`'s outputs in `layout` are complete for `cfg` (then a pipeline skips it)."""
     if stage == "generate":
@@ -431,7 +497,11 @@ def is_done(stage: str, layout: RunLayout, cfg: "Config") -> bool:
             return False
         return manifest.get("fingerprint") == generation_fingerprint(report["fingerprint"], cfg)
     if stage == "train":
-        return layout.exported_step() == cfg.train.max_steps
+        exported = layout.exported() or {}
+        data = (_read_json(layout.manifest) or {}).get("fingerprint")
+        recorded = exported.get("made_from")
+        current = recorded is None or (recorded.get("data") == data and not changes(recorded, made_from(cfg, data)))
+        return exported.get("step") == cfg.train.max_steps and current
     if stage == "evaluate":
         summary = _read_json(layout.eval_summary) or {}
         return summary.get("fingerprint") == evaluation_fingerprint(layout, cfg)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import dist
+from .dist import FILE_ONLY
 from .config import Config, ConfigError, load_config, save_config
 from .layout import RunDirError, RunLayout, StageLock, claim_run_dir
 from .metrics import Metrics
@@ -163,9 +164,9 @@ def run_stage(stage: str, argv: list[str], parser: argparse.ArgumentParser,
         body(StageContext(cfg, info, metrics, args))
         return 0
     except Exception as exc:
-        if is_user_error(exc):  # a message for the user; the traceback goes to the rank's log only
-            log.debug("%s", traceback.format_exc())
-            log.error("%s failed: %s", stage, exc)
+        if is_user_error(exc):  # a message for the user on the console; the traceback in the rank's log file only
+            log.error("%s failed on rank %d: %s", stage, info.rank, exc)
+            log.error("%s", traceback.format_exc().rstrip(), extra={FILE_ONLY: True})
         else:
             log.exception("%s failed on rank %d", stage, info.rank)
         return 1

@@ -54,6 +54,18 @@ def resolve_path(path: str) -> Path:
     return bundled_path() if path == "bundled" else Path(path)
 
 
+def prompt_file(path: str) -> Path:
+    """The prompt file `path` names, checked to be a regular file: a FIFO or a device would be read twice (once
+    for its hash, once for its prompts) and block, a folder cannot be read."""
+    file = resolve_path(path)
+    if not file.exists():
+        raise PromptSourceError(f"{file}: prompt file not found (prompts.path)")
+    if not file.is_file():
+        raise PromptSourceError(f"{file}: cannot read prompt file: not a regular file (a folder, FIFO or device); "
+                                "prompts.path must name a prompt file")
+    return file
+
+
 def detect_format(path: Path, fmt: str = "auto") -> str:
     """csv, jsonl or txt: as given, or by file extension."""
     if fmt != "auto":
@@ -175,9 +187,7 @@ def read_txt(path: Path, template: str) -> Iterator[Prompt]:
 def read_prompts(path: str, fmt: str = "auto", template: str = "auto", id_field: str = "id",
                  csv_stats: CsvStats | None = None) -> Iterator[Prompt]:
     """Stream every row of a prompt file (empty rows come through with empty text, for counting)."""
-    file = resolve_path(path)
-    if not file.exists():
-        raise PromptSourceError(f"{file}: prompt file not found (prompts.path)")
+    file = prompt_file(path)
     fmt = detect_format(file, fmt)
     template = DEFAULT_TEMPLATES[fmt] if template == "auto" else template
     template_fields(template)

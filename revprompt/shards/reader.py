@@ -11,11 +11,13 @@ import io
 import json
 import logging
 import random
+import tarfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import webdataset as wds
+from webdataset.tariterators import group_by_keys
 from PIL import Image
 
 from .keys import is_safe_key
@@ -161,6 +163,55 @@ def counting_handler(stats: ReadStats):
     return handler
 
 
+def group_samples(stats: ReadStats):
+    """Pipeline stage: a tar's members grouped into samples by key (webdataset's grouping)."""
+
+    def stage(src: Iterable[dict]) -> Iterator[dict]:
+        return group_by_keys(src, handler=counting_handler(stats))
+
+    return stage
+
+
+# a member larger than this is not read: no sample a revprompt stage uses comes near it (a 4096 px PNG
+# is about 50 MB), while a hostile tar can declare gigabytes in a few kilobytes (GNU sparse members)
+MAX_MEMBER_BYTES = 64 << 20
+
+
+def local_tar_members(stats: ReadStats, max_member_bytes: int = MAX_MEMBER_BYTES):
+    """Pipeline stage: {"url": path} -> the regular members of each tar as {"fname", "data", "__url__"}, then an
+    end-of-shard marker ({}).
+
+    Shard paths are opened as local files, never handed to a URL opener (webdataset's `pipe:` would run a
+    shell command for a run.dir that starts with it). Sparse and oversized members are skipped and counted
+    as rejected without being read; a damaged tar is counted as corrupt from where it breaks.
+    """
+
+    def stage(src: Iterable[dict]) -> Iterator[dict]:
+        for item in src:
+            path = item["url"]
+            try:
+                with open(path, "rb") as handle, tarfile.open(fileobj=handle, mode="r|") as tar:
+                    for info in tar:
+                        if not info.isreg():
+                            if info.issparse():
+                                stats.rejected += 1
+                                log.warning("rejected sparse member %s in %s", info.name, path)
+                            continue
+                        if info.size > max_member_bytes:
+                            stats.rejected += 1
+                            log.warning("rejected member %s in %s: %d bytes (at most %d)", info.name, path,
+                                        info.size, max_member_bytes)
+                            continue
+                        yield {"fname": info.name, "data": tar.extractfile(info).read(), "__url__": path}
+                        tar.members = []
+            except (OSError, EOFError, tarfile.TarError, ValueError) as exc:
+                stats.corrupt += 1
+                log.warning("skipping corrupt shard data in %s: %s", path, exc)
+            yield {}
+
+    return stage
+
+
 def shuffle_buffer(size: int, rng: random.Random):
     """Pipeline stage: a seeded shuffle buffer of `size` samples (raw bytes, so memory stays small)."""
 
@@ -197,7 +248,7 @@ def build_reader(shards: list[str], *, rank: int = 0, world_size: int = 1, stats
     stages: list = [wds.SimpleShardList(shards), split_by_rank(rank, world_size)]
     if split_workers:
         stages.append(wds.split_by_worker)
-    stages.append(wds.tarfile_to_samples(handler=counting_handler(stats)))
+    stages += [local_tar_members(stats), group_samples(stats)]
     if keys is not None:
         stages.append(only_keys(keys))
     if buffer > 0:

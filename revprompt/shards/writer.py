@@ -104,21 +104,54 @@ def encode_json(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
+class WriteError(OSError):
+    """A file that could not be written (a full disk, a quota, permissions): the message names it, says what was
+    being written and how much room is left there. What was finished before stays; rerunning resumes."""
+
+
+def free_space(path: Path) -> str:
+    """Free bytes on the file system of `path` (or of its nearest existing parent), in words."""
+    import shutil
+
+    for folder in (Path(path), *Path(path).parents):
+        if folder.exists():
+            free = shutil.disk_usage(folder).free
+            return f"{free / 2**20:.1f} MiB free there"
+    return "free space unknown"
+
+
+def write_error(path: Path, what: str, exc: BaseException) -> WriteError:
+    """The one-line error for a failed write of `what` to `path`."""
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else f"{type(exc).__name__}: {exc}"
+    error = WriteError(f"{path}: cannot write {what} ({reason}; {free_space(path)}); free space or fix the folder, "
+                       "then rerun the same command: finished work is kept and the run resumes")
+    error.errno = getattr(exc, "errno", None)  # still the OSError it was, for callers that look
+    return error
+
+
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write JSON to a temporary file and rename it, so readers never see half a file."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise write_error(path, "a JSON record", exc) from None
 
 
 class ShardWriter:
     """Writes one shard: members go to a hidden partial file, `close()` renames it and writes the marker."""
 
-    def __init__(self, tar_path: str | Path):
+    def __init__(self, tar_path: str | Path, made_with: dict | None = None):
         self.path = Path(tar_path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.made_with = made_with  # recorded in the marker: what else equal bytes depend on (device, threads)
         self._partial = partial_path(self.path)
-        self._file = open(self._partial, "wb")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self._partial, "wb")
+        except OSError as exc:
+            raise write_error(self.path, "the shard", exc) from None
         self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
         self._start = time.monotonic()
         self.count = 0
@@ -129,6 +162,12 @@ class ShardWriter:
         """Add one sample: `members` maps extension ('jpg', 'txt', 'json') to bytes, written in sorted order."""
         if not is_safe_key(key):
             raise ValueError(f"unsafe sample key {key!r}")
+        try:
+            self._add(key, members)
+        except OSError as exc:
+            raise write_error(self.path, f"shard sample {key}", exc) from None
+
+    def _add(self, key: str, members: dict[str, bytes]) -> None:
         for ext in sorted(members):
             info = tarfile.TarInfo(f"{key}.{ext}")
             info.size = len(members[ext])
@@ -142,11 +181,14 @@ class ShardWriter:
 
     def close(self) -> dict:
         """Finish the tar, fsync, rename into place, then write the stats marker; returns the stats."""
-        self._tar.close()
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        os.replace(self._partial, self.path)
+        try:
+            self._tar.close()
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            os.replace(self._partial, self.path)
+        except OSError as exc:
+            raise write_error(self.path, "the shard", exc) from None
         stats = {
             "count": self.count,
             "members": self.members,
@@ -154,14 +196,18 @@ class ShardWriter:
             "seconds": round(time.monotonic() - self._start, 3),
             "failures": self.failures,
         }
+        if self.made_with is not None:
+            stats["made_with"] = self.made_with
         write_json_atomic(stats_path(self.path), stats)
         return stats
 
     def abort(self) -> None:
-        """Drop the partial file; nothing becomes visible."""
+        """Drop the partial file; nothing becomes visible (a write that fails now, on a full disk, changes nothing)."""
         try:
             self._tar.close()
             self._file.close()
+        except OSError:
+            pass
         finally:
             self._partial.unlink(missing_ok=True)
 

@@ -1,10 +1,13 @@
 """Streaming training batches from the train shards, with equal batch counts on every rank.
 
 An epoch is planned from the manifest's shard counts alone, the same way on every rank: shards are
-shuffled by (seed, epoch), dealt to ranks (s % world) and then to DataLoader workers, and every worker
-on every rank yields exactly `batches_per_worker` batches: the smallest share any worker can fill.
-Unequal shards therefore never leave one rank waiting in a collective. A worker that comes up
-short (corrupt samples) refills from the start of its own share, counted as `resampled`.
+shuffled by (seed, epoch) and dealt to the job's (rank, DataLoader worker) slots, each shard to the
+slot with the fewest samples so far, so no two slots' shares differ by more than the largest shard
+(and `smallest_share` bounds every epoch's poorest share before training starts). Every worker on
+every rank yields exactly `batches_per_worker` batches: the most the poorest share can fill. Unequal
+shards therefore never leave one rank waiting in a collective, and no epoch takes a worker by
+surprise. A worker that comes up short (corrupt samples) reads its share again, counted as
+`resampled`; a share whose full pass reads less than one micro-batch is an error, not an endless loop.
 
 Batch j of an epoch comes from worker j % W (the DataLoader's round-robin), so a restart at batch k
 of epoch e has each worker skip exactly its share of the first k batches: no sample of the epoch is
@@ -13,16 +16,16 @@ seen twice.
 
 from __future__ import annotations
 
+import heapq
 import logging
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..shards.reader import ReadStats, build_reader
-from ..shards.schema import owner
 from ..models.captioner import encode_prompts, preprocess_images
 
 log = logging.getLogger(__name__)
@@ -39,6 +42,7 @@ class EpochPlan:
     epoch: int
     worker_shards: tuple[tuple[str, ...], ...]
     batches_per_worker: int
+    shard_counts: dict = field(default_factory=dict, compare=False)  # path -> samples the manifest lists
 
     @property
     def batches(self) -> int:
@@ -46,39 +50,64 @@ class EpochPlan:
         return self.batches_per_worker * len(self.worker_shards)
 
 
+def deal(shards: list[tuple[str, int]], epoch: int, seed: int, slots: int) -> list[list[tuple[str, int]]]:
+    """Each slot's (path, count) shards for `epoch`: shuffled by (seed, epoch), each to the least-filled slot
+    (ties to the lowest slot). Any two slots end within the largest shard's count of each other."""
+    order = sorted(shards)
+    random.Random(f"{seed}:{epoch}").shuffle(order)
+    dealt: list[list[tuple[str, int]]] = [[] for _ in range(slots)]
+    heap = [(0, slot) for slot in range(slots)]
+    for shard in order:
+        load, slot = heapq.heappop(heap)
+        dealt[slot].append(shard)
+        heapq.heappush(heap, (load + shard[1], slot))
+    return dealt
+
+
 def plan_epoch(shards: list[tuple[str, int]], epoch: int, seed: int, rank: int, world_size: int,
                num_workers: int, batch_size: int) -> EpochPlan:
-    """Deal (path, count) shards for `epoch` to ranks and workers; equal batch quota everywhere."""
+    """Deal (path, count) shards for `epoch` to ranks and workers (slot rank * workers + worker); the same
+    batch quota everywhere."""
     workers = max(1, num_workers)
     if len(shards) < world_size * workers:
         raise DataPlanError(
             f"{len(shards)} train shards cannot feed {world_size} ranks x {workers} DataLoader workers; "
             "write smaller shards (generate.shard_size) or use fewer workers (train.num_workers)")
-    order = sorted(shards)
-    random.Random(f"{seed}:{epoch}").shuffle(order)
-    quotas: list[int] = []
-    mine: tuple[tuple[str, ...], ...] = ()
-    for r in range(world_size):
-        per_rank = [shard for position, shard in enumerate(order) if owner(position, world_size) == r]
-        quotas += [sum(c for _, c in per_rank[w::workers]) // batch_size for w in range(workers)]
-        if r == rank:
-            mine = tuple(tuple(p for p, _ in per_rank[w::workers]) for w in range(workers))
-    quota = min(quotas)
+    dealt = deal(shards, epoch, seed, world_size * workers)
+    quota = min(sum(c for _, c in share) for share in dealt) // batch_size
     if not quota:
         raise DataPlanError(f"train.micro_batch_size={batch_size} is larger than the samples some DataLoader "
-                            "worker receives; lower it or write more train samples")
-    return EpochPlan(epoch, mine, quota)
+                            f"worker receives in epoch {epoch}; lower it or write more train samples")
+    mine = tuple(tuple(p for p, _ in dealt[rank * workers + w]) for w in range(workers))
+    return EpochPlan(epoch, mine, quota, dict(shards))
 
 
 def smallest_share(shards: list[tuple[str, int]], world_size: int, num_workers: int = 1) -> int:
-    """The fewest samples any (rank, worker) receives when `shards` are dealt (any epoch's order)."""
-    workers = max(1, num_workers)
-    if len(shards) < world_size * workers:
+    """A lower bound on the samples any (rank, worker) receives in any epoch's deal.
+
+    Dealing each shard to the least-filled slot keeps every two slots within the largest count of each
+    other, so the poorest slot holds at least (total - (slots - 1) * largest) / slots samples; with at
+    least one shard per slot it also holds at least the smallest shard.
+    """
+    slots = world_size * max(1, num_workers)
+    if len(shards) < slots:
         return 0
-    counts = sorted(c for _, c in shards)
-    # the worst deal puts the smallest shards together: a lower bound that holds for every shuffle
-    per_share = len(shards) // (world_size * workers)
-    return sum(counts[:per_share])
+    counts = [c for _, c in shards]
+    balanced = -(-(sum(counts) - (slots - 1) * max(counts)) // slots)
+    return max(balanced, min(counts), 0)
+
+
+def check_deal(shards: list[tuple[str, int]], world_size: int, num_workers: int, batch_size: int) -> None:
+    """Before training: every epoch can give every worker at least one micro-batch, or DataPlanError says
+    what to change."""
+    plan_epoch(shards, 0, 0, 0, world_size, num_workers, batch_size)  # too few shards: its own message
+    bound = smallest_share(shards, world_size, num_workers)
+    if bound < batch_size:
+        raise DataPlanError(
+            f"train.micro_batch_size={batch_size}: the {len(shards)} train shards ({sum(c for _, c in shards)} "
+            f"samples) guarantee only {bound} samples to each of {world_size} ranks x {max(1, num_workers)} "
+            "DataLoader workers in every epoch; lower train.micro_batch_size or train.num_workers, or write "
+            "smaller shards (generate.shard_size) or more train samples")
 
 
 def skipped_batches(position: int, worker: int, workers: int) -> int:
@@ -130,12 +159,12 @@ class TrainStream(IterableDataset):
             if passes:
                 yield None  # the share ran short (corrupt samples): read it again from the start
             batch: list = []
-            got_any = False
+            read = 0
             reader = build_reader(shards, stats=stats, buffer=self.shuffle_buffer, split_workers=False,
                                   fields=("image", "txt"),  # training never reads the JSON: do not parse it
                                   buffer_seed=f"{self.seed}:{plan.epoch}:{self.rank}:{worker}:{passes}")
             for sample in reader:
-                got_any = True
+                read += 1
                 batch.append(sample)
                 if len(batch) == self.batch_size:
                     yield batch
@@ -144,8 +173,11 @@ class TrainStream(IterableDataset):
                     if produced == plan.batches_per_worker:
                         return
             passes += 1
-            if not got_any:
-                raise DataPlanError(f"no readable sample in shards {shards}")
+            if read < self.batch_size:  # a refill would make no batch: fail instead of looping for ever
+                listed = sum(plan.shard_counts.get(path, 0) for path in shards)
+                raise DataPlanError(f"shards {shards}: a full pass read {read} readable samples of the {listed} the "
+                                    f"manifest lists, fewer than one micro-batch ({self.batch_size}); they are "
+                                    "damaged: rerun `revprompt generate` to write them again")
 
     def _collate(self, samples: list[dict], epoch: int, position: int, worker: int, stats: ReadStats,
                  resampled: int) -> dict:

@@ -10,12 +10,11 @@ from pathlib import Path
 
 import torch
 
-from ..launch.layout import EXPORT_INFO
+from ..launch.layout import EXPORT_INFO, private_sibling, remove_dead_siblings, swap_folder
+from ..shards.writer import write_error
+from .checkpoints import HF_SUBDIR, checkpoint_problem, read_position
 
 log = logging.getLogger(__name__)
-
-HF_SUBDIR = "hf"  # inside each checkpoint: the processor and model config, so export needs nothing else
-
 
 class ExportError(RuntimeError):
     """The export cannot go where it was asked to; nothing was written there."""
@@ -42,43 +41,6 @@ def check_export_target(out_dir: Path) -> None:
                               "the export did not write; move them, or choose another folder")
 
 
-def _sibling(out_dir: Path, what: str) -> Path:
-    """A hidden folder beside `out_dir` that only this process uses (host and pid in its name)."""
-    return out_dir.with_name(f".{out_dir.name}.{what}-{_host()}-{os.getpid()}")
-
-
-def _host() -> str:
-    import re
-    import socket
-
-    return re.sub(r"[^A-Za-z0-9-]+", "-", socket.gethostname())[:32]
-
-
-def remove_stale_siblings(out_dir: Path) -> None:
-    """Remove the hidden temporary folders of earlier exports to `out_dir` from this host whose process is gone
-    (a killed export leaves one)."""
-    import re
-
-    pattern = re.compile(rf"\.{re.escape(out_dir.name)}\.(tmp|old)-{re.escape(_host())}-(\d+)")
-    if not out_dir.parent.is_dir():
-        return
-    for entry in out_dir.parent.iterdir():
-        match = pattern.fullmatch(entry.name)
-        if match and entry.is_dir() and not _alive(int(match.group(2))):
-            log.info("removing %s, left by an export that did not finish", entry)
-            shutil.rmtree(entry, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def save_hf_dir(model, processor, state: dict[str, torch.Tensor] | None, out_dir: Path, info: dict) -> Path:
     """Load `state` into `model` (when given) and write model + processor to `out_dir` atomically.
 
@@ -97,20 +59,22 @@ def save_hf_dir(model, processor, state: dict[str, torch.Tensor] | None, out_dir
             raise RuntimeError(f"export: state does not match the captioner (missing {missing[:5]}, "
                                f"unexpected {unexpected[:5]})")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_siblings(out_dir)
-    tmp, old = _sibling(out_dir, "tmp"), _sibling(out_dir, "old")
+    remove_dead_siblings(out_dir)
+    tmp = private_sibling(out_dir, "tmp")
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        processor.save_pretrained(tmp)
-        files = sorted(p.name for p in tmp.iterdir()) + [EXPORT_INFO]
-        (tmp / EXPORT_INFO).write_text(json.dumps({**info, "files": files}, indent=2, sort_keys=True) + "\n")
+        try:
+            model.save_pretrained(tmp, safe_serialization=True)
+            processor.save_pretrained(tmp)
+            files = sorted(p.name for p in tmp.iterdir()) + [EXPORT_INFO]
+            (tmp / EXPORT_INFO).write_text(json.dumps({**info, "files": files}, indent=2, sort_keys=True) + "\n")
+        except Exception as exc:  # a full disk surfaces as OSError, or as safetensors' own error
+            raise write_error(out_dir, "the exported captioner", exc) from None
         check_export_target(out_dir)  # still true after the minutes the weights took
-        if out_dir.is_dir():
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
+        old = swap_folder(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    shutil.rmtree(old, ignore_errors=True)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     return out_dir
 
 
@@ -127,7 +91,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from transformers import BlipConfig, BlipForConditionalGeneration, BlipProcessor
 
-    from .engine import allow_deepspeed_checkpoint_types, checkpoint_problem, force_weights_only_loads
+    from .engine import allow_deepspeed_checkpoint_types, force_weights_only_loads
 
     checkpoint = Path(checkpoint)
     hf = checkpoint / HF_SUBDIR
@@ -149,7 +113,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
         state = {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
     model = BlipForConditionalGeneration(BlipConfig.from_pretrained(hf))
     processor = BlipProcessor.from_pretrained(hf)
-    client = json.loads((hf / "position.json").read_text()) if (hf / "position.json").is_file() else {}
+    client = read_position(checkpoint)
     return save_hf_dir(model, processor, state, Path(out_dir), {"from_checkpoint": str(checkpoint), **client})
 
 

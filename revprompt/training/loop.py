@@ -13,17 +13,19 @@ import numpy as np
 import torch
 
 from ..launch import dist
+from ..launch.layout import changes, made_from
 from ..launch.metrics import captioned_grid
 from ..launch.runner import StageContext, StageError, build_parser, on_main_first, run_stage
 from ..models.captioner import build_captioner, freeze_vision, generate_captions, image_size_of, preprocess_images
 from ..models.text_embedder import pairwise_cosine
 from ..shards.manifest import read_manifest, split_shards
 from ..shards.reader import build_reader
-from ..shards.writer import write_json_atomic
-from .data import DataPlanError, TrainStream, build_loader, smallest_share
-from .engine import (allow_deepspeed_checkpoint_types, commit_checkpoint, force_weights_only_loads, fsync_files,
-                     gathered_state_dict, initialize, prune_checkpoints, resume_point, write_latest)
-from .export import HF_SUBDIR, check_export_target, save_hf_dir
+from ..shards.writer import write_error, write_json_atomic
+from .data import TrainStream, build_loader, check_deal, smallest_share
+from .checkpoints import (HF_SUBDIR, POSITION, checkpoint_dirs, commit_checkpoint, fsync_files, prune_checkpoints,
+                          read_position, resume_point, write_latest)
+from .engine import allow_deepspeed_checkpoint_types, force_weights_only_loads, gathered_state_dict, initialize
+from .export import check_export_target, save_hf_dir
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +60,14 @@ class Trainer:
         # a captioner/ that is not an earlier export would be refused at the end: say so before training
         on_main_first(self.info, lambda: check_export_target(self.export_dir))
         self.train_shards = split_shards(self.layout.shards, "train")
+        # every epoch's deal must feed every worker a micro-batch: say so now, not in epoch 3
+        check_deal(self.train_shards, self.info.world_size, self.t.num_workers, self.t.micro_batch_size)
+        manifest = read_manifest(self.layout.shards) or {}
+        self.made_from = made_from(self.cfg, manifest.get("fingerprint"))
         # validate on the val shards the manifest lists, if generation wrote any
-        has_val = "val" in (read_manifest(self.layout.shards) or {}).get("splits", {})
-        self.val_shards = split_shards(self.layout.shards, "val") if has_val else []
+        self.val_shards = split_shards(self.layout.shards, "val") if "val" in manifest.get("splits", {}) else []
+        if getattr(ctx.args, "overwrite", False):
+            on_main_first(self.info, self.remove_checkpoints)
         model, self.processor = build_captioner(self.t.captioner, self.cfg.run.seed)
         if self.t.freeze_vision:
             log.info("froze %d vision parameters", freeze_vision(model))
@@ -96,6 +103,7 @@ class Trainer:
         if folder is None:
             return False
         tag = folder.name
+        self.check_made_from(folder)
         written = self.checkpoint_layout(tag)
         same_layout = written is None or written == self.zero_layout
         if not same_layout:
@@ -112,8 +120,9 @@ class Trainer:
         self.pos = Position(**{k: client[k] for k in Position().as_dict()})
         if not same_layout:
             self.set_schedule(self.pos.step)
-            if written["world_size"] != self.info.world_size:
-                self.convert_position(written["world_size"])
+        old_workers = read_position(folder).get("num_workers", self.t.num_workers)
+        if written is not None and (written["world_size"], old_workers) != (self.info.world_size, self.t.num_workers):
+            self.convert_position(written["world_size"], old_workers)
         log.info("resumed from %s: %s, lr %.3g", self.ckpt_root / tag, self.pos.as_dict(),
                  self.scheduler.get_last_lr()[0])
         return True
@@ -135,30 +144,56 @@ class Trainer:
         # ZeRO-0 all-reduces the gradients in backward: every rank holds the same, full ones
         return float(torch.linalg.vector_norm(torch.stack(norms)))
 
+    def remove_checkpoints(self) -> None:
+        """--overwrite: train from scratch; the step folders and DeepSpeed's `latest` go (the export stays until the
+        new one replaces it)."""
+        import shutil
+
+        for folder in checkpoint_dirs(self.ckpt_root):
+            log.warning("--overwrite: removing %s", folder)
+            shutil.rmtree(folder)
+        (self.ckpt_root / "latest").unlink(missing_ok=True)
+
+    def check_made_from(self, folder: Path) -> None:
+        """Refuse to resume from a checkpoint of other shards or other trajectory settings, saying what changed."""
+        recorded = read_position(folder).get("made_from")
+        if recorded is None:
+            log.warning("%s does not record what it was trained on (an older revprompt wrote it): resuming without "
+                        "checking the shards and [train] against it", folder)
+            return
+        if recorded.get("data") != self.made_from["data"]:
+            raise StageError(f"{folder} was trained on the shards of fingerprint {recorded.get('data')}, but "
+                             f"{self.layout.shards} now holds {self.made_from['data']} (generated again since): train "
+                             "from scratch with `revprompt train --overwrite`, or use another run.dir")
+        diff = changes(recorded, self.made_from)
+        if diff:
+            raise StageError(f"{folder} was trained with other settings ({'; '.join(diff)}): resuming would mix two "
+                             "runs; put them back, or train from scratch with `revprompt train --overwrite`")
+
     def checkpoint_layout(self, tag: str) -> dict | None:
         """The ZeRO stage and rank count a checkpoint was written with (None for checkpoints without the record)."""
-        record = self.ckpt_root / tag / HF_SUBDIR / "position.json"
-        if not record.is_file():
-            return None
-        saved = json.loads(record.read_text())
+        saved = read_position(self.ckpt_root / tag)
         return {k: saved[k] for k in self.zero_layout} if all(k in saved for k in self.zero_layout) else None
 
-    def convert_position(self, old_world: int) -> None:
-        """Map the data position of a run with `old_world` ranks onto this rank count.
+    def convert_position(self, old_world: int, old_workers: int) -> None:
+        """Map the data position of a run with `old_world` ranks and `old_workers` DataLoader workers per rank onto
+        this job's.
 
         The position counts micro-batches per rank; the samples of the epoch consumed by all ranks
-        carry over, rounded down, and a position past this rank count's epoch moves to the next epoch.
-        Across a change of rank count the epoch's shard assignment changes too, so a few samples of
-        this epoch may be seen twice or not at all; the log says so.
+        carry over, rounded down, and a position past this job's epoch moves to the next epoch.
+        Across such a change the epoch's shard assignment changes too, so a few samples of this epoch
+        may be seen twice or not at all; the log says so.
         """
         consumed = self.pos.batch_in_epoch * old_world
         batch = consumed // self.info.world_size
         epoch = self.pos.epoch
         if batch >= self.stream(self.train_shards, epoch=epoch, batch=0, train=True).plan(epoch).batches:
             epoch, batch = epoch + 1, 0
-        log.warning("data position of epoch %d converted from %d ranks to %d: micro-batch %d -> epoch %d micro-batch "
+        workers = ("" if old_workers == self.t.num_workers
+                   else f" (DataLoader workers per rank {old_workers} -> {self.t.num_workers})")
+        log.warning("data position of epoch %d converted from %d ranks to %d%s: micro-batch %d -> epoch %d micro-batch "
                     "%d (within this epoch some samples may repeat or be skipped)", self.pos.epoch, old_world,
-                    self.info.world_size, self.pos.batch_in_epoch, epoch, batch)
+                    self.info.world_size, workers, self.pos.batch_in_epoch, epoch, batch)
         self.pos.epoch, self.pos.batch_in_epoch = epoch, batch
 
     def set_schedule(self, step: int) -> None:
@@ -178,14 +213,19 @@ class Trainer:
 
             shutil.rmtree(folder)
         dist.barrier()
-        self.engine.save_checkpoint(str(self.ckpt_root), tag=tag, client_state=self.pos.as_dict(), save_latest=False)
-        fsync_files(folder)
+        try:
+            self.engine.save_checkpoint(str(self.ckpt_root), tag=tag, client_state=self.pos.as_dict(),
+                                        save_latest=False)
+            fsync_files(folder)
+        except (OSError, RuntimeError) as exc:  # torch.save on a full disk: "basic_ios::clear: iostream error"
+            raise write_error(folder, f"the checkpoint of step {self.pos.step}", exc) from None
         dist.barrier()
         if self.info.is_main:
             hf = folder / HF_SUBDIR
             self.twin.config.save_pretrained(hf)
             self.processor.save_pretrained(hf)
-            write_json_atomic(hf / "position.json", {**self.pos.as_dict(), **self.zero_layout})
+            write_json_atomic(hf / POSITION, {**self.pos.as_dict(), **self.zero_layout, "num_workers": self.t.num_workers,
+                                              "made_from": self.made_from})
             commit_checkpoint(folder, self.pos.step)
             write_latest(self.ckpt_root, tag)
             for old in prune_checkpoints(self.ckpt_root, self.t.keep_checkpoints):
@@ -196,7 +236,8 @@ class Trainer:
         """Consolidate the weights (a collective) and write captioner/ in Hugging Face format (rank 0)."""
         state = gathered_state_dict(self.engine, self.info.is_main)
         if self.info.is_main:
-            save_hf_dir(self.twin, self.processor, state, self.export_dir, {"step": self.pos.step,
+            save_hf_dir(self.twin, self.processor, state, self.export_dir, {"made_from": self.made_from,
+                                                                            "step": self.pos.step,
                                                                             **self.pos.as_dict()})
             log.info("exported the captioner at step %d to %s", self.pos.step, self.export_dir)
         dist.barrier()
@@ -395,10 +436,7 @@ class Trainer:
 
 def run_training(ctx: StageContext) -> None:
     """Build the trainer and run it."""
-    try:
-        trainer = Trainer(ctx)
-    except DataPlanError as exc:
-        raise StageError(str(exc)) from None
+    trainer = Trainer(ctx)
     pos = trainer.train()
     log.info("training done at step %d (%d samples seen, epoch %d); captioner in %s", pos.step, pos.samples_seen,
              pos.epoch, trainer.export_dir)
@@ -407,4 +445,6 @@ def run_training(ctx: StageContext) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `revprompt train`."""
     parser = build_parser("train", "Fine-tune the BLIP captioner on the generated shards with DeepSpeed ZeRO.")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="train from scratch: remove the checkpoints of an earlier run (of other shards or settings)")
     return run_stage("train", argv if argv is not None else [], parser, run_training)

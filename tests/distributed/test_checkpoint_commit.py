@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from revprompt.training.engine import COMMIT
+from revprompt.training.checkpoints import COMMIT
 from tests.conftest import copy_run, run_cli, train_args
 
 

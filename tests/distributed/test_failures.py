@@ -48,3 +48,38 @@ def test_an_unwritable_run_dir_is_named(tmp_path: Path):
     assert proc.returncode == 1
     assert f"cannot write the run directory {not_a_dir / 'run'}" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_ranks_stop_when_their_launcher_is_killed(tmp_path: Path):
+    # issue 11.10: torchrun starts each rank in a session of its own; killing torchrun alone left them running
+    import subprocess
+
+    import psutil
+
+    from tests.conftest import BIN, ROOT, cli_env
+
+    run_dir = tmp_path / "run"
+    cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "--no-python", str(BIN / "revprompt"),
+           "generate", *tiny_args(run_dir, limit=60, generate__steps=300, generate__batch_size=2)]
+    launcher = subprocess.Popen(cmd, env=cli_env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+    ranks: list = []
+    try:
+        deadline = time.monotonic() + 120
+        while len(list((run_dir / "shards").rglob("*.partial"))) < 2:  # both ranks are drawing
+            assert launcher.poll() is None and time.monotonic() < deadline, "the ranks never started drawing"
+            time.sleep(0.05)
+        ranks = psutil.Process(launcher.pid).children(recursive=True)
+        assert len(ranks) >= 2
+        marked = sorted((run_dir / "shards").rglob("*.stats.json"))
+        launcher.kill()  # torchrun alone, as a scheduler or a user killing its process group would
+        launcher.wait()
+        gone, alive = psutil.wait_procs(ranks, timeout=5)  # a shard takes far longer than this to draw
+        assert not alive, [p.pid for p in alive]
+    finally:
+        for proc in ranks + psutil.Process().children(recursive=True):  # orphans included, should any be left
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
+    assert sorted((run_dir / "shards").rglob("*.stats.json")) == marked  # nobody finished a shard after the kill

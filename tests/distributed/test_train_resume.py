@@ -103,3 +103,27 @@ def test_damaged_shards_are_skipped_and_counted_on_every_rank(generated_run: Pat
     assert scalars(run_dir / "tb" / "train", "data/resampled")[24] >= 1
     log = (run_dir / "logs" / "rank-0.log").read_text() + (run_dir / "logs" / "rank-1.log").read_text()
     assert "corrupt sample" in log and "incomplete sample" in log
+
+
+def keep_first_sample(tar_path: Path) -> None:
+    """Rewrite a shard with its first sample only: the rest of what its marker counts is gone."""
+    with tarfile.open(tar_path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    first = members[0][0].name.split(".")[0]
+    with tarfile.open(tar_path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for member, payload in members:
+            if member.name.split(".")[0] == first:
+                tar.addfile(member, io.BytesIO(payload))
+
+
+def test_shares_too_damaged_for_one_batch_end_the_job_with_a_message(generated_run: Path, tmp_path: Path):
+    # issue 11.8: each worker's share reads fewer samples than one micro-batch; refilling used to loop for ever
+    run_dir = copy_run(generated_run, tmp_path / "gutted")
+    for shard in sorted((run_dir / "shards" / "train").glob("*.tar")):
+        keep_first_sample(shard)
+    start = time.monotonic()
+    proc = run_cli("train", *train_args(run_dir, train__max_steps=24), nproc=2, check=False, timeout=240)
+    assert proc.returncode != 0 and time.monotonic() - start < 240
+    logs = (run_dir / "logs" / "rank-0.log").read_text() + (run_dir / "logs" / "rank-1.log").read_text()
+    assert "readable samples of the" in logs and "fewer than one micro-batch (8)" in logs
+    assert "rerun `revprompt generate` to write them again" in logs

@@ -76,3 +76,14 @@ def test_export_never_replaces_a_folder_it_did_not_export(tmp_path: Path):
     run_cli("export", "--checkpoint", str(checkpoint), "--out", str(out))
     run_cli("export", "--checkpoint", str(checkpoint), "--out", str(out))  # its own export: replaced
     assert json.loads((out / "revprompt.json").read_text())["step"] == 2
+
+
+def test_a_second_train_on_the_same_run_dir_is_refused(run_dir: Path):
+    claim_run_dir(run_dir)
+    lock = StageLock(run_dir, "train").acquire()
+    try:
+        proc = run_cli("train", *tiny_args(run_dir, limit=12), check=False)
+    finally:
+        lock.release()
+    assert proc.returncode == 1
+    assert f"another launch is running `train` here (train launch, pid {os.getpid()}" in proc.stderr

@@ -15,7 +15,7 @@ from revprompt.launch.layout import RUN_MARKER, RunDirError, StageLock, claim_ru
 from revprompt.shards.writer import (SHARD_PATTERNS, ShardWriter, count_members, encode_image, is_complete,
                                      partial_path, stats_path)
 from revprompt.models.captioner import build_captioner
-from revprompt.training.engine import (COMMIT, checkpoint_problem, commit_checkpoint, prune_checkpoints,
+from revprompt.training.checkpoints import (COMMIT, checkpoint_problem, commit_checkpoint, prune_checkpoints,
                                        resume_point)
 from revprompt.launch.layout import EXPORT_INFO, read_export_info
 from revprompt.training.export import ExportError, save_hf_dir
@@ -235,3 +235,114 @@ def test_pruning_never_deletes_the_newest_committed_checkpoint(tmp_path: Path):
     assert [p.name for p in prune_checkpoints(tmp_path, keep=2)] == ["step-12"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-16", "step-20", "step-8"]
     assert leftover.is_dir() and (tmp_path / "step-16" / COMMIT).is_file()
+
+
+# ------------------------------------------------------------------ what a file or a folder may claim
+def _manifest(root: Path, shards: list[dict]) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "manifest.json").write_text(json.dumps({
+        "format": "revprompt-shards/1", "fingerprint": "f", "complete": True,
+        "splits": {"train": {"planned_shards": 2, "shards": shards, "count": 0}}}))
+    return root
+
+
+@pytest.mark.parametrize("shard, message", [
+    ({"name": "train/000000.tar", "count": -12}, r"shards\[0\]\.count: -12 is not a count"),
+    ({"name": "../../etc/000000.tar", "count": 4}, "is not one of this split's planned shard names"),
+    ({"name": "/tmp/elsewhere/000000.tar", "count": 4}, "is not one of this split's planned shard names"),
+    ({"name": "train/000007.tar", "count": 4}, "is not one of this split's planned shard names"),  # beyond the plan
+    ({"name": "val/000000.tar", "count": 4}, "is not one of this split's planned shard names"),  # another split
+    ({"name": "train/000000.tar", "count": True}, "is not a count"),
+])
+def test_a_manifest_is_checked_before_it_is_trusted(tmp_path: Path, shard: dict, message: str):
+    from revprompt.shards.manifest import ManifestError, split_shards
+
+    root = _manifest(tmp_path / "shards", [shard])
+    with pytest.raises(ManifestError, match=message):
+        split_shards(root, "train")
+
+
+def test_a_manifest_count_must_agree_with_the_shards_marker(tmp_path: Path):
+    from revprompt.shards.manifest import ManifestError, split_shards
+
+    root = tmp_path / "shards"
+    _shard(root / "train" / "000000.tar", n=3)
+    _manifest(root, [{"name": "train/000000.tar", "count": 300}])
+    with pytest.raises(ManifestError, match="lists 300 samples in 000000.tar of train, its marker 3"):
+        split_shards(root, "train")
+    _manifest(root, [{"name": "train/000000.tar", "count": 3}])
+    assert split_shards(root, "train") == [(str(root / "train" / "000000.tar"), 3)]
+
+
+def test_shard_paths_are_opened_as_files_never_as_urls(tmp_path: Path):
+    from revprompt.shards.reader import ReadStats, build_reader
+
+    proof = tmp_path / "ran"
+    stats = ReadStats()
+    assert list(build_reader([f"pipe:touch {proof};true"], stats=stats, split_workers=False)) == []
+    assert not proof.exists() and stats.corrupt == 1  # no such local file: counted, and no shell ever ran
+
+
+def test_sparse_and_oversized_members_are_rejected_unread(tmp_path: Path):
+    import tarfile
+
+    from revprompt.shards.reader import ReadStats, build_reader, local_tar_members
+
+    folder = tmp_path / "src"
+    folder.mkdir()
+    (folder / "k0_0000.jpg").write_bytes(encode_image(np.zeros((8, 8, 3), np.uint8)))
+    with open(folder / "k0_0000.txt", "wb") as handle:  # 1 GiB of holes: a few KB in the tar
+        handle.truncate(1 << 30)
+    shard = tmp_path / "000000.tar"
+    subprocess.run(["tar", "--sparse", "--format=gnu", "-cf", str(shard), "-C", str(folder), "k0_0000.jpg",
+                    "k0_0000.txt"], check=True)
+    assert shard.stat().st_size < 100_000
+    stats = ReadStats()
+    assert list(build_reader([str(shard)], stats=stats, split_workers=False)) == []
+    assert stats.rejected == 1 and stats.incomplete == 1  # the sparse text refused, so the sample has none
+    with tarfile.open(tmp_path / "big.tar", "w") as tar:
+        tar.add(folder / "k0_0000.jpg", arcname="k1_0000.jpg")
+    stats = ReadStats()
+    assert list(local_tar_members(stats, max_member_bytes=64)([{"url": str(tmp_path / "big.tar")}])) == [{}]
+    assert stats.rejected == 1
+
+
+def test_fifos_are_refused_not_read(tmp_path: Path):
+    from revprompt.launch.config import ConfigError, load_config
+    from revprompt.prompts.sources import PromptSourceError, read_prompts
+
+    fifo = tmp_path / "prompts.txt"
+    os.mkfifo(fifo)
+    with pytest.raises(PromptSourceError, match="not a regular file"):
+        read_prompts(str(fifo))
+    with pytest.raises(ConfigError, match="not a regular file"):
+        load_config(str(fifo))
+
+
+def test_a_failed_write_names_the_path_and_the_room_left(tmp_path: Path):
+    # a process whose files may not grow past 16 bytes (RLIMIT_FSIZE): the kernel refuses the write as a full
+    # disk would, without needing one
+    code = ("import resource, signal, sys\n"
+            "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (16, 16))\n"
+            "from pathlib import Path\n"
+            "from revprompt.shards.writer import WriteError, write_json_atomic\n"
+            "try:\n    write_json_atomic(Path(sys.argv[1]), {'a': 'x' * 100})\n"
+            "except WriteError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "x.json")], capture_output=True, text=True)
+    assert f"{tmp_path / 'x.json'}: cannot write a JSON record (File too large; " in out.stdout
+    assert "MiB free there); free space or fix the folder, then rerun the same command" in out.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # the temporary file went too
+
+
+def test_a_fifo_among_images_is_skipped_and_counted(tmp_path: Path):
+    from PIL import Image
+
+    from revprompt.evaluation.caption import iter_inputs
+    from revprompt.shards.reader import ReadStats
+
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "a.png")
+    os.mkfifo(tmp_path / "b.jpg")  # opening it to read would wait for a writer for ever
+    stats = ReadStats()
+    assert [value for _, value, _ in iter_inputs([str(tmp_path)], stats)] == [str(tmp_path / "a.png")]
+    assert stats.rejected == 1 and stats.samples == 1
