@@ -18,12 +18,13 @@ from PIL import Image
 from ..launch.runner import StageContext, build_parser, run_stage
 from ..models.captioner import load_exported
 from ..shards.manifest import MANIFEST, listed_shards
+from ..shards.images import ImageRefused, ImageTooLarge, open_image, readable_suffixes
 from ..shards.reader import ReadStats, build_reader, list_shards
+from ..shards.writer import stats_path
 from .items import captioner_for
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 
 
 class CaptionInputError(ValueError):
@@ -52,18 +53,27 @@ def iter_inputs(inputs: list[str], stats: ReadStats) -> Iterator[tuple[str, str,
         elif path.suffix == ".tar" and path.is_file():
             yield from _shard_samples([str(path)], stats)
         elif path.is_dir():
-            for file in sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
-                if file.is_file():
-                    yield from _image_file(file, stats)
-                elif not file.is_dir():  # a FIFO or device would block the read
-                    stats.rejected += 1
-                    log.warning("skipping %s: not a regular file", file)
+            yield from _folder_images(path, stats)
         elif path.is_file():
             yield from _image_file(path, stats)
         elif path.exists():
             raise CaptionInputError(f"{path}: not a regular file, folder or shard (a FIFO or device)")
         else:
             raise CaptionInputError(f"{path}: no such image, folder or shard")
+
+
+def _folder_images(folder: Path, stats: ReadStats) -> Iterator[tuple[str, str, Image.Image]]:
+    """Every file of `folder` (and below) in a format Pillow reads; each other file is named with the reason."""
+    suffixes = readable_suffixes()
+    for file in sorted(p for p in folder.rglob("*") if not p.is_dir()):
+        if not file.is_file():  # a FIFO or device would block the read
+            stats.rejected += 1
+            log.warning("skipping %s: not a regular file", file)
+        elif file.suffix.lower() not in suffixes:
+            stats.skipped += 1
+            log.info("skipping %s: not a format Pillow reads", file)
+        else:
+            yield from _image_file(file, stats)
 
 
 def _shard_samples(shards: list[str], stats: ReadStats) -> Iterator[tuple[str, str, Image.Image]]:
@@ -73,14 +83,44 @@ def _shard_samples(shards: list[str], stats: ReadStats) -> Iterator[tuple[str, s
 
 def _image_file(path: Path, stats: ReadStats) -> Iterator[tuple[str, str, Image.Image]]:
     try:
-        with Image.open(path) as img:
-            image = img.convert("RGB")
-    except (OSError, ValueError) as exc:
+        image = open_image(path)
+    except ImageTooLarge as exc:
+        stats.rejected += 1
+        log.warning("skipping %s", exc)
+        return
+    except (ImageRefused, OSError) as exc:
         stats.corrupt += 1
-        log.warning("skipping unreadable image %s: %s", path, exc)
+        log.warning("skipping unreadable image %s", exc)
         return
     stats.samples += 1
     yield "path", str(path), image
+
+
+def count_inputs(inputs: list[str]) -> int | None:
+    """How many images `inputs` hold, for the progress bar's total and ETA (shards by their markers); None when a
+    shard has no marker to say."""
+    total = 0
+    suffixes = readable_suffixes()
+    for item in inputs:
+        path = Path(item)
+        shards = shards_of(path) if path.is_dir() else ([str(path)] if path.suffix == ".tar" else None)
+        if shards is not None:
+            counts = [_marked_count(Path(s)) for s in shards]
+            if None in counts:
+                return None
+            total += sum(counts)
+        elif path.is_dir():
+            total += sum(1 for p in path.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
+        else:
+            total += 1
+    return total
+
+
+def _marked_count(tar: Path) -> int | None:
+    try:
+        return json.loads(stats_path(tar).read_text(encoding="utf-8"))["count"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def caption_all(ctx: StageContext) -> dict:
@@ -96,7 +136,8 @@ def caption_all(ctx: StageContext) -> dict:
     tmp = out_path.with_name(f".{out_path.name}.tmp{os.getpid()}")
     written = 0
     try:
-        with open(tmp, "w", encoding="utf-8") as handle, tqdm(unit="img", desc="caption") as bar:
+        with open(tmp, "w", encoding="utf-8") as handle, \
+                tqdm(total=count_inputs(cfg.caption.inputs), unit="img", desc="caption", dynamic_ncols=True) as bar:
             batch: list[tuple[str, str, Image.Image]] = []
             for item in [*iter_inputs(cfg.caption.inputs, stats), None]:
                 if item is not None:

@@ -10,6 +10,7 @@ summary.json, report.md, plots and TensorBoard.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -21,12 +22,13 @@ from ..launch.runner import StageContext, StageError, build_parser, on_main_firs
 from ..models.image_embedder import embed_images
 from ..models.text_embedder import embed
 from ..prompts.prepared import load_at, load_range, split_size
+from ..shards.images import ImageRefused, open_image
 from ..shards.reader import ReadStats
 from ..shards.schema import owned
 from ..shards.writer import write_json_atomic
 from .attributes import ATTRIBUTES, chance_rates, grouped_mean, names_value, recovery
-from .items import (Item, Painter, finetuned_captioner, read_items, read_json_lines, restart_if_changed, test_shards,
-                    write_image_shard, write_json_lines, zero_shot_captioner)
+from .items import (Item, Painter, finetuned_captioner, read_items, read_json_lines, restart_if_changed, shard_offsets,
+                    test_shards, write_image_shard, write_json_lines, zero_shot_captioner)
 from .report import write_eval_report
 from .ssim import ssim
 from .stats import describe
@@ -103,8 +105,6 @@ def score_shard(items: list[Item], captioners: dict, constant: str, constant_vec
 def real_photos(folder: str, items: list[Item]) -> dict:
     """key -> real product photo for the items that have one: {prompt id}.jpg in `folder`, or, for
     `renders`, the product render of the item's source row (the tiny preset's stand-in for photos)."""
-    from PIL import Image
-
     if not folder:
         return {}
     if folder == "renders":
@@ -118,10 +118,9 @@ def real_photos(folder: str, items: list[Item]) -> dict:
         path = Path(folder) / f"{photo_id}.jpg"
         if photo_id and "/" not in photo_id and path.is_file():
             try:
-                with Image.open(path) as img:
-                    out[it.key] = img.convert("RGB")
-            except OSError as exc:
-                log.warning("unreadable real photo %s: %s", path, exc)
+                out[it.key] = open_image(path)
+            except ImageRefused as exc:
+                log.warning("real photo left out: %s", exc)
     return out
 
 
@@ -158,28 +157,37 @@ def _mean_diff(a: list[float], b: list[float]) -> float | None:
     return float(np.mean(np.asarray(a) - np.asarray(b))) if a else None
 
 
+def pending_samples(shards: list[tuple[str, int]], pending: list[int], max_samples: int) -> list[int]:
+    """How many samples each pending shard holds, within the split's first `max_samples` (the manifest's counts)."""
+    offsets = shard_offsets(shards)
+    limit = max_samples or sum(count for _, count in shards)
+    return [max(0, min(shards[i][1], limit - offsets[i])) for i in pending]
+
+
 def evaluate_shards(ctx: StageContext, shards: list[tuple[str, int]], pending: list[int], constant: str,
-                    constant_vec: np.ndarray) -> ReadStats:
-    """Score this rank's pending test shards, writing each one's rows and redrawn images when it is done."""
+                    constant_vec: np.ndarray) -> None:
+    """Score this rank's pending test shards, writing each one's rows, read counts and redrawn images when it is
+    done."""
     cfg, info, layout = ctx.cfg, ctx.info, ctx.layout
-    stats = ReadStats()
     if not pending:
-        return stats
+        return
     captioners = {"zero_shot": zero_shot_captioner(cfg, info.device),
                   "finetuned": finetuned_captioner(layout, cfg, info.device)}
     painter = Painter(cfg, info.device) if cfg.evaluate.regenerate else None
-    bar = _bar(info, len(pending), "evaluate")
+    # a sample count (with an ETA) for what this rank has to do; rank 0's bar stands for the job
+    bar = _bar(info, sum(pending_samples(shards, pending, cfg.evaluate.max_samples)), "evaluate")
     for index in pending:
+        stats = ReadStats()
         items = read_items(shards, index, cfg.evaluate.max_samples, stats)
         rows, redrawn = score_shard(items, captioners, constant, constant_vec, painter, ctx,
                                     real_photos(cfg.evaluate.real_images, items))
         if painter is not None and items:
             write_image_shard(layout.eval_images(index), items, [r["captions"]["finetuned"] for r in rows], redrawn,
                               {"source": "evaluate", "text": "finetuned caption"})
-        write_json_lines(layout.eval_part(index), rows)
-        bar.update(1)
+        write_json_atomic(layout.eval_part_reads(index), stats.as_dict())
+        write_json_lines(layout.eval_part(index), rows)  # last: the shard's completion mark
+        bar.update(len(items))
     bar.close()
-    return stats
 
 
 def run_evaluation(ctx: StageContext) -> dict:
@@ -199,13 +207,14 @@ def run_evaluation(ctx: StageContext) -> dict:
     pending = [s for s in mine if not layout.eval_part(s).is_file()]
     log.info("evaluating %d test shards (%d on this rank, %d pending); constant caption %r", len(shards), len(mine),
              len(pending), constant)
-    stats = evaluate_shards(ctx, shards, pending, constant, constant_vec)
+    evaluate_shards(ctx, shards, pending, constant, constant_vec)
     rows = [row for s in mine for row in read_json_lines(layout.eval_part(s))]
-    gathered = dist.all_gather_object((rows, stats.as_dict()))
+    reads = [_read_counts(layout.eval_part_reads(s)) for s in mine]  # every launch's, not only this one's
+    gathered = dist.all_gather_object((rows, {k: sum(r.get(k, 0) for r in reads) for k in ReadStats().as_dict()}))
 
     def finish() -> dict:
         every = sorted((r for part, _ in gathered for r in part), key=lambda r: r["order"])
-        read = {k: sum(s[k] for _, s in gathered) for k in stats.as_dict()}
+        read = {k: sum(s[k] for _, s in gathered) for k in ReadStats().as_dict()}
         summary = summarise(every, ctx, constant, read)
         write_json_lines(layout.eval / "results.jsonl", [{k: v for k, v in r.items() if k != "order"} for r in every])
         write_eval_report(every, summary, ctx, shards)
@@ -221,10 +230,17 @@ def run_evaluation(ctx: StageContext) -> dict:
     return summary
 
 
+def _read_counts(path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # a part from before the counts were kept
+        return {}
+
+
 def _bar(info, total: int, desc: str):
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="shard", desc=desc, disable=not info.is_main, dynamic_ncols=True)
+    return tqdm(total=total, unit="img", desc=desc, disable=not info.is_main, dynamic_ncols=True)
 
 
 def _log_tb(ctx: StageContext, rows: list[dict], summary: dict) -> None:

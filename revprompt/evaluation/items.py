@@ -29,7 +29,8 @@ from ..shards.writer import SHARD_PATTERNS, ShardWriter, encode_image, encode_js
 log = logging.getLogger(__name__)
 
 # what evaluate and drift write into their part folders: per-shard rows, redrawn-image shards, their stamps
-PART_PATTERNS = ("[0-9]*.jsonl", ".[0-9]*.jsonl.partial", "fingerprint.txt", *SHARD_PATTERNS)
+PART_PATTERNS = ("[0-9]*.jsonl", ".[0-9]*.jsonl.partial", "[0-9]*.read.json", ".[0-9]*.read.json.tmp*", "fingerprint.txt",
+                 *SHARD_PATTERNS)
 
 
 @dataclass
@@ -89,6 +90,9 @@ def test_shards(layout: RunLayout, cfg) -> list[tuple[str, int]]:
     """The test split's shards, after checking that generation finished, that a captioner trained on these shards
     was exported, and that [generate] draws as the shards were drawn (evaluate and drift redraw with it)."""
     shards = split_shards(layout.shards, "test")
+    if not sum(count for _, count in shards):
+        raise StageError("the test split is empty (its shards hold no sample): nothing to evaluate; use more prompts "
+                         "or raise prompts.test_fraction, then `revprompt generate --overwrite`")
     if not (layout.captioner / "config.json").is_file():
         raise StageError(f"{layout.captioner}: no exported captioner; run `revprompt train` first")
     manifest = read_manifest(layout.shards) or {}
@@ -151,7 +155,7 @@ def zero_shot_captioner(cfg, device: torch.device) -> Captioner:
 
 def finetuned_captioner(layout: RunLayout, cfg, device: torch.device) -> Captioner:
     """The exported captioner in run_dir/captioner, through plain from_pretrained."""
-    model, processor = load_exported(layout.captioner, device)
+    model, processor = load_exported(layout.captioner, device, key="the run's captioner/")
     return captioner_for(cfg, model, processor.tokenizer, device)
 
 

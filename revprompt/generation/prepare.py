@@ -154,9 +154,9 @@ def prepare(cfg: Config, chunk: int = 1024) -> dict:
         if old.exists():
             log.warning("%s kept files revprompt did not write; they are in %s now", layout.prompts, old)
     c = report
-    log.info("prepared %d prompts from %s: %s (empty %d, duplicates %d, longer than %d tokens %d, "
-             "comma rows recovered %d)", c["kept"], c["source"], c["splits"], c["empty"], c["duplicates"],
-             c["max_tokens"], c["too_long"], c["recovered_commas"])
+    log.info("prepared %d prompts from %s: %s (empty %d, duplicates %d, longer than the text encoder's %d tokens "
+             "%d, rows whose name had unquoted commas rejoined %d)", c["kept"], c["source"], c["splits"], c["empty"],
+             c["duplicates"], c["max_tokens"], c["too_long"], c["recovered_commas"])
     return report
 
 
@@ -179,9 +179,17 @@ def write_prepared(cfg: Config, out_dir: Path, fingerprint: str, chunk: int) -> 
         raise
     finally:
         seen.close()
+    source = resolve_path(cfg.prompts.path)
+    if counts["kept"] == 0 or (counts["kept"] == 1 and counts["duplicates"]):
+        for writer in writers.values():
+            writer.abort()
+        what = "no prompt to prepare" if counts["kept"] == 0 else "every row repeats one prompt"
+        raise PromptSourceError(f"{source}: {what} ({counts['rows']} rows: {counts['empty']} empty, "
+                                f"{counts['duplicates']} duplicates); give prompts.path a file with prompts to split "
+                                "into train, val and test")
     for writer in writers.values():
         writer.commit()
-    report = dict(fingerprint=fingerprint, source=str(resolve_path(cfg.prompts.path)),
+    report = dict(fingerprint=fingerprint, source=str(source),
                   max_tokens=tokenizer.model_max_length, recovered_commas=csv_stats.recovered_commas,
                   splits={s: w.count for s, w in writers.items()}, **counts)
     write_json_atomic(out_dir / "report.json", report)

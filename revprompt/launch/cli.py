@@ -29,10 +29,31 @@ stages:
   evaluate   score recovered prompts on the test split (text, attributes, redrawn images) -> eval/
   drift      iterate prompt -> image -> caption -> image and measure the drift -> drift/
   pipeline   generate, train, evaluate and drift in one launch, each stage resuming where it stopped
-  config     print every config key with its default and meaning
+  config     print the resolved config (--config FILE|PRESET, overrides) with each key's meaning
 
 Under torchrun: torchrun --nproc_per_node N --no-python revprompt <stage> ...
 """
+
+
+def show_config(argv: list[str]) -> int:
+    """`revprompt config [--config FILE|PRESET] [--section.key=value ...]`: the resolved config with each key's doc."""
+    import logging
+
+    from .config import ConfigError, describe
+    from .runner import build_parser, parse_args
+
+    parser = build_parser("config", "Print the resolved config (preset or file, overrides applied) with each key's "
+                                    "meaning.")
+    try:
+        cfg, args = parse_args(parser, argv)
+    except ConfigError as exc:
+        logging.basicConfig(level=logging.INFO)
+        logging.getLogger(__name__).error("config error: %s", exc)
+        return 2
+    print(f"# revprompt config --config {args.config}" + "".join(f" {a}" for a in argv if a.startswith("--") and
+                                                                  not a.startswith("--config")))
+    print(describe(cfg))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,14 +64,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     stage, rest = argv[0], argv[1:]
     if stage == "config":
-        from .config import describe
-
-        print(describe())
-        return 0
+        return show_config(rest)
     if stage not in STAGES:
         print(f"revprompt: unknown stage {stage!r}\n\n{USAGE}", end="", file=sys.stderr)
         return 2
-    return importlib.import_module(STAGES[stage]).main(rest)
+    try:
+        return importlib.import_module(STAGES[stage]).main(rest)
+    except KeyboardInterrupt:  # before a stage's own handler is in place (imports, config)
+        print(f"revprompt {stage}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

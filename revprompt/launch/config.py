@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 from dataclasses import dataclass, field
 from importlib import resources
@@ -193,14 +194,19 @@ def _coerce(value: Any, typ: Any, name: str, from_cli: bool) -> Any:
                 pass
         raise ConfigError(f"{name}: expected an integer, got {value!r}")
     if typ is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if from_cli:
+            number = float(value)
+        elif from_cli:
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{name}: expected a number, got {value!r}")
+        if number is None:
+            raise ConfigError(f"{name}: expected a number, got {value!r}")
+        if not math.isfinite(number):  # nan passes every bound check and inf overflows later
+            raise ConfigError(f"{name}: expected a finite number, got {value!r}")
+        return number
     if typ is list:
         if isinstance(value, list) and all(isinstance(v, str) for v in value):
             return value
@@ -302,12 +308,15 @@ def save_config(cfg: Config, path: str | Path) -> None:
     tmp.replace(path)
 
 
-def describe() -> str:
-    """Every section and key with its default and doc, for `revprompt config --help`-style output."""
+def describe(cfg: Config | None = None) -> str:
+    """Every section and key of `cfg` (the defaults when None) as TOML, each with its doc as a comment."""
+    cfg = cfg or Config()
     lines = []
     for sec in dataclasses.fields(Config):
+        section = getattr(cfg, sec.name)
         lines.append(f"[{sec.name}]")
-        for f in dataclasses.fields(sec.default_factory()):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            lines.append(f"  {f.name} = {default!r}  # {f.metadata['doc']}")
-    return "\n".join(lines)
+        for f in dataclasses.fields(section):
+            value = tomli_w.dumps({"v": getattr(section, f.name)}).strip()[4:]
+            lines.append(f"{f.name} = {value}  # {f.metadata['doc']}")
+        lines.append("")
+    return "\n".join(lines).rstrip()

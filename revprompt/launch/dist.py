@@ -89,9 +89,14 @@ def restart_store_warning(env: dict[str, str] | None = None) -> str | None:
     return None
 
 
+class DeviceError(RuntimeError):
+    """The device asked for is not on this machine; the message says which key asked and what to set."""
+
+
 def _want_cuda(device: str) -> bool:
     if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("run.device: 'cuda' requested but CUDA is not available on this machine")
+        raise DeviceError("run.device = 'cuda' (--device cuda for caption): CUDA is not available on this machine "
+                          f"(torch {torch.__version__}); use run.device=auto or cpu")
     return device != "cpu" and torch.cuda.is_available()
 
 
@@ -217,14 +222,29 @@ def setup_logging(log_dir: str | Path | None, rank: int, level: str = "INFO") ->
         root.addHandler(handler)
     root.setLevel(getattr(logging, level))
     # third-party libraries are chatty at INFO; their warnings still reach the log files
-    for noisy in ("diffusers", "transformers", "accelerate", "torch.distributed", "urllib3"):
+    # (the compiler probes DeepSpeed runs before building an op log at INFO under 'compilers')
+    for noisy in ("diffusers", "transformers", "accelerate", "torch.distributed", "urllib3", "compilers",
+                  "sentence_transformers", "DeepSpeed", "deepspeed", "huggingface_hub", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    quiet_library_progress_bars()
     # importing diffusers makes transformers warn, once per class, that its image processors fall back
     # to PIL without torchvision; revprompt's processors are PIL ones, so that is not news to the user
     import_log = logging.getLogger("transformers.utils.import_utils")
     if not any(f is _drop_torchvision_fallback for f in import_log.filters):
         import_log.addFilter(_drop_torchvision_fallback)
     return path
+
+
+def quiet_library_progress_bars() -> None:
+    """The libraries' own bars ("Loading weights", "Loading pipeline components", "Writing model shards") would
+    interleave with revprompt's; revprompt shows one bar per stage."""
+    import diffusers.utils.logging as diffusers_logging
+    import huggingface_hub.utils as hub_utils
+    import transformers.utils.logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    diffusers_logging.disable_progress_bar()
+    hub_utils.disable_progress_bars()
 
 
 def _drop_torchvision_fallback(record: logging.LogRecord) -> bool:

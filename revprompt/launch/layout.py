@@ -321,6 +321,10 @@ class RunLayout:
         """The rows of test shard `shard`."""
         return self.eval_parts / f"{shard:06d}.jsonl"
 
+    def eval_part_reads(self, shard: int) -> Path:
+        """What reading test shard `shard` counted (samples, corrupt, ...), kept for resumed runs' summaries."""
+        return self.eval_parts / f"{shard:06d}.read.json"
+
     @property
     def eval_regenerated(self) -> Path:
         """eval/regenerated/: the images redrawn from recovered prompts, one shard per test shard."""

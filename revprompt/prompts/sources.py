@@ -173,6 +173,11 @@ def read_jsonl(path: Path, template: str, id_field: str) -> Iterator[Prompt]:
             raise PromptSourceError(f"{path}:{number}: expected a JSON object, got {type(obj).__name__}")
         row = {k: v if isinstance(v, str) else json.dumps(v) for k, v in obj.items()}
         text = clean_text(_render(template, row, f"{path}:{number}"))
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:  # JSON may escape half a UTF-16 pair ("\ud800"): no text holds that
+            raise PromptSourceError(f"{path}:{number}: invalid text: a lone surrogate {text[exc.start]!r} at "
+                                    f"character {exc.start} (half of a UTF-16 pair)") from None
         prompt_id = str(obj.get(id_field, "") or "") or text_id(text)
         yield Prompt(id=prompt_id, text=text, attributes=row, line=number)
 

@@ -21,6 +21,7 @@ from webdataset.tariterators import group_by_keys
 from PIL import Image
 
 from .keys import is_safe_key
+from .images import ImageTooLarge, open_image
 from .schema import owner
 from .writer import IMAGE_EXTS, is_complete, stats_path
 
@@ -39,6 +40,7 @@ class ReadStats:
     corrupt: int = 0
     rejected: int = 0
     incomplete: int = 0
+    skipped: int = 0  # files passed over on purpose (not an image format), by `revprompt caption`
 
     def as_dict(self) -> dict:
         """Plain dict for logs and reports."""
@@ -102,8 +104,7 @@ def decode_sample(sample: dict, require: tuple[str, ...] = ("image", "txt"),
         if (ext in IMAGE_EXTS or ext == "jpeg") and "image" in fields:
             if "image" in out:
                 raise ValueError(f"{sample['__key__']}: more than one image")
-            with Image.open(io.BytesIO(data)) as img:
-                out["image"] = img.convert("RGB")
+            out["image"] = open_image(data, f"{sample['__key__']}.{ext}")
             out["image_ext"] = ext
         elif ext in TEXT_EXTS and ext in fields:
             out[ext] = data.decode("utf-8")
@@ -143,6 +144,10 @@ class SafeDecoder:
             except IncompleteSample as exc:
                 self.stats.incomplete += 1
                 log.warning("incomplete sample: %s (%s)", exc, sample.get("__url__"))
+                continue
+            except ImageTooLarge as exc:
+                self.stats.rejected += 1
+                log.warning("rejected sample: %s (%s)", exc, sample.get("__url__"))
                 continue
             except Exception as exc:  # undecodable image, bad UTF-8, bad JSON
                 self.stats.corrupt += 1

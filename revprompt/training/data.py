@@ -100,6 +100,9 @@ def smallest_share(shards: list[tuple[str, int]], world_size: int, num_workers: 
 def check_deal(shards: list[tuple[str, int]], world_size: int, num_workers: int, batch_size: int) -> None:
     """Before training: every epoch can give every worker at least one micro-batch, or DataPlanError says
     what to change."""
+    if not sum(c for _, c in shards):
+        raise DataPlanError("the train split is empty (its shards hold no sample): use more prompts, or lower "
+                            "prompts.val_fraction and prompts.test_fraction")
     plan_epoch(shards, 0, 0, 0, world_size, num_workers, batch_size)  # too few shards: its own message
     bound = smallest_share(shards, world_size, num_workers)
     if bound < batch_size:

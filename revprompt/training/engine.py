@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import math
@@ -112,8 +114,13 @@ def initialize(model: torch.nn.Module, train: TrainConfig, world_size: int, devi
     config = load_ds_config(train, world_size, device)
     optimizer = build_optimizer(model, train, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(train))
-    engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                                           config=config, dist_init_required=False)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):  # DeepSpeed prints its op builds ("... built successfully") to stdout
+        engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                               lr_scheduler=scheduler, config=config,
+                                                               dist_init_required=False)
+    for line in printed.getvalue().splitlines():
+        log.debug("deepspeed: %s", line)
     return engine, optimizer, scheduler
 
 

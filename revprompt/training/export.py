@@ -11,10 +11,14 @@ from pathlib import Path
 import torch
 
 from ..launch.layout import EXPORT_INFO, private_sibling, remove_dead_siblings, swap_folder
+from ..models.captioner import limit_generation
 from ..shards.writer import write_error
 from .checkpoints import HF_SUBDIR, checkpoint_problem, read_position
 
 log = logging.getLogger(__name__)
+
+DEFAULT_CAPTION_TOKENS = 40  # train.max_length's default: what a caption was trained to be at most
+
 
 class ExportError(RuntimeError):
     """The export cannot go where it was asked to; nothing was written there."""
@@ -58,6 +62,9 @@ def save_hf_dir(model, processor, state: dict[str, torch.Tensor] | None, out_dir
         if missing or unexpected:
             raise RuntimeError(f"export: state does not match the captioner (missing {missing[:5]}, "
                                f"unexpected {unexpected[:5]})")
+    # plain transformers generates with the export's generation_config.json: keep it inside the decoder
+    trained_tokens = ((info.get("made_from") or {}).get("train") or {}).get("max_length", DEFAULT_CAPTION_TOKENS)
+    limit_generation(model, trained_tokens)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     remove_dead_siblings(out_dir)
     tmp = private_sibling(out_dir, "tmp")

@@ -16,7 +16,8 @@ from ..launch import dist
 from ..launch.layout import changes, made_from
 from ..launch.metrics import captioned_grid
 from ..launch.runner import StageContext, StageError, build_parser, on_main_first, run_stage
-from ..models.captioner import build_captioner, freeze_vision, generate_captions, image_size_of, preprocess_images
+from ..models.captioner import (build_captioner, caption_budget, freeze_vision, generate_captions, image_size_of,
+                                preprocess_images)
 from ..models.text_embedder import pairwise_cosine
 from ..shards.manifest import read_manifest, split_shards
 from ..shards.reader import build_reader
@@ -309,8 +310,9 @@ class Trainer:
         captions = []
         for start in range(0, len(samples), 32):
             chunk = pixels[start:start + 32].to(self.info.device, next(self.twin.parameters()).dtype)
-            captions += generate_captions(self.twin, self.processor.tokenizer, chunk, e.max_new_tokens,
-                                          e.num_beams, e.repetition_penalty)
+            captions += generate_captions(self.twin, self.processor.tokenizer, chunk,
+                                          caption_budget(self.twin, e.max_new_tokens), e.num_beams,
+                                          e.repetition_penalty)
         self.twin.to("cpu")
         prompts = [s["txt"] for s in samples]
         sims = pairwise_cosine(captions, prompts, e.text_model)

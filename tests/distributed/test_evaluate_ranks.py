@@ -123,3 +123,19 @@ def test_drift_two_ranks_and_a_killed_run_equal_one(trained: Path, tmp_path: Pat
         (one / "drift" / "iter_02").glob("*.tar"))], split_workers=False)}
     assert texts == {r["key"]: r["captions"][1] for r in rows}
     assert (one / "drift" / "curves.png").stat().st_size > 0 and (one / "drift" / "strips.png").stat().st_size > 0
+
+
+def test_a_resumed_evaluation_counts_every_launchs_reads(trained: Path, tmp_path: Path):
+    run_dir = copy(trained, tmp_path / "resumed")
+    proc = run_cli("evaluate", *args(run_dir))
+    assert "Loading weights" not in proc.stderr and "Loading pipeline components" not in proc.stderr
+    first = json.loads((run_dir / "eval" / "summary.json").read_text())
+    results = (run_dir / "eval" / "results.jsonl").read_bytes()
+    n_test = sum(1 for line in (run_dir / "prompts" / "test.jsonl").read_text().splitlines() if line.strip())
+    assert first["read"]["samples"] == first["samples"] == n_test
+    for part in (run_dir / "eval" / "parts").glob("000001.*"):  # as if the first launch died before shard 1
+        part.unlink()
+    run_cli("evaluate", *args(run_dir))
+    again = json.loads((run_dir / "eval" / "summary.json").read_text())
+    assert again["read"] == first["read"]  # not only the shard this launch read
+    assert (run_dir / "eval" / "results.jsonl").read_bytes() == results

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -91,3 +93,50 @@ def test_image_encoder_loads_through_from_pretrained(tmp_path):
     assert load_image_encoder("random-tiny", 0)[0] is load_image_encoder("random-tiny", 0)[0]  # built once per process
     with torch.no_grad():
         assert not np.allclose(direct[0], direct[1])
+
+
+def test_what_goes_into_the_report_is_escaped_and_empty_captions_say_so():
+    from revprompt.evaluation.report import md
+
+    hostile = '![x](http://evil/x.png) <img src=x onerror=alert(1)> a | b *bold* `code`'
+    cell = md(hostile)
+    assert "<img" not in cell and "](" not in cell.replace("\\](", "") and "| b" not in cell.replace("\\| b", "")
+    assert cell.count("|") == cell.count("\\|") == 1  # the table keeps its columns
+    assert md("") == md("   ") == "*(empty)*"
+
+
+def _summary(finetuned: float, constant: float, image_model: str = "random-tiny") -> dict:
+    d = lambda m: {"n": 3, "mean": m, "median": m, "std": 0.0, "ci95": [m, m]}  # noqa: E731
+    return {"samples": 3, "captioner_step": 20, "constant_caption": "Nike <b>Men</b>",
+            "models": {"text": "all-MiniLM-L6-v2", "image": image_model}, "decoding": {},
+            "similarity": {"zero_shot": d(0.1), "finetuned": d(finetuned), "constant": d(constant)},
+            "gain": {"finetuned_minus_zero_shot": finetuned - 0.1, "finetuned_minus_constant": finetuned - constant},
+            "image": {"clip_regen_vs_original": d(0.97)}}
+
+
+def test_the_report_says_when_the_constant_caption_wins_and_when_image_scores_mean_nothing():
+    from revprompt.evaluation.report import STEPS_NEEDED, _image_section, _similarity_section
+
+    plots = {"similarity": Path("similarity.png")}
+    early = "\n".join(_similarity_section(_summary(0.3, 0.42), plots))
+    assert "scores below the constant caption at step 20" in early and STEPS_NEEDED in early
+    assert "Nike &lt;b&gt;Men&lt;/b&gt;" in early
+    assert "below the constant" not in "\n".join(_similarity_section(_summary(0.6, 0.42), plots))
+    assert "Caveat" in "\n".join(_image_section(_summary(0.6, 0.42)))
+    assert "Caveat" not in "\n".join(_image_section(_summary(0.6, 0.42, "openai/clip-vit-base-patch32")))
+
+
+def test_plots_count_in_whole_samples_and_show_the_constant_baseline(tmp_path, monkeypatch):
+    from revprompt.evaluation import report
+
+    figures = []
+    monkeypatch.setattr(report, "_save", lambda plt, fig, path: figures.append(fig) or path)
+    rows = [{"similarity": {"zero_shot": 0.1, "finetuned": v, "constant": 0.4}} for v in (0.5, 0.52, 0.9)]
+    report.plot_similarity_hist(rows, tmp_path / "h.png")
+    ticks = figures[-1].axes[0].yaxis.get_major_locator().tick_values(0, 3)
+    assert all(float(t).is_integer() for t in ticks)
+    groups = {"Tshirts": {"n": 2, "mean": 0.5}, "Watches": {"n": 1, "mean": 0.7}}
+    summary = {"by_articleType": {"finetuned": groups, "zero_shot": groups, "constant": groups}}
+    report.plot_groups(summary, "by_articleType", tmp_path / "g.png")
+    labels = [t.get_text() for t in figures[-1].axes[0].get_legend().get_texts()]
+    assert labels == ["fine-tuned", "constant caption", "zero-shot"]

@@ -44,7 +44,7 @@ def test_round_trip(tmp_path):
     for g, s in zip(got, samples):
         assert np.array_equal(np.asarray(g["image"]), s["pixels"])  # png: lossless
         assert g["txt"] == s["txt"] and g["json"] == s["json"]
-    assert stats.as_dict() == {"samples": 9, "corrupt": 0, "rejected": 0, "incomplete": 0}
+    assert stats.as_dict() == {"samples": 9, "corrupt": 0, "rejected": 0, "incomplete": 0, "skipped": 0}
     marker = json.loads(stats_path(tmp_path / "train" / "000000.tar").read_text())
     assert marker["count"] == 5 and marker["failures"] == 0
     assert marker["bytes"] == (tmp_path / "train" / "000000.tar").stat().st_size
