@@ -8,11 +8,14 @@ TORCH ?= torch==2.13.0
 
 .PHONY: install demo test bench clean slurm
 
-$(BIN)/.installed: pyproject.toml
+$(BIN)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH)
 	$(BIN)/python -m pip install -q -e '.[dev]'
+	# the tests' reference preset takes CLIP's BPE vocabulary from the open_clip wheel; its
+	# dependencies (timm, torchvision) are not needed for that file and would pull another torch
+	$(BIN)/python -m pip install -q --no-deps open-clip-torch==3.3.0
 	# DeepSpeed compiles its CPU shared-memory op at first use; build it now, not inside a job or a test
 	$(BIN)/python -c "import torch; torch.cuda.is_available() or __import__('os').environ.setdefault('DS_ACCELERATOR', 'cpu'); from deepspeed.accelerator import get_accelerator as a; b = a().create_op_builder('ShareMemCommBuilder'); b and b.load()"
 	touch $@

@@ -29,8 +29,8 @@ from ..shards.writer import SHARD_PATTERNS, ShardWriter, encode_image, encode_js
 log = logging.getLogger(__name__)
 
 # what evaluate and drift write into their part folders: per-shard rows, redrawn-image shards, their stamps
-PART_PATTERNS = ("[0-9]*.jsonl", ".[0-9]*.jsonl.partial", "[0-9]*.read.json", ".[0-9]*.read.json.tmp*", "fingerprint.txt",
-                 *SHARD_PATTERNS)
+PART_PATTERNS = ("[0-9]*.jsonl", ".[0-9]*.jsonl.partial", "[0-9]*.read.json", ".[0-9]*.read.json.tmp*",
+                 "fingerprint.txt", *SHARD_PATTERNS)
 
 
 @dataclass

@@ -231,7 +231,8 @@ def _image_section(summary: dict) -> list[str]:
              f"`{summary['models']['image']}`.", "", *_image_caveat(summary["models"]["image"]),
              "| comparison | mean | median | 95% CI |", "|---|---|---|---|"]
     for key, d in summary["image"].items():
-        lines.append(f"| {key} | {_fmt(d['mean'])} | {_fmt(d['median'])} | [{_fmt(d['ci95'][0])}, {_fmt(d['ci95'][1])}] |")
+        interval = f"[{_fmt(d['ci95'][0])}, {_fmt(d['ci95'][1])}]"
+        lines.append(f"| {key} | {_fmt(d['mean'])} | {_fmt(d['median'])} | {interval} |")
     return lines + [""]
 
 

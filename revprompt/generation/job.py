@@ -17,7 +17,7 @@ from ..launch import dist
 from ..launch.layout import generation_fingerprint, prepared_fingerprint, remove_if_empty, remove_owned
 from ..launch.metrics import captioned_grid
 from ..launch.runner import StageContext, StageError, build_parser, on_main_first, run_stage
-from ..models.text_to_image import build_pipeline, generate_images, to_pixels
+from ..models.text_to_image import build_pipeline, family_of, generate_images, sampler_name, to_pixels
 from ..prompts.prepared import load_range, split_size
 from ..prompts.sources import Prompt
 from ..shards.keys import sample_key, sample_seed
@@ -89,13 +89,15 @@ def load_task_samples(prompts_dir: str | Path, task: ShardTask, images_per_promp
     return task_samples(task, prompts, images_per_prompt, seed)
 
 
-def sample_metadata(sample: Sample, cfg) -> dict:
-    """The .json member of a sample (the shard schema's SampleMeta)."""
+def sample_metadata(sample: Sample, cfg, drawn_with: dict) -> dict:
+    """The .json member of a sample (the shard schema's SampleMeta); `drawn_with` names the pipeline family and
+    the sampler it used."""
     g = cfg.generate
     return SampleMeta(key=sample.key, prompt_id=sample.prompt.id, split=sample.split, image_index=sample.image_index,
-                      seed=sample.seed, attributes=sample.prompt.attributes, model=g.model, scheduler=g.scheduler,
-                      steps=g.steps, guidance_scale=g.guidance_scale, negative_prompt=g.negative_prompt,
-                      height=g.height, width=g.width).to_json()
+                      seed=sample.seed, attributes=sample.prompt.attributes, model=g.model,
+                      family=drawn_with["family"], scheduler=drawn_with["scheduler"], steps=g.steps,
+                      guidance_scale=g.guidance_scale, negative_prompt=g.negative_prompt, height=g.height,
+                      width=g.width).to_json()
 
 
 def generate_batch(pipe, samples: list[Sample], cfg) -> torch.Tensor:
@@ -224,7 +226,8 @@ def check_or_reset(root: Path, fingerprint: str, overwrite: bool) -> None:
     (root / MANIFEST).unlink()
 
 
-def write_samples(samples: list[Sample], pixels: np.ndarray, finite: np.ndarray, cfg, writer: ShardWriter) -> None:
+def write_samples(samples: list[Sample], pixels: np.ndarray, finite: np.ndarray, cfg, writer: ShardWriter,
+                  drawn_with: dict) -> None:
     """Encode and append one batch's samples to the open shard (runs on the background thread)."""
     g = cfg.generate
     for sample, image, ok in zip(samples, pixels, finite):
@@ -235,7 +238,7 @@ def write_samples(samples: list[Sample], pixels: np.ndarray, finite: np.ndarray,
         writer.write(sample.key, {
             g.image_format: encode_image(image, g.image_format, g.jpeg_quality),
             "txt": sample.prompt.text.encode("utf-8"),
-            "json": encode_json(sample_metadata(sample, cfg)),
+            "json": encode_json(sample_metadata(sample, cfg, drawn_with)),
         })
 
 
@@ -360,6 +363,7 @@ def _generate_shards(ctx: StageContext, pending: list[ShardTask], root: Path, pr
     g = cfg.generate
     pipe = build_pipeline(g.model, scheduler=g.scheduler, dtype=g.dtype, device=info.device, seed=cfg.run.seed,
                           compile=g.compile)
+    drawn_with = {"family": family_of(pipe), "scheduler": sampler_name(pipe, g.scheduler)}
     worker = BackgroundWorker(max_pending=4)
     grid_pending = info.is_main and g.grid_images > 0
     writer = None
@@ -373,7 +377,7 @@ def _generate_shards(ctx: StageContext, pending: list[ShardTask], root: Path, pr
                 clock.model_starts()
                 pixels, finite = to_pixels(generate_batch(pipe, batch, cfg))
                 model_s = clock.model_ends()
-                worker.submit(lambda b=batch, p=pixels, f=finite, w=writer: write_samples(b, p, f, cfg, w))
+                worker.submit(lambda b=batch, p=pixels, f=finite, w=writer: write_samples(b, p, f, cfg, w, drawn_with))
                 if grid_pending:  # a large PNG: encoded on the writer thread, not while the device waits
                     worker.submit(lambda b=batch, p=pixels: _log_grid(ctx, b, p))
                     grid_pending = False

@@ -15,6 +15,7 @@ STAGES = {
     "evaluate": "revprompt.evaluation.evaluate",
     "drift": "revprompt.evaluation.drift",
     "pipeline": "revprompt.pipeline",
+    "download": "revprompt.models.download",
 }
 
 USAGE = """usage: revprompt <stage> [--config FILE|PRESET] [--section.key=value ...]
@@ -29,6 +30,8 @@ stages:
   evaluate   score recovered prompts on the test split (text, attributes, redrawn images) -> eval/
   drift      iterate prompt -> image -> caption -> image and measure the drift -> drift/
   pipeline   generate, train, evaluate and drift in one launch, each stage resuming where it stopped
+  download   fetch every model a config names into a folder, with a config.toml that points at them
+             (--config CONFIG --to DIR), for compute nodes without a network
   config     print the resolved config (--config FILE|PRESET, overrides) with each key's meaning
 
 Under torchrun: torchrun --nproc_per_node N --no-python revprompt <stage> ...

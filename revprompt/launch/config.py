@@ -80,7 +80,8 @@ class GenerateConfig:
     image_format: str = _f("jpg", "encoding of the images in the shards", choices=("jpg", "png", "webp"))
     jpeg_quality: int = _f(95, "JPEG/WebP quality", min=1, max=100)
     splits: list = _f(["train", "val", "test"], "splits to generate")
-    compile: bool = _f(False, "torch.compile the UNet (GPU; pays off from a few hundred batches)")
+    compile: bool = _f(False, "torch.compile the UNet (CUDA only: ignored on a CPU; pays off from a few hundred "
+                       "batches)")
     grid_images: int = _f(16, "images in the TensorBoard sample grid (0 = none)", min=0, max=256)
 
 
@@ -114,7 +115,7 @@ class TrainConfig:
     val_captions: int = _f(16, "fixed val samples captioned for val/similarity", min=0)
     save_every: int = _f(50, "steps between checkpoints (the end always saves)", min=1)
     keep_checkpoints: int = _f(2, "checkpoints kept; older ones are deleted", min=1)
-    compile: bool = _f(False, "torch.compile the captioner (GPU; pays off on long runs)")
+    compile: bool = _f(False, "torch.compile the captioner (CUDA only: ignored on a CPU; pays off on long runs)")
     record_samples: bool = _f(False, "append each step's sample keys to logs/samples-rank-N.jsonl (data audit)")
 
 

@@ -1,10 +1,12 @@
 """The built-in model names every model argument accepts besides a hub id or a local folder, and where the
 shipped weights lie. All of them work offline.
 
-| name | text to image (`generate.model`) | captioner (`train.captioner`) | image embedder (`evaluate.image_model`) |
-| --- | --- | --- | --- |
-| `miniature` | the tiny preset's latent-diffusion model, trained on product renders (miniature/weights) | BLIP-shaped, its vision tower warm-started on product renders (miniature/captioner) | - |
-| `random-tiny` | a seeded random model of the same kind, for tests that only need shapes | the same architecture, random | a seeded random small CLIP vision tower: offline, but its embeddings mean nothing |
+- `miniature`: for `generate.model`, the tiny preset's latent-diffusion model, trained on product renders
+  (miniature/weights); for `train.captioner`, a BLIP-shaped captioner whose vision tower was warm-started
+  on product renders (miniature/captioner).
+- `random-tiny`: a seeded random model of the same kind, for tests that only need shapes (`generate.model`,
+  `train.captioner`); for `evaluate.image_model`, a seeded random small CLIP vision tower: offline, but its
+  embeddings mean nothing.
 
 Earlier names still load, with a warning: `tiny` (the miniature text-to-image model, but a random
 captioner or image embedder), `tiny-random`, `tiny-warm`. They meant different things under

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .builtin import MINIATURE, MINIATURE_WEIGHTS, RANDOM_TINY, builtin_name, load_failure
+from .builtin import MINIATURE, MINIATURE_WEIGHTS, RANDOM_TINY, ModelLoadError, builtin_name, load_failure
 
 log = logging.getLogger(__name__)
 
@@ -102,9 +102,51 @@ def build_tiny_components(seed: int = 0) -> dict:
     return dict(text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, vae=vae)
 
 
+def weights_variant(model: str) -> str | None:
+    """'fp16' for a local folder that holds the fp16 variant of its weights (what `revprompt download` fetches
+    for a 16-bit config, where the repository has one), else None."""
+    folder = Path(model)
+    return "fp16" if folder.is_dir() and any(folder.rglob("*.fp16.safetensors")) else None
+
+
+# the diffusers text-to-image pipelines revprompt draws with, and what each family takes
+FAMILIES = {
+    "StableDiffusionPipeline": {"sampler": "ddpm", "denoiser": "unet"},  # SD 1.x and 2.x (epsilon or v-prediction)
+    "StableDiffusionXLPipeline": {"sampler": "ddpm", "denoiser": "unet"},  # two text encoders, size conditioning
+    "StableDiffusion3Pipeline": {"sampler": "flow", "denoiser": "transformer"},  # flow matching, T5 optional
+    "FluxPipeline": {"sampler": "flow", "denoiser": "transformer", "negative": False},  # guidance embedded
+}
+
+
+def family_of(pipe) -> str:
+    """The pipeline's class name, recorded in every sample's metadata."""
+    return type(pipe).__name__
+
+
+def load_pretrained(model: str, torch_dtype: torch.dtype):
+    """Any supported diffusers text-to-image pipeline from a hub id or a folder, without a safety checker."""
+    from diffusers import DiffusionPipeline
+
+    try:
+        family = DiffusionPipeline.load_config(model).get("_class_name", "")
+    except (OSError, ValueError) as exc:
+        raise load_failure("generate.model", model, "diffusers pipeline (model_index.json)", exc) from None
+    if family not in FAMILIES:
+        raise ModelLoadError(f"generate.model = {model!r}: a {family or 'pipeline of unknown class'}, not a "
+                             f"text-to-image pipeline revprompt draws with ({', '.join(FAMILIES)})")
+    extra = ({"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+             if family == "StableDiffusionPipeline" else {})
+    try:
+        return DiffusionPipeline.from_pretrained(model, dtype=torch_dtype, variant=weights_variant(model), **extra)
+    except (OSError, ValueError) as exc:
+        raise load_failure("generate.model", model, f"{family}", exc) from None
+
+
 def build_pipeline(model: str = MINIATURE, *, scheduler: str = "dpmsolver++", dtype: str = "auto",
                    device: torch.device | str = "cpu", seed: int = 0, compile: bool = False):
-    """A StableDiffusionPipeline without safety checker, on `device`, SDPA attention, chosen sampler."""
+    """A text-to-image pipeline on `device` (see FAMILIES): no safety checker, SDPA attention, and for the
+    DDPM-trained families the chosen sampler on the model's own noise schedule (its prediction type kept);
+    flow-matching families keep their own sampler."""
     from diffusers import StableDiffusionPipeline
     from diffusers.models.attention_processor import AttnProcessor2_0
 
@@ -121,19 +163,29 @@ def build_pipeline(model: str = MINIATURE, *, scheduler: str = "dpmsolver++", dt
             model = str(MINIATURE_WEIGHTS)
         elif not Path(model).exists():
             log.info("loading %s from the hub cache (set HF_HUB_OFFLINE=1 to forbid downloads)", model)
-        try:
-            pipe = StableDiffusionPipeline.from_pretrained(model, dtype=torch_dtype, safety_checker=None,
-                                                           feature_extractor=None, requires_safety_checker=False)
-        except (OSError, ValueError) as exc:
-            raise load_failure("generate.model", model, "Stable Diffusion pipeline", exc) from None
-        pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
-    pipe.unet.set_attn_processor(AttnProcessor2_0())
+        pipe = load_pretrained(model, torch_dtype)
+        if FAMILIES[family_of(pipe)]["sampler"] == "ddpm":
+            pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
+        else:
+            log.info("generate.scheduler=%s does not apply to %s (flow matching): it samples with its %s",
+                     scheduler, family_of(pipe), type(pipe.scheduler).__name__)
+    denoiser = getattr(pipe, FAMILIES[family_of(pipe)]["denoiser"])
+    if hasattr(pipe, "unet"):
+        pipe.unet.set_attn_processor(AttnProcessor2_0())
     pipe.vae.set_attn_processor(AttnProcessor2_0())
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
-    if compile:
-        pipe.unet = torch.compile(pipe.unet, fullgraph=False)
+    if compile and device.type == "cuda":
+        setattr(pipe, FAMILIES[family_of(pipe)]["denoiser"], torch.compile(denoiser, fullgraph=False))
+    elif compile:  # on a CPU the compile costs minutes and buys nothing at these sizes
+        log.info("generate.compile is on, but the device is %s: running eagerly", device)
     return pipe
+
+
+def sampler_name(pipe, configured: str) -> str:
+    """The sampler a pipeline draws with: the configured one, or a flow-matching family's own."""
+    return configured if FAMILIES.get(family_of(pipe), {}).get("sampler", "ddpm") == "ddpm" else \
+        type(pipe.scheduler).__name__
 
 
 def generate_images(pipe, texts: list[str], seeds: list[int], settings) -> torch.Tensor:
@@ -143,11 +195,12 @@ def generate_images(pipe, texts: list[str], seeds: list[int], settings) -> torch
     """
     g = settings
     generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-    negative = [g.negative_prompt] * len(texts) if g.negative_prompt else None
+    options = {}
+    if g.negative_prompt and FAMILIES.get(family_of(pipe), {}).get("negative", True):
+        options["negative_prompt"] = [g.negative_prompt] * len(texts)
     with torch.inference_mode():
-        out = pipe(prompt=list(texts), negative_prompt=negative, num_inference_steps=g.steps,
-                   guidance_scale=g.guidance_scale, height=g.height, width=g.width, generator=generators,
-                   output_type="pt")
+        out = pipe(prompt=list(texts), num_inference_steps=g.steps, guidance_scale=g.guidance_scale, height=g.height,
+                   width=g.width, generator=generators, output_type="pt", **options)
     return out.images
 
 

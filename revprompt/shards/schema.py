@@ -77,6 +77,7 @@ class SampleMeta:
     seed: int
     attributes: dict = field(default_factory=dict)
     model: str = ""
+    family: str = ""  # the diffusers pipeline class that drew it
     scheduler: str = ""
     steps: int = 0
     guidance_scale: float = 0.0
@@ -102,7 +103,8 @@ class SampleMeta:
             raise SchemaError(f"split: expected one of {', '.join(SPLITS)}, got {split!r:.60}")
         return cls(key=key, prompt_id=_str(obj, "prompt_id", ""), split=split,
                    image_index=_int(obj, "image_index", 0), seed=_int(obj, "seed", 0),
-                   attributes=_attributes(obj), model=_str(obj, "model", ""), scheduler=_str(obj, "scheduler", ""),
+                   attributes=_attributes(obj), model=_str(obj, "model", ""), family=_str(obj, "family", ""),
+                   scheduler=_str(obj, "scheduler", ""),
                    steps=_int(obj, "steps", 0), guidance_scale=_float(obj, "guidance_scale", 0.0),
                    negative_prompt=_str(obj, "negative_prompt", ""), height=_int(obj, "height", 0),
                    width=_int(obj, "width", 0), drift_iteration=_int(obj, "drift_iteration", 0))

@@ -86,8 +86,10 @@ class Trainer:
         if self.zero_layout["zero_stage"] != self.t.zero_stage:
             log.info("train.zero_stage=%d on one rank has nothing to partition: running as ZeRO-%d",
                      self.t.zero_stage, self.zero_layout["zero_stage"])
-        if self.t.compile:
+        if self.t.compile and self.info.device.type == "cuda":
             self.engine.compile()
+        elif self.t.compile:  # on a CPU the compile costs minutes and buys nothing at these sizes
+            log.info("train.compile is on, but the device is %s: training eagerly", self.info.device)
         self.pos = Position()
         self.grad_norm: float | None = None
         self.samples_log = None
@@ -225,8 +227,8 @@ class Trainer:
             hf = folder / HF_SUBDIR
             self.twin.config.save_pretrained(hf)
             self.processor.save_pretrained(hf)
-            write_json_atomic(hf / POSITION, {**self.pos.as_dict(), **self.zero_layout, "num_workers": self.t.num_workers,
-                                              "made_from": self.made_from})
+            write_json_atomic(hf / POSITION, {**self.pos.as_dict(), **self.zero_layout,
+                                              "num_workers": self.t.num_workers, "made_from": self.made_from})
             commit_checkpoint(folder, self.pos.step)
             write_latest(self.ckpt_root, tag)
             for old in prune_checkpoints(self.ckpt_root, self.t.keep_checkpoints):
@@ -448,5 +450,5 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of `revprompt train`."""
     parser = build_parser("train", "Fine-tune the BLIP captioner on the generated shards with DeepSpeed ZeRO.")
     parser.add_argument("--overwrite", action="store_true",
-                        help="train from scratch: remove the checkpoints of an earlier run (of other shards or settings)")
+                        help="train from scratch: remove the checkpoints of an earlier run (other shards or settings)")
     return run_stage("train", argv if argv is not None else [], parser, run_training)

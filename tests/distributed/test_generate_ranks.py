@@ -7,7 +7,9 @@ import subprocess
 import time
 from pathlib import Path
 
-from revprompt.shards.reader import list_shards
+import pytest
+
+from revprompt.shards.reader import build_reader, list_shards
 from tests.conftest import BIN, ROOT, cli_env, kill_tree, run_cli, shard_digests, tiny_args
 
 
@@ -116,3 +118,19 @@ def test_restarts_over_the_shared_store_are_warned_about_in_the_log(tmp_path: Pa
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in (run_dir / "logs" / "rank-0.log").read_text()
+
+
+@pytest.mark.parametrize("family", ["StableDiffusionXLPipeline", "FluxPipeline"])
+def test_other_families_write_the_same_bytes_on_one_and_two_ranks(tmp_path: Path, family: str):
+    from tests.families import save_family
+
+    model = save_family(family, tmp_path / "model")
+    one, two = tmp_path / "one", tmp_path / "two"
+    extra = dict(limit=16, generate__model=model, generate__height=32, generate__width=32, generate__shard_size=4)
+    run_cli("generate", *tiny_args(one, **extra), nproc=1)
+    run_cli("generate", *tiny_args(two, **extra), nproc=2)
+    assert shard_digests(one) == shard_digests(two) and len(shard_digests(one)) >= 4
+    samples = list(build_reader(list_shards(one / "shards", "train"), split_workers=False))
+    assert {s["json"]["family"] for s in samples} == {family}
+    assert {s["json"]["scheduler"] for s in samples} == (
+        {"FlowMatchEulerDiscreteScheduler"} if family == "FluxPipeline" else {"dpmsolver++"})
