@@ -89,7 +89,7 @@ def caption_side(name: str, directory: Path, args, images) -> dict:
     cfg = load_config("tiny", [f"--evaluate.batch_size={args.batch}", f"--evaluate.max_new_tokens={args.max_new_tokens}"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     ours = captioner_for(cfg, BlipForConditionalGeneration.from_pretrained(directory),
-                         BlipProcessor.from_pretrained(directory).tokenizer, device)
+                         BlipProcessor.from_pretrained(directory), device)
     baseline = pipeline("image-text-to-text", model=str(directory), device=device,
                         dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
     kwargs = {"max_new_tokens": args.max_new_tokens, "do_sample": False}

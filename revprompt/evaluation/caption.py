@@ -129,7 +129,7 @@ def caption_all(ctx: StageContext) -> dict:
 
     cfg, device = ctx.cfg, ctx.info.device
     model, processor = load_exported(cfg.caption.captioner or ctx.layout.captioner, device)
-    captioner = captioner_for(cfg, model, processor.tokenizer, device)
+    captioner = captioner_for(cfg, model, processor, device)
     stats = ReadStats()
     out_path = Path(cfg.caption.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,7 @@ from PIL import Image
 
 from ..launch.layout import GENERATE_SPEED_KEYS, RunLayout, remove_owned
 from ..launch.runner import StageError
-from ..models.captioner import Captioner, build_captioner, load_exported
+from ..models.captioner import Captioner, build_captioner, load_exported, set_instruction
 from ..models.text_to_image import build_pipeline, draw
 from ..shards.manifest import read_manifest, split_shards
 from ..shards.reader import ReadStats, build_reader
@@ -140,23 +140,25 @@ def read_json_lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def captioner_for(cfg, model, tokenizer, device: torch.device) -> Captioner:
+def captioner_for(cfg, model, processor, device: torch.device) -> Captioner:
     """`model` captioning with the [evaluate] decoding settings."""
     e = cfg.evaluate
-    return Captioner(model, tokenizer, device, batch_size=e.batch_size, max_new_tokens=e.max_new_tokens,
+    return Captioner(model, processor, device, batch_size=e.batch_size, max_new_tokens=e.max_new_tokens,
                      num_beams=e.num_beams, repetition_penalty=e.repetition_penalty)
 
 
 def zero_shot_captioner(cfg, device: torch.device) -> Captioner:
-    """The captioner before fine-tuning: train.captioner as built for training (same seed)."""
+    """The captioner before fine-tuning: train.captioner as built for training (same seed, same instruction)."""
     model, processor = build_captioner(cfg.train.captioner, cfg.run.seed)
-    return captioner_for(cfg, model, processor.tokenizer, device)
+    if cfg.train.instruction:
+        set_instruction(model, cfg.train.instruction)
+    return captioner_for(cfg, model, processor, device)
 
 
 def finetuned_captioner(layout: RunLayout, cfg, device: torch.device) -> Captioner:
     """The exported captioner in run_dir/captioner, through plain from_pretrained."""
     model, processor = load_exported(layout.captioner, device, key="the run's captioner/")
-    return captioner_for(cfg, model, processor.tokenizer, device)
+    return captioner_for(cfg, model, processor, device)
 
 
 class Painter:

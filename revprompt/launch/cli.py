@@ -24,7 +24,7 @@ USAGE = """usage: revprompt <stage> [--config FILE|PRESET] [--section.key=value 
 stages:
   prepare    read, clean, de-duplicate and split the prompt set
   generate   Stable Diffusion images into WebDataset shards (runs prepare first)
-  train      fine-tune the BLIP captioner on the shards with DeepSpeed ZeRO
+  train      fine-tune the captioner (BLIP, BLIP-2, image-text-to-text; LoRA) on the shards with DeepSpeed ZeRO
   export     consolidate a checkpoint into a Hugging Face captioner (--checkpoint DIR --out DIR)
   caption    recover prompts for images, folders or shards: --captioner DIR INPUT... --out FILE.jsonl
   evaluate   score recovered prompts on the test split (text, attributes, redrawn images) -> eval/

@@ -87,8 +87,20 @@ class GenerateConfig:
 
 @dataclass
 class TrainConfig:
-    captioner: str = _f("miniature", "BLIP captioner to fine-tune: hub id, local folder, 'miniature' (the shipped "
-                        "captioner, vision tower warm-started on renders) or 'random-tiny' (random)")
+    captioner: str = _f("miniature", "captioner to fine-tune (BLIP, BLIP-2 or an image-text-to-text model of "
+                        "transformers): hub id, local folder, 'miniature' (the shipped BLIP-shaped captioner, vision "
+                        "tower warm-started on renders) or 'random-tiny' (random)")
+    instruction: str = _f("", "the fixed instruction a BLIP-2 or image-text-to-text captioner reads before its "
+                          "caption ('' = the kind's default: none for BLIP-2, a request for the prompt otherwise); "
+                          "BLIP reads none")
+    lora_rank: int = _f(0, "LoRA: train rank-r adapters (peft) instead of the whole model (0 = full fine-tuning)",
+                        min=0, max=4096)
+    lora_alpha: float = _f(16.0, "LoRA: the adapters' scale is lora_alpha / lora_rank", min=0.0)
+    lora_targets: list = _f([], "LoRA: module names the adapters go into, or one regex over full module names; [] = "
+                            "every projection of the text side but its output head (the decoder of BLIP, the language "
+                            "model of the others)")
+    lora_merge: bool = _f(True, "LoRA: export the captioner with the adapters merged (plain transformers loads it); "
+                          "false exports the adapter alone, for peft to put on its base model")
     max_steps: int = _f(100, "optimizer steps in total; rerunning with more continues from the last checkpoint",
                         min=0)
     zero_stage: int = _f(2, "DeepSpeed ZeRO stage (training/deepspeed/zero{N}.json)", min=0, max=3)
@@ -146,7 +158,8 @@ class DriftConfig:
 
 @dataclass
 class CaptionConfig:
-    captioner: str = _f("", "captioner to caption with: an exported folder, a BLIP hub id, or '' for run.dir/captioner "
+    captioner: str = _f("", "captioner to caption with: an exported folder, a captioner's hub id, or '' for "
+                        "run.dir/captioner "
                         "(read by `revprompt caption`; decoding as in [evaluate])")
     inputs: list = _f([], "image files, folders of images, shard .tar files or shard roots to caption")
     out: str = _f("captions.jsonl", "JSONL output: one {path|key, caption} per image, written atomically")

@@ -475,18 +475,25 @@ def drift_fingerprint(layout: RunLayout, cfg: "Config") -> str:
 # the [train] keys that shape what training computes: changing one under a checkpoint mixes two runs
 TRAJECTORY_KEYS = ("captioner", "precision", "micro_batch_size", "grad_accum", "lr", "weight_decay", "warmup_steps",
                    "min_lr_ratio", "grad_clip", "label_smoothing", "max_length", "freeze_vision", "shuffle_buffer")
+# recorded only where used, so that the records of runs without them stay as they were
+LORA_KEYS = ("lora_rank", "lora_alpha", "lora_targets", "lora_merge")
 
 
 def made_from(cfg: "Config", data: str | None) -> dict:
     """What a training run's checkpoints and export are made from: the shards' fingerprint, the run seed and the
     [train] keys that shape the trajectory."""
-    return {"data": data, "seed": cfg.run.seed, "train": {k: getattr(cfg.train, k) for k in TRAJECTORY_KEYS}}
+    keys = TRAJECTORY_KEYS + (("instruction",) if cfg.train.instruction else ()) + \
+        (LORA_KEYS if cfg.train.lora_rank else ())
+    return {"data": data, "seed": cfg.run.seed, "train": {k: getattr(cfg.train, k) for k in keys}}
 
 
 def changes(recorded: dict, now: dict) -> list[str]:
     """'key: old -> new' for every trajectory key (and the seed) that differs between two made_from records."""
-    out = [f"train.{k}: {v!r} -> {now['train'].get(k)!r}" for k, v in sorted(recorded.get("train", {}).items())
-           if now["train"].get(k) != v]
+    was, will = recorded.get("train", {}), now["train"]
+    # a key one record lacks is one that run did not use (LoRA, the instruction): it differs when the other has it
+    unset = "(not used)"
+    out = [f"train.{k}: {was.get(k, unset)!r} -> {will.get(k, unset)!r}" for k in sorted(set(was) | set(will))
+           if was.get(k, unset) != will.get(k, unset) and (k in was or k not in TRAJECTORY_KEYS)]
     if recorded.get("seed") != now["seed"]:
         out.append(f"run.seed: {recorded.get('seed')!r} -> {now['seed']!r}")
     return out

@@ -25,8 +25,8 @@ log = logging.getLogger(__name__)
 MODEL_KEYS = {"generate.model": "text_to_image", "train.captioner": "captioner", "evaluate.text_model": "text",
               "evaluate.image_model": "image"}
 MARKER = ".revprompt-download.json"
-# what from_pretrained reads besides weights, in any repository kind
-SMALL_FILES = ("*.json", "*.txt", "*.model", "tokenizer*/**", "*/tokenizer*", "*/special_tokens_map.json",
+# what from_pretrained reads besides weights, in any repository kind (chat templates are .jinja files)
+SMALL_FILES = ("*.json", "*.txt", "*.model", "*.jinja", "tokenizer*/**", "*/tokenizer*", "*/special_tokens_map.json",
                "*/vocab*", "*/merges.txt", "*/spiece.model")
 NEVER = ("*.bin", "*.bin.index.json", "*.ckpt", "*.pt", "*.pth", "*.msgpack", "*.h5", "*.onnx", "*.onnx_data",
          "*.ot", "*.tflite", "*ema*", "safety_checker/*", "feature_extractor/*", "*.png", "*.jpg", "*.gif", "*.md",

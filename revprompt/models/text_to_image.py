@@ -1,4 +1,5 @@
-"""Text to image: the Stable Diffusion factory and the one way every stage draws.
+"""Text to image: the diffusers pipeline factory (SD 1.x/2.x, SDXL, SD3, FLUX; see FAMILIES) and the one way every
+stage draws.
 
 `build_pipeline` takes a hub id, a local diffusers directory, `miniature` (the latent-diffusion model
 shipped in models/miniature/weights, trained on product renders of the bundled prompts, so its images

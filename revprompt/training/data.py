@@ -20,7 +20,7 @@ import heapq
 import logging
 import random
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -122,12 +122,15 @@ class TrainStream(IterableDataset):
     """Endless stream of ready batches for one rank, epoch after epoch, from a given position."""
 
     def __init__(self, shards: list[tuple[str, int]], *, seed: int, rank: int, world_size: int, num_workers: int,
-                 batch_size: int, image_size: int, tokenizer, max_length: int, shuffle_buffer: int,
-                 start_epoch: int = 0, start_batch: int = 0):
+                 batch_size: int, image_size: int = 0, tokenizer=None, max_length: int = 40, shuffle_buffer: int,
+                 start_epoch: int = 0, start_batch: int = 0, encode: Callable | None = None):
+        """`encode(images, prompts)` makes a micro-batch's model inputs (the captioner's TrainingInputs); without
+        one, BLIP's: pixels at `image_size`, prompts through `tokenizer` up to `max_length` tokens."""
         self.shards, self.seed, self.rank, self.world_size = shards, seed, rank, world_size
         self.num_workers, self.batch_size, self.image_size = max(1, num_workers), batch_size, image_size
         self.tokenizer, self.max_length, self.shuffle_buffer = tokenizer, max_length, shuffle_buffer
         self.start_epoch, self.start_batch = start_epoch, start_batch
+        self.encode = encode
 
     def plan(self, epoch: int) -> EpochPlan:
         """This rank's plan for `epoch`."""
@@ -184,13 +187,15 @@ class TrainStream(IterableDataset):
 
     def _collate(self, samples: list[dict], epoch: int, position: int, worker: int, stats: ReadStats,
                  resampled: int) -> dict:
-        pixels = preprocess_images([s["image"] for s in samples], self.image_size)
-        text = encode_prompts(self.tokenizer, [s["txt"] for s in samples], self.max_length)
+        if self.encode is not None:
+            inputs = self.encode([s["image"] for s in samples], [s["txt"] for s in samples])
+        else:
+            text = encode_prompts(self.tokenizer, [s["txt"] for s in samples], self.max_length)
+            inputs = {"pixel_values": preprocess_images([s["image"] for s in samples], self.image_size),
+                      "input_ids": text.input_ids, "attention_mask": text.attention_mask, "labels": text.labels}
         return {
-            "pixel_values": pixels,
-            "input_ids": text.input_ids,
-            "attention_mask": text.attention_mask,
-            "labels": text.labels,
+            **inputs,
+            "model_inputs": sorted(inputs),
             "keys": [s["__key__"] for s in samples],
             "prompts": [s["txt"] for s in samples],
             "epoch": epoch,

@@ -103,6 +103,9 @@ def build_optimizer(model: torch.nn.Module, train: TrainConfig, device: torch.de
         if p.requires_grad:
             (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
     groups = [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # an empty group (LoRA adapters have no biases or norms) is dropped by DeepSpeed, and the LR schedule, made
+    # for every group, would then not match the optimizer's
+    groups = [g for g in groups if g["params"]]
     kwargs = {"fused": True} if device.type == "cuda" else {}
     return torch.optim.AdamW(groups, lr=train.lr, betas=(0.9, 0.999), **kwargs)
 

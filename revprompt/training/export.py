@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 
 from ..launch.layout import EXPORT_INFO, private_sibling, remove_dead_siblings, swap_folder
-from ..models.captioner import limit_generation
+from ..models.captioner import BLIP, add_lora, base_model, instruction_of, kind_of, limit_generation
+from ..models.captioner.lora import merged
 from ..shards.writer import write_error
 from .checkpoints import HF_SUBDIR, checkpoint_problem, read_position
 
@@ -45,8 +46,13 @@ def check_export_target(out_dir: Path) -> None:
                               "the export did not write; move them, or choose another folder")
 
 
-def save_hf_dir(model, processor, state: dict[str, torch.Tensor] | None, out_dir: Path, info: dict) -> Path:
+def save_hf_dir(model, processor, state: dict[str, torch.Tensor] | None, out_dir: Path, info: dict, *,
+                merge: bool = True) -> Path:
     """Load `state` into `model` (when given) and write model + processor to `out_dir` atomically.
+
+    A model with LoRA adapters is written with the adapters merged into its weights (`merge`; the
+    adapters are folded into `model` itself), or as the adapter alone, which peft puts on its base
+    model.
 
     `out_dir` must be new, empty, or a previous revprompt export (its `revprompt.json` says so); anything
     else is refused before a byte is written. The export is written beside it under a hidden name and
@@ -57,14 +63,21 @@ def save_hf_dir(model, processor, state: dict[str, torch.Tensor] | None, out_dir
     check_export_target(out_dir)
     if state is not None:
         missing, unexpected = model.load_state_dict(state, strict=False)
-        tied = set(getattr(model, "_tied_weights_keys", None) or [])
-        missing = [k for k in missing if k not in tied and not _is_tied(model, k)]
+        # a tied weight (BLIP's decoder projection, a language model's head) is one parameter under two names:
+        # loaded under the name named_parameters gives it
+        own = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
+        missing = [k for k in missing if k in own]
         if missing or unexpected:
             raise RuntimeError(f"export: state does not match the captioner (missing {missing[:5]}, "
                                f"unexpected {unexpected[:5]})")
     # plain transformers generates with the export's generation_config.json: keep it inside the decoder
     trained_tokens = ((info.get("made_from") or {}).get("train") or {}).get("max_length", DEFAULT_CAPTION_TOKENS)
     limit_generation(model, trained_tokens)
+    adapter_only = base_model(model) is not model and not merge
+    if not adapter_only:
+        model = merged(model)
+    if kind_of(model) != BLIP:
+        info = {**info, "instruction": instruction_of(model)}
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     remove_dead_siblings(out_dir)
     tmp = private_sibling(out_dir, "tmp")
@@ -85,18 +98,12 @@ def save_hf_dir(model, processor, state: dict[str, torch.Tensor] | None, out_dir
     return out_dir
 
 
-def _is_tied(model, key: str) -> bool:
-    # BLIP ties the decoder's output projection to its word embeddings
-    return key.endswith("cls.predictions.decoder.weight") or key.endswith("cls.predictions.decoder.bias")
-
-
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
     """Consolidate a DeepSpeed checkpoint folder (any ZeRO stage, any world size) into an HF directory.
 
     Runs in one process. Every file is read with weights-only unpickling.
     """
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    from transformers import BlipConfig, BlipForConditionalGeneration, BlipProcessor
 
     from .engine import allow_deepspeed_checkpoint_types, force_weights_only_loads
 
@@ -118,10 +125,32 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
             raise ExportError(f"{checkpoint}: no DeepSpeed model states (mp_rank_*_model_states.pt)")
         module = torch.load(files[0], map_location="cpu", weights_only=True)["module"]
         state = {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
-    model = BlipForConditionalGeneration(BlipConfig.from_pretrained(hf))
-    processor = BlipProcessor.from_pretrained(hf)
+    model, processor = captioner_from_config(hf)
     client = read_position(checkpoint)
-    return save_hf_dir(model, processor, state, Path(out_dir), {"from_checkpoint": str(checkpoint), **client})
+    train = (client.get("made_from") or {}).get("train") or {}
+    if train.get("lora_rank"):  # the checkpoint holds an adapter-wrapped model: wrap this one the same way
+        model = add_lora(model, kind_of(model), train["lora_rank"], train["lora_alpha"], train["lora_targets"],
+                         train["captioner"])
+    return save_hf_dir(model, processor, state, Path(out_dir), {"from_checkpoint": str(checkpoint), **client},
+                       merge=train.get("lora_merge", True))
+
+
+def captioner_from_config(folder: Path):
+    """(model with its architecture, untrained; processor) from a checkpoint's config and processor files."""
+    import transformers
+    from transformers import AutoConfig
+
+    from ..models.captioner import BLIP2, kind_for_type, prompted
+
+    config = AutoConfig.from_pretrained(folder)
+    kind = kind_for_type(config.model_type, "export.checkpoint", str(folder))
+    if kind == BLIP:
+        return (transformers.BlipForConditionalGeneration(config), transformers.BlipProcessor.from_pretrained(folder))
+    model = (transformers.Blip2ForConditionalGeneration(config) if kind == BLIP2
+             else transformers.AutoModelForImageTextToText.from_config(config))
+    processor = transformers.AutoProcessor.from_pretrained(folder)
+    prompted.prepare(model, processor)
+    return model, processor
 
 
 def export_stage(ctx) -> Path:

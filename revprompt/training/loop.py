@@ -1,4 +1,5 @@
-"""`revprompt train`: DeepSpeed ZeRO fine-tuning of the BLIP captioner, streaming from the shards."""
+"""`revprompt train`: DeepSpeed ZeRO fine-tuning of the captioner (BLIP, BLIP-2 or an image-text-to-text model,
+whole or through LoRA adapters), streaming from the shards."""
 
 from __future__ import annotations
 
@@ -16,8 +17,10 @@ from ..launch import dist
 from ..launch.layout import changes, made_from
 from ..launch.metrics import captioned_grid
 from ..launch.runner import StageContext, StageError, build_parser, on_main_first, run_stage
-from ..models.captioner import (build_captioner, caption_budget, freeze_vision, generate_captions, image_size_of,
-                                preprocess_images)
+from ..models.captioner import (BLIP, BLIP2, TrainingInputs, add_lora, base_model, build_captioner, caption_batch,
+                                caption_budget, freeze_vision, kind_of, set_instruction)
+from ..models.captioner.lora import LoraError
+from ..models.builtin import RANDOM_TINY, MINIATURE, MINIATURE_CAPTIONER, builtin_name
 from ..models.text_embedder import pairwise_cosine
 from ..shards.manifest import read_manifest, split_shards
 from ..shards.reader import build_reader
@@ -69,12 +72,8 @@ class Trainer:
         self.val_shards = split_shards(self.layout.shards, "val") if "val" in manifest.get("splits", {}) else []
         if getattr(ctx.args, "overwrite", False):
             on_main_first(self.info, self.remove_checkpoints)
-        model, self.processor = build_captioner(self.t.captioner, self.cfg.run.seed)
-        if self.t.freeze_vision:
-            log.info("froze %d vision parameters", freeze_vision(model))
-        model.config.text_config.label_smoothing = self.t.label_smoothing
-        model.text_decoder.label_smoothing = self.t.label_smoothing
-        self.image_size = image_size_of(model)
+        model, self.processor = self.build_model()
+        self.inputs = TrainingInputs(model, self.processor, self.t.max_length)
         # rank 0 keeps a plain copy for captioning during validation and for export (ZeRO-3 partitions the original)
         self.twin = copy.deepcopy(model).eval() if self.info.is_main else None
         self.engine, self.optimizer, self.scheduler = initialize(model, self.t, self.info.world_size, self.info.device)
@@ -96,6 +95,40 @@ class Trainer:
         if self.t.record_samples:
             self.samples_log = open(self.layout.samples_log(self.info.rank), "a",
                                     buffering=1)  # line-buffered: a killed run keeps what it recorded
+
+    def build_model(self):
+        """The captioner to train, as [train] asks: vision frozen (always for BLIP-2), label smoothing (BLIP), the
+        instruction (prompted kinds), LoRA adapters."""
+        t = self.t
+        model, processor = build_captioner(t.captioner, self.cfg.run.seed)
+        kind = kind_of(model)
+        try:
+            instruction = set_instruction(model, t.instruction)
+        except ValueError as exc:
+            raise StageError(str(exc)) from None
+        if kind == BLIP:
+            model.config.text_config.label_smoothing = t.label_smoothing
+            model.text_decoder.label_smoothing = t.label_smoothing
+        elif t.label_smoothing:
+            raise StageError(f"train.label_smoothing = {t.label_smoothing}: only a BLIP captioner smooths its labels; "
+                             f"{type(model).__name__} computes its own loss: set it to 0")
+        if t.freeze_vision or kind == BLIP2:
+            log.info("froze %d vision parameters", freeze_vision(model))
+        if t.lora_rank:
+            base = builtin_name("captioner", t.captioner)
+            if base == RANDOM_TINY and not t.lora_merge:
+                raise StageError("train.lora_merge = false keeps the adapter alone, for its base model; the base "
+                                 "'random-tiny' exists only in revprompt: merge (train.lora_merge = true)")
+            base = str(MINIATURE_CAPTIONER) if base == MINIATURE else base
+            try:
+                model = add_lora(model, kind, t.lora_rank, t.lora_alpha, t.lora_targets, base)
+            except LoraError as exc:
+                raise StageError(str(exc)) from None
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
+        log.info("captioner %s (%s%s): %d of %d parameters train", type(base_model(model)).__name__, kind,
+                 f", instruction {instruction!r}" if instruction else "", trainable, total)
+        return model, processor
 
     # ---------------------------------------------------------------- checkpoints
     def resume(self) -> bool:
@@ -225,7 +258,7 @@ class Trainer:
         dist.barrier()
         if self.info.is_main:
             hf = folder / HF_SUBDIR
-            self.twin.config.save_pretrained(hf)
+            base_model(self.twin).config.save_pretrained(hf)
             self.processor.save_pretrained(hf)
             write_json_atomic(hf / POSITION, {**self.pos.as_dict(), **self.zero_layout,
                                               "num_workers": self.t.num_workers, "made_from": self.made_from})
@@ -239,9 +272,9 @@ class Trainer:
         """Consolidate the weights (a collective) and write captioner/ in Hugging Face format (rank 0)."""
         state = gathered_state_dict(self.engine, self.info.is_main)
         if self.info.is_main:
-            save_hf_dir(self.twin, self.processor, state, self.export_dir, {"made_from": self.made_from,
-                                                                            "step": self.pos.step,
-                                                                            **self.pos.as_dict()})
+            save_hf_dir(self.twin, self.processor, state, self.export_dir,
+                        {"made_from": self.made_from, "step": self.pos.step, **self.pos.as_dict()},
+                        merge=self.t.lora_merge)
             log.info("exported the captioner at step %d to %s", self.pos.step, self.export_dir)
         dist.barrier()
 
@@ -253,19 +286,16 @@ class Trainer:
             rank, world = 0, 1  # too few val shards to split: every rank reads them all
         return TrainStream(shards, seed=self.cfg.run.seed, rank=rank, world_size=world,
                            num_workers=self.t.num_workers if train else 1, batch_size=self.t.micro_batch_size,
-                           image_size=self.image_size, tokenizer=self.processor.tokenizer,
-                           max_length=self.t.max_length, shuffle_buffer=self.t.shuffle_buffer if train else 0,
+                           encode=self.inputs, shuffle_buffer=self.t.shuffle_buffer if train else 0,
                            start_epoch=epoch, start_batch=batch)
 
     def forward(self, batch: dict) -> torch.Tensor:
         """The language-modelling loss of one micro-batch."""
         dev = self.engine.device
         dtype = next(p for p in self.engine.module.parameters()).dtype
-        out = self.engine(pixel_values=batch["pixel_values"].to(dev, dtype, non_blocking=True),
-                          input_ids=batch["input_ids"].to(dev, non_blocking=True),
-                          attention_mask=batch["attention_mask"].to(dev, non_blocking=True),
-                          labels=batch["labels"].to(dev, non_blocking=True))
-        return out.loss
+        inputs = {k: batch[k].to(dev, dtype, non_blocking=True) if batch[k].is_floating_point()
+                  else batch[k].to(dev, non_blocking=True) for k in batch["model_inputs"]}
+        return self.engine(**inputs).loss
 
     # ---------------------------------------------------------------- validation
     def validate(self) -> dict:
@@ -307,14 +337,11 @@ class Trainer:
             samples.append(sample)
             if len(samples) == self.t.val_captions:
                 break
-        pixels = preprocess_images([s["image"] for s in samples], self.image_size)
         e = self.cfg.evaluate
         captions = []
         for start in range(0, len(samples), 32):
-            chunk = pixels[start:start + 32].to(self.info.device, next(self.twin.parameters()).dtype)
-            captions += generate_captions(self.twin, self.processor.tokenizer, chunk,
-                                          caption_budget(self.twin, e.max_new_tokens), e.num_beams,
-                                          e.repetition_penalty)
+            captions += caption_batch(self.twin, self.processor, [s["image"] for s in samples[start:start + 32]],
+                                      caption_budget(self.twin, e.max_new_tokens), e.num_beams, e.repetition_penalty)
         self.twin.to("cpu")
         prompts = [s["txt"] for s in samples]
         sims = pairwise_cosine(captions, prompts, e.text_model)
@@ -448,7 +475,7 @@ def run_training(ctx: StageContext) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `revprompt train`."""
-    parser = build_parser("train", "Fine-tune the BLIP captioner on the generated shards with DeepSpeed ZeRO.")
+    parser = build_parser("train", "Fine-tune the captioner on the generated shards with DeepSpeed ZeRO.")
     parser.add_argument("--overwrite", action="store_true",
                         help="train from scratch: remove the checkpoints of an earlier run (other shards or settings)")
     return run_stage("train", argv if argv is not None else [], parser, run_training)

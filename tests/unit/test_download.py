@@ -58,3 +58,17 @@ def test_offline_it_names_every_model_it_cannot_reach_and_fetches_nothing(tmp_pa
                       ("evaluate.image_model", "openai/clip-vit-base-patch32")):
         assert f"{key} = {repo!r}: " in proc.stderr
     assert sorted(p.name for p in (tmp_path / "models").iterdir()) == []
+
+
+def test_every_file_a_captioner_of_each_kind_loads_from_is_fetched(tmp_path: Path):
+    """What save_pretrained writes for BLIP-2 and Llava (chat template included) is what download selects, without
+    the duplicates a hub repository also holds; the selected files alone load."""
+    from revprompt.models.captioner import build_captioner
+    from tests.captioners import save_captioner
+
+    for kind in ("blip-2", "llava"):
+        folder = save_captioner(kind, tmp_path / kind)
+        written = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+        assert select_files(written + ["pytorch_model.bin", "README.md", "tf_model.h5"], "bf16") == written
+        assert kind != "llava" or "chat_template.jinja" in written
+        build_captioner(str(folder))

@@ -141,9 +141,9 @@ def test_every_model_key_says_what_it_looked_for_and_how_to_fix_it(tmp_path: Pat
     cases = [(build_pipeline, "stabilityai/stable-diffusion-2-base", "generate.model", "HF_HUB_OFFLINE=1"),
              (load_tokenizer, "stabilityai/stable-diffusion-2-base", "generate.model", "huggingface-cli download"),
              (build_pipeline, str(tmp_path / "missing"), "generate.model", "no such folder"),
-             (build_captioner, str(empty), "train.captioner", "holds no BLIP captioner that loads"),
+             (build_captioner, str(empty), "train.captioner", "holds no captioner (BLIP, BLIP-2 or an image-text-to-text model of transformers) that loads"),
              (lambda v: load_exported(v, __import__("torch").device("cpu")), str(empty), "caption.captioner",
-              "holds no BLIP captioner"),
+              "holds no captioner (BLIP"),
              (load_text_encoder, str(tmp_path / "missing"), "evaluate.text_model", "no such folder"),
              (load_image_encoder, "openai/clip-vit-base-patch32", "evaluate.image_model", "set evaluate.image_model=DIR")]
     for load, value, key, hint in cases:

@@ -1,4 +1,4 @@
-"""The BLIP captioner: its factory (hub id, local directory, `miniature` or `random-tiny`), its inputs, captioning.
+"""BLIP (BlipForConditionalGeneration): the built-in captioners, its inputs, its captioning.
 
 Two pitfalls make a BLIP captioner print empty strings, and both are handled here: the decoder
 starts from `[DEC]` (the tokenizer's bos), so position 0 of every training sequence is bos, not
@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from .builtin import MINIATURE, MINIATURE_CAPTIONER, RANDOM_TINY, builtin_name, load_failure
 
 log = logging.getLogger(__name__)
 
@@ -64,27 +62,6 @@ def build_tiny_captioner(seed: int = 0, image_size: int = 64, hidden: int = 64, 
     return model, processor
 
 
-def build_captioner(name: str = MINIATURE, seed: int = 0):
-    """(BlipForConditionalGeneration, BlipProcessor) from a hub id, a local directory, `random-tiny` (random
-    from `seed`) or `miniature` (models/miniature/captioner: the same model, its vision tower trained on
-    product renders)."""
-    name = builtin_name("captioner", name)
-    if name == MINIATURE:
-        name = str(MINIATURE_CAPTIONER)
-    if name == RANDOM_TINY:
-        model, processor = build_tiny_captioner(seed)
-    else:
-        from transformers import BlipForConditionalGeneration, BlipProcessor
-
-        try:
-            model = BlipForConditionalGeneration.from_pretrained(name)
-            processor = BlipProcessor.from_pretrained(name)
-        except (OSError, ValueError) as exc:
-            raise load_failure("train.captioner", name, "BLIP captioner", exc) from None
-    check_special_tokens(model, processor.tokenizer)
-    return model, processor
-
-
 def check_special_tokens(model, tokenizer) -> None:
     """Refuse a captioner whose decoder start or stop tokens disagree with its tokenizer (empty captions)."""
     text = model.config.text_config
@@ -93,15 +70,6 @@ def check_special_tokens(model, tokenizer) -> None:
                            f"{tokenizer.bos_token} ({tokenizer.bos_token_id}); BLIP would caption empty strings")
     if text.sep_token_id != tokenizer.sep_token_id or text.pad_token_id != tokenizer.pad_token_id:
         raise RuntimeError("captioner: decoder sep/pad tokens differ from the tokenizer's")
-
-
-def freeze_vision(model) -> int:
-    """Freeze the vision encoder; returns the number of parameters frozen."""
-    frozen = 0
-    for p in model.vision_model.parameters():
-        p.requires_grad_(False)
-        frozen += p.numel()
-    return frozen
 
 
 def decoder_positions(model) -> int:
@@ -188,38 +156,3 @@ def generate_captions(model, tokenizer, pixel_values: torch.Tensor, max_new_toke
 def caption_dtype(device: torch.device) -> torch.dtype:
     """bf16 on CUDA, fp32 on the CPU."""
     return torch.bfloat16 if device.type == "cuda" else torch.float32
-
-
-def load_exported(path: str | Path, device: torch.device, key: str = "caption.captioner"):
-    """(model, processor) of an exported captioner (or any BLIP directory or hub id), through plain
-    from_pretrained, on `device` in its captioning dtype; `key` is the setting that named it, for errors."""
-    from transformers import BlipForConditionalGeneration, BlipProcessor
-
-    try:
-        model = BlipForConditionalGeneration.from_pretrained(path, dtype=caption_dtype(device))
-        processor = BlipProcessor.from_pretrained(path)
-    except (OSError, ValueError) as exc:
-        raise load_failure(key, str(path), "BLIP captioner", exc) from None
-    return model.to(device).eval(), processor
-
-
-class Captioner:
-    """A captioner on a device with fixed decoding settings: images in, captions out, in batches."""
-
-    def __init__(self, model, tokenizer, device: torch.device, *, batch_size: int, max_new_tokens: int,
-                 num_beams: int, repetition_penalty: float):
-        self.dtype = caption_dtype(device)
-        self.model = model.to(device, self.dtype).eval()
-        self.tokenizer, self.device = tokenizer, device
-        self.batch_size, self.max_new_tokens = batch_size, caption_budget(self.model, max_new_tokens)
-        self.num_beams, self.repetition_penalty = num_beams, repetition_penalty
-        self.size = image_size_of(self.model)
-
-    def __call__(self, images: list[Image.Image]) -> list[str]:
-        """Captions in chunks of `batch_size`."""
-        out: list[str] = []
-        for start in range(0, len(images), self.batch_size):
-            pixels = preprocess_images(images[start:start + self.batch_size], self.size).to(self.device, self.dtype)
-            out += generate_captions(self.model, self.tokenizer, pixels, self.max_new_tokens, self.num_beams,
-                                     self.repetition_penalty)
-        return out
