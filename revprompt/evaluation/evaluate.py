@@ -31,7 +31,7 @@ from .items import (Item, Painter, finetuned_captioner, read_items, read_json_li
                     test_shards, write_image_shard, write_json_lines, zero_shot_captioner)
 from .report import write_eval_report
 from .ssim import ssim
-from .stats import describe
+from .stats import describe, paired_difference
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +138,9 @@ def summarise(rows: list[dict], ctx: StageContext, constant: str, stats: dict) -
         "similarity": {name: describe(sims[name], seed=seed) for name in CAPTIONERS},
         "gain": {"finetuned_minus_zero_shot": _mean_diff(sims["finetuned"], sims["zero_shot"]),
                  "finetuned_minus_constant": _mean_diff(sims["finetuned"], sims["constant"])},
+        # the same samples scored by two captioners: paired differences, their interval and a signed-rank test
+        "paired": {f"finetuned - {other}": paired_difference(sims["finetuned"], sims[other], seed=seed)
+                   for other in ("zero_shot", "constant")},
         "attributes": {name: recovery([r["captions"][name] for r in rows], attrs) for name in CAPTIONERS},
         "attribute_chance": chance_rates(attrs),
         "by_articleType": {name: grouped_mean(sims[name], [a.get("articleType", "") for a in attrs])

@@ -190,10 +190,39 @@ def _similarity_section(summary: dict, plots: dict) -> list[str]:
     lines += ["", f"Fine-tuned minus zero-shot: **{_fmt(g['finetuned_minus_zero_shot'])}**; fine-tuned minus "
               f"constant caption: **{_fmt(g['finetuned_minus_constant'])}**. The constant caption is the train "
               f"prompt nearest the mean of all train prompts: \"{md(summary['constant_caption'])}\".", ""]
+    lines += _paired_table(summary)
     if (g["finetuned_minus_constant"] or 0) < 0:
         lines += [f"The fine-tuned captioner scores below the constant caption at step {summary['captioner_step']}: "
                   f"it has not learnt enough yet. {STEPS_NEEDED}", ""]
     return lines + [f"![similarity]({plots['similarity'].name})", ""]
+
+
+def _paired_table(summary: dict) -> list[str]:
+    """Per-sample differences between captioners: is the gap real, over these test samples?"""
+    paired = summary.get("paired")
+    if not paired:
+        return []
+    lines = ["Differences on the same test samples (fine-tuned minus each other captioner): the mean, its 95% "
+             "interval by a seeded paired bootstrap, the share of samples the fine-tuned captioner wins, and the "
+             "two-sided Wilcoxon signed-rank p-value.", "",
+             "| comparison | mean difference | 95% CI | fine-tuned better on | Wilcoxon p | n |",
+             "|---|---|---|---|---|---|"]
+    for key, d in paired.items():
+        other = LABELS.get(key.split(" - ", 1)[1], key)
+        lines.append(f"| fine-tuned - {other} | {_fmt(d['mean'])} | [{_fmt(d['ci95'][0])}, {_fmt(d['ci95'][1])}] | "
+                     f"{_pct(d['wins'])} | {_p(d['p_wilcoxon'])} | {d['n']} |")
+    return lines + [""]
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.0f}%"
+
+
+def _p(value: float | None) -> str:
+    """A p-value as people read one: 3 significant digits, or '< 1e-4'."""
+    if value is None:
+        return "-"
+    return "< 1e-4" if value < 1e-4 else f"{value:.3g}"
 
 
 def _attribute_section(summary: dict, plots: dict) -> list[str]:

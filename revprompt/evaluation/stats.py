@@ -32,6 +32,25 @@ def describe(values, *, seed: int = 0) -> dict:
             "std": float(arr.std(ddof=1)) if arr.size > 1 else 0.0, "ci95": [low, high]}
 
 
+def paired_difference(a, b, *, seed: int = 0) -> dict:
+    """How `a` differs from `b`, sample by sample (the same test samples scored two ways).
+
+    {'n', 'mean' of a - b, 'ci95': the seeded bootstrap interval of that mean (samples resampled as pairs),
+    'wins': the share of samples where a > b, 'p_wilcoxon': the two-sided Wilcoxon signed-rank p-value
+    (scipy; exact for small n without ties, the normal approximation otherwise; 1.0 when every difference is
+    zero)}. A p-value says whether the gap could be chance over these samples, not how large it is.
+    """
+    from scipy.stats import wilcoxon
+
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    if d.size == 0:
+        return {"n": 0, "mean": None, "ci95": [None, None], "wins": None, "p_wilcoxon": None}
+    low, high = bootstrap_ci(d, seed=seed)
+    p = 1.0 if not np.any(d) else float(wilcoxon(d, zero_method="wilcox", alternative="two-sided").pvalue)
+    return {"n": int(d.size), "mean": float(d.mean()), "ci95": [low, high], "wins": float(np.mean(d > 0)),
+            "p_wilcoxon": p}
+
+
 def distinct_ngrams(texts: list[str], n: int) -> float:
     """Distinct n-grams over all n-grams of `texts` (1.0 = no n-gram repeats; falls when captions collapse)."""
     grams: list[tuple[str, ...]] = []

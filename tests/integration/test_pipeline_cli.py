@@ -35,6 +35,12 @@ def check_evaluation(run_dir: Path) -> None:
     for name in ("zero_shot", "finetuned", "constant"):
         d = summary["similarity"][name]
         assert d["ci95"][0] <= d["mean"] <= d["ci95"][1]
+    for other in ("zero_shot", "constant"):  # the paired differences agree with the per-sample rows
+        paired = summary["paired"][f"finetuned - {other}"]
+        diffs = [r["similarity"]["finetuned"] - r["similarity"][other] for r in rows]
+        assert paired["n"] == len(rows) and abs(paired["mean"] - sum(diffs) / len(diffs)) < 1e-9
+        assert paired["ci95"][0] <= paired["mean"] <= paired["ci95"][1] and 0 <= paired["p_wilcoxon"] <= 1
+        assert paired["wins"] == sum(d > 0 for d in diffs) / len(diffs)
     report = (run_dir / "eval" / "report.md").read_text()
     assert "**Caveat:** `random-tiny` is a random CLIP" in report  # the tiny preset's image scores mean nothing
     assert "scores below the constant caption at step 6" in report  # and 6 steps are too few: the report says so

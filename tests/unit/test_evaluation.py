@@ -12,7 +12,8 @@ from PIL import Image
 from revprompt.evaluation.attributes import chance_rates, grouped_mean, names_value, recovery
 from revprompt.evaluation.ssim import ssim
 from revprompt.models.image_embedder import build_tiny_image_encoder, embed_images, load_image_encoder
-from revprompt.evaluation.stats import bootstrap_ci, describe, distinct_ngrams, mean_pairwise_similarity
+from revprompt.evaluation.stats import (bootstrap_ci, describe, distinct_ngrams, mean_pairwise_similarity,
+                                        paired_difference)
 
 
 @pytest.mark.parametrize("text, value, expected", [
@@ -140,3 +141,53 @@ def test_plots_count_in_whole_samples_and_show_the_constant_baseline(tmp_path, m
     report.plot_groups(summary, "by_articleType", tmp_path / "g.png")
     labels = [t.get_text() for t in figures[-1].axes[0].get_legend().get_texts()]
     assert labels == ["fine-tuned", "constant caption", "zero-shot"]
+
+
+def _signed_rank_p_by_enumeration(d: list[float]) -> float:
+    """The exact two-sided Wilcoxon signed-rank p-value, by counting all 2^n sign patterns (no ties, no zeros)."""
+    import itertools
+
+    ranks = {v: r + 1 for r, v in enumerate(sorted(abs(x) for x in d))}
+    w_plus = sum(ranks[abs(x)] for x in d if x > 0)
+    total = len(d) * (len(d) + 1) / 2
+    observed = min(w_plus, total - w_plus)
+    sums = [sum(r for r, s in zip(sorted(ranks.values()), signs) if s)
+            for signs in itertools.product([0, 1], repeat=len(d))]
+    return min(1.0, 2 * sum(1 for w in sums if w <= observed) / len(sums))
+
+
+def test_paired_differences_by_hand():
+    # five gains of different sizes, all positive: W+ = 15, the largest of 32 patterns: p = 2/32
+    b = np.array([0.1, 0.2, 0.3, 0.4, 0.5])
+    d = paired_difference(b + np.array([0.1, 0.2, 0.3, 0.4, 0.5]), b, seed=3)
+    assert d["n"] == 5 and d["mean"] == pytest.approx(0.3) and d["wins"] == 1.0
+    assert d["p_wilcoxon"] == pytest.approx(2 / 32)
+    assert d["ci95"] == list(bootstrap_ci(np.array([0.1, 0.2, 0.3, 0.4, 0.5]), seed=3))  # pairs resampled together
+    # mixed signs: W+ = 1 + 3 + 4 + 6 = 14, W- = 7; counted over the 64 sign patterns
+    diffs = [1.0, -2.0, 3.0, 4.0, -5.0, 6.0]
+    mixed = paired_difference(np.array(diffs) + 10, np.full(6, 10.0))
+    assert mixed["p_wilcoxon"] == pytest.approx(_signed_rank_p_by_enumeration(diffs))
+    assert mixed["wins"] == pytest.approx(4 / 6) and mixed["mean"] == pytest.approx(7 / 6)
+    # pairing matters: the same values, unpaired, are another question with another answer
+    a = np.array([0.50, 0.61, 0.72, 0.83, 0.94, 0.35])
+    base = a - np.array([0.01, 0.02, 0.03, 0.04, 0.05, 0.06])
+    assert paired_difference(a, base)["wins"] == 1.0
+    assert paired_difference(a, base[::-1])["wins"] < 1.0
+    # nothing to compare, and no difference at all
+    assert paired_difference([], [])["p_wilcoxon"] is None
+    same = paired_difference([0.4, 0.5], [0.4, 0.5])
+    assert same["p_wilcoxon"] == 1.0 and same["mean"] == 0.0 and same["wins"] == 0.0
+
+
+def test_the_headline_table_ends_with_the_paired_differences():
+    from revprompt.evaluation.report import _similarity_section
+
+    summary = _summary(0.6, 0.42)
+    summary["paired"] = {"finetuned - zero_shot": {"n": 3, "mean": 0.5, "ci95": [0.4, 0.6], "wins": 1.0,
+                                                   "p_wilcoxon": 0.25},
+                         "finetuned - constant": {"n": 3, "mean": 0.18, "ci95": [-0.01, 0.3], "wins": 2 / 3,
+                                                  "p_wilcoxon": 3e-6}}
+    text = "\n".join(_similarity_section(summary, {"similarity": Path("similarity.png")}))
+    assert "| fine-tuned - zero-shot | 0.500 | [0.400, 0.600] | 100% | 0.25 | 3 |" in text
+    assert "| fine-tuned - constant caption | 0.180 | [-0.010, 0.300] | 67% | < 1e-4 | 3 |" in text
+    assert text.index("Wilcoxon p") < text.index("![similarity]")
