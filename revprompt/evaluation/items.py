@@ -19,7 +19,7 @@ from PIL import Image
 
 from ..launch.layout import GENERATE_SPEED_KEYS, RunLayout, remove_owned
 from ..launch.runner import StageError
-from ..models.captioner import Captioner, build_captioner, load_exported, set_instruction
+from ..models.captioner import Captioner, build_captioner, is_adapter_dir, load_exported, set_instruction
 from ..models.text_to_image import build_pipeline, draw
 from ..shards.manifest import read_manifest, split_shards
 from ..shards.reader import ReadStats, build_reader
@@ -93,7 +93,7 @@ def test_shards(layout: RunLayout, cfg) -> list[tuple[str, int]]:
     if not sum(count for _, count in shards):
         raise StageError("the test split is empty (its shards hold no sample): nothing to evaluate; use more prompts "
                          "or raise prompts.test_fraction, then `revprompt generate --overwrite`")
-    if not (layout.captioner / "config.json").is_file():
+    if not (layout.captioner / "config.json").is_file() and not is_adapter_dir(layout.captioner):
         raise StageError(f"{layout.captioner}: no exported captioner; run `revprompt train` first")
     manifest = read_manifest(layout.shards) or {}
     trained_on = ((layout.exported() or {}).get("made_from") or {}).get("data", manifest.get("fingerprint"))
@@ -151,7 +151,10 @@ def zero_shot_captioner(cfg, device: torch.device) -> Captioner:
     """The captioner before fine-tuning: train.captioner as built for training (same seed, same instruction)."""
     model, processor = build_captioner(cfg.train.captioner, cfg.run.seed)
     if cfg.train.instruction:
-        set_instruction(model, cfg.train.instruction)
+        try:
+            set_instruction(model, cfg.train.instruction)
+        except ValueError as exc:
+            raise StageError(str(exc)) from None
     return captioner_for(cfg, model, processor, device)
 
 

@@ -95,7 +95,8 @@ class TrainConfig:
                           "BLIP reads none")
     lora_rank: int = _f(0, "LoRA: train rank-r adapters (peft) instead of the whole model (0 = full fine-tuning)",
                         min=0, max=4096)
-    lora_alpha: float = _f(16.0, "LoRA: the adapters' scale is lora_alpha / lora_rank", min=0.0)
+    lora_alpha: float = _f(16.0, "LoRA: the adapters' scale is lora_alpha / lora_rank (0 would train nothing)",
+                           min=1e-3)
     lora_targets: list = _f([], "LoRA: module names the adapters go into, or one regex over full module names; [] = "
                             "every projection of the text side but its output head (the decoder of BLIP, the language "
                             "model of the others)")
@@ -170,6 +171,8 @@ class ExportConfig:
     checkpoint: str = _f("", "a committed checkpoints/step-N folder to consolidate (read by `revprompt export`)")
     out: str = _f("", "output folder: new, empty, or an earlier export (replaced atomically); anything else is "
                   "refused")
+    lora_merge: bool = _f(True, "a checkpoint trained with LoRA: merge the adapters into the weights (plain "
+                          "transformers loads it); false saves the adapter alone, for peft and its base model")
 
 
 @dataclass

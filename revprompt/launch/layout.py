@@ -453,9 +453,11 @@ def evaluation_fingerprint(layout: RunLayout, cfg: "Config") -> str:
     full = cfg.to_dict()
     e = {k: v for k, v in full["evaluate"].items() if k != "examples"}
     manifest = _read_json(layout.manifest) or {}
-    return short_hash({"shards": manifest.get("fingerprint"), "evaluate": e, "seed": cfg.run.seed,
-                       "zero_shot": cfg.train.captioner, "generate": full["generate"],
-                       "captioner": layout.exported()}, default=str)
+    zero_shot = {"zero_shot": cfg.train.captioner}
+    if cfg.train.instruction:  # the zero-shot captions read it (recorded only when set: older fingerprints hold)
+        zero_shot["zero_shot_instruction"] = cfg.train.instruction
+    return short_hash({"shards": manifest.get("fingerprint"), "evaluate": e, "seed": cfg.run.seed, **zero_shot,
+                       "generate": full["generate"], "captioner": layout.exported()}, default=str)
 
 
 # the [evaluate] keys drift captions and scores with
@@ -475,8 +477,9 @@ def drift_fingerprint(layout: RunLayout, cfg: "Config") -> str:
 # the [train] keys that shape what training computes: changing one under a checkpoint mixes two runs
 TRAJECTORY_KEYS = ("captioner", "precision", "micro_batch_size", "grad_accum", "lr", "weight_decay", "warmup_steps",
                    "min_lr_ratio", "grad_clip", "label_smoothing", "max_length", "freeze_vision", "shuffle_buffer")
-# recorded only where used, so that the records of runs without them stay as they were
-LORA_KEYS = ("lora_rank", "lora_alpha", "lora_targets", "lora_merge")
+# recorded only where used, so that the records of runs without them stay as they were (train.lora_merge is not
+# one: it changes how the end is exported, not what is trained)
+LORA_KEYS = ("lora_rank", "lora_alpha", "lora_targets")
 
 
 def made_from(cfg: "Config", data: str | None) -> dict:

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from ..launch.layout import EXPORT_INFO, private_sibling, remove_dead_siblings, swap_folder
-from ..models.captioner import BLIP, add_lora, base_model, instruction_of, kind_of, limit_generation
+from ..models.captioner import BLIP, add_lora, base_model, base_name, instruction_of, kind_of, limit_generation
 from ..models.captioner.lora import merged
 from ..shards.writer import write_error
 from .checkpoints import HF_SUBDIR, checkpoint_problem, read_position
@@ -23,6 +23,10 @@ DEFAULT_CAPTION_TOKENS = 40  # train.max_length's default: what a caption was tr
 
 class ExportError(RuntimeError):
     """The export cannot go where it was asked to; nothing was written there."""
+
+
+class StateMismatch(RuntimeError):
+    """Weights that do not fit the captioner they are exported as."""
 
 
 def check_export_target(out_dir: Path) -> None:
@@ -68,8 +72,8 @@ def save_hf_dir(model, processor, state: dict[str, torch.Tensor] | None, out_dir
         own = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
         missing = [k for k in missing if k in own]
         if missing or unexpected:
-            raise RuntimeError(f"export: state does not match the captioner (missing {missing[:5]}, "
-                               f"unexpected {unexpected[:5]})")
+            raise StateMismatch(f"the weights do not match the captioner (missing {missing[:5]}, "
+                                f"unexpected {unexpected[:5]})")
     # plain transformers generates with the export's generation_config.json: keep it inside the decoder
     trained_tokens = ((info.get("made_from") or {}).get("train") or {}).get("max_length", DEFAULT_CAPTION_TOKENS)
     limit_generation(model, trained_tokens)
@@ -98,8 +102,9 @@ def save_hf_dir(model, processor, state: dict[str, torch.Tensor] | None, out_dir
     return out_dir
 
 
-def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
-    """Consolidate a DeepSpeed checkpoint folder (any ZeRO stage, any world size) into an HF directory.
+def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, merge: bool = True) -> Path:
+    """Consolidate a DeepSpeed checkpoint folder (any ZeRO stage, any world size) into an HF directory; LoRA adapters
+    merged into the weights, or (`merge` false) saved alone.
 
     Runs in one process. Every file is read with weights-only unpickling.
     """
@@ -117,22 +122,30 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
                           "resumes from)")
     force_weights_only_loads()
     allow_deepspeed_checkpoint_types()
+    # ZeRO-0 to 2 write mp_rank_00_model_states.pt, ZeRO-3 one zero_pp_rank_R_mp_rank_00_model_states.pt per rank
+    files = sorted(checkpoint.glob("mp_rank_*_model_states.pt")) or \
+        sorted(checkpoint.glob("*mp_rank_*_model_states.pt"))
+    if not files:
+        raise ExportError(f"{checkpoint}: no DeepSpeed model states (mp_rank_*_model_states.pt)")
+    module = torch.load(files[0], map_location="cpu", weights_only=True).get("module") or {}
+    # under ZeRO-3 the module's entries are empty placeholders: the optimizer's partitions below replace them
+    module = {k: v for k, v in module.items() if v.numel() or not list(checkpoint.glob("*optim_states.pt"))}
+    state = {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
     if list(checkpoint.glob("*optim_states.pt")):
-        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
-    else:  # ZeRO-0 (what a one-rank job runs): the whole model is in the model-states file
-        files = sorted(checkpoint.glob("mp_rank_*_model_states.pt"))
-        if not files:
-            raise ExportError(f"{checkpoint}: no DeepSpeed model states (mp_rank_*_model_states.pt)")
-        module = torch.load(files[0], map_location="cpu", weights_only=True)["module"]
-        state = {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
+        # the optimizer's partitions hold the trained weights; ZeRO-1 leaves frozen ones (a frozen vision tower, the
+        # base under LoRA adapters) out of them, and they are unchanged in the model states
+        state.update(get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name))
     model, processor = captioner_from_config(hf)
     client = read_position(checkpoint)
     train = (client.get("made_from") or {}).get("train") or {}
     if train.get("lora_rank"):  # the checkpoint holds an adapter-wrapped model: wrap this one the same way
         model = add_lora(model, kind_of(model), train["lora_rank"], train["lora_alpha"], train["lora_targets"],
-                         train["captioner"])
-    return save_hf_dir(model, processor, state, Path(out_dir), {"from_checkpoint": str(checkpoint), **client},
-                       merge=train.get("lora_merge", True))
+                         base_name(train["captioner"]))
+    try:
+        return save_hf_dir(model, processor, state, Path(out_dir), {"from_checkpoint": str(checkpoint), **client},
+                           merge=merge)
+    except StateMismatch as exc:
+        raise ExportError(f"{checkpoint}: {exc}") from None
 
 
 def captioner_from_config(folder: Path):
@@ -158,7 +171,7 @@ def export_stage(ctx) -> Path:
     e = ctx.cfg.export
     if not e.checkpoint or not e.out:
         raise ExportError("export.checkpoint and export.out are both needed (--checkpoint DIR --out DIR)")
-    path = export_checkpoint(e.checkpoint, e.out)
+    path = export_checkpoint(e.checkpoint, e.out, merge=e.lora_merge)
     log.info("exported %s to %s", e.checkpoint, path)
     return path
 

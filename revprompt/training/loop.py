@@ -17,10 +17,10 @@ from ..launch import dist
 from ..launch.layout import changes, made_from
 from ..launch.metrics import captioned_grid
 from ..launch.runner import StageContext, StageError, build_parser, on_main_first, run_stage
-from ..models.captioner import (BLIP, BLIP2, TrainingInputs, add_lora, base_model, build_captioner, caption_batch,
-                                caption_budget, freeze_vision, kind_of, set_instruction)
+from ..models.captioner import (BLIP, BLIP2, TrainingInputs, add_lora, base_model, base_name, build_captioner,
+                                caption_batch, caption_budget, freeze_vision, is_adapter_dir, kind_of, set_instruction)
 from ..models.captioner.lora import LoraError
-from ..models.builtin import RANDOM_TINY, MINIATURE, MINIATURE_CAPTIONER, builtin_name
+from ..models.builtin import RANDOM_TINY, builtin_name
 from ..models.text_embedder import pairwise_cosine
 from ..shards.manifest import read_manifest, split_shards
 from ..shards.reader import build_reader
@@ -113,17 +113,21 @@ class Trainer:
             raise StageError(f"train.label_smoothing = {t.label_smoothing}: only a BLIP captioner smooths its labels; "
                              f"{type(model).__name__} computes its own loss: set it to 0")
         if t.freeze_vision or kind == BLIP2:
-            log.info("froze %d vision parameters", freeze_vision(model))
+            try:
+                log.info("froze %d vision parameters", freeze_vision(model))
+            except ValueError as exc:
+                raise StageError(str(exc)) from None
         if t.lora_rank:
-            base = builtin_name("captioner", t.captioner)
-            if base == RANDOM_TINY and not t.lora_merge:
+            if builtin_name("captioner", t.captioner) == RANDOM_TINY and not t.lora_merge:
                 raise StageError("train.lora_merge = false keeps the adapter alone, for its base model; the base "
                                  "'random-tiny' exists only in revprompt: merge (train.lora_merge = true)")
-            base = str(MINIATURE_CAPTIONER) if base == MINIATURE else base
             try:
-                model = add_lora(model, kind, t.lora_rank, t.lora_alpha, t.lora_targets, base)
+                model = add_lora(model, kind, t.lora_rank, t.lora_alpha, t.lora_targets, base_name(t.captioner))
             except LoraError as exc:
                 raise StageError(str(exc)) from None
+        elif t.lora_targets or not t.lora_merge:
+            log.warning("train.lora_targets / train.lora_merge are set but train.lora_rank = 0: the whole model "
+                        "trains, without adapters")
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
         log.info("captioner %s (%s%s): %d of %d parameters train", type(base_model(model)).__name__, kind,
@@ -360,7 +364,8 @@ class Trainer:
         resumed = self.resume()
         if resumed and self.pos.step >= self.t.max_steps:
             log.info("training already reached step %d (train.max_steps=%d)", self.pos.step, self.t.max_steps)
-            if self.layout.exported_step() != self.pos.step:
+            adapter_only = bool(self.t.lora_rank) and not self.t.lora_merge
+            if self.layout.exported_step() != self.pos.step or is_adapter_dir(self.export_dir) != adapter_only:
                 self.export()
             return self.pos
         stream = self.stream(self.train_shards, epoch=self.pos.epoch, batch=self.pos.batch_in_epoch, train=True)

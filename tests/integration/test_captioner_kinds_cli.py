@@ -69,6 +69,20 @@ def test_blip2_with_lora_checkpoints_resumes_exports_and_captions(generated_run,
     assert all(-1 <= summary["similarity"][name]["mean"] <= 1 for name in ("zero_shot", "finetuned", "constant"))
 
 
+def test_blip2_lora_on_two_ranks_with_zero1_exports_the_frozen_weights_too(generated_run, captioners,
+                                                                           tmp_path: Path):
+    """ZeRO-1 keeps frozen weights (the vision tower, the base under the adapters) out of its optimizer partitions:
+    `revprompt export` of such a checkpoint takes them from the model states and equals the live export."""
+    run = copy_run(generated_run, tmp_path / "run")
+    run_cli("train", *train_args(run, train__max_steps=2, train__micro_batch_size=4), "--train.zero_stage=1",
+            "--train.lora_rank=4", f"--train.captioner={captioners['blip-2']}", "--train.lr=0.01",
+            "--train.val_captions=0", nproc=2, threads=1)
+    run_cli("export", "--checkpoint", str(run / "checkpoints" / "step-2"), "--out", str(tmp_path / "again"))
+    live, again = weights(run / "captioner"), weights(tmp_path / "again")
+    assert again.keys() == live.keys() and all(torch.equal(again[k], live[k]) for k in live)
+    assert json.loads((run / "checkpoints" / "deepspeed.json").read_text())["zero_optimization"]["stage"] == 1
+
+
 def test_llava_full_fine_tuning_on_two_ranks_with_zero3(generated_run, captioners, tmp_path: Path):
     run = copy_run(generated_run, tmp_path / "run")
     run_cli("train", *train_args(run, train__max_steps=3, train__micro_batch_size=4), "--train.zero_stage=3",
@@ -103,6 +117,17 @@ def test_lora_on_two_ranks_with_zero3_exports_an_adapter_and_settings_that_canno
     run_cli("caption", "--config", "tiny", f"--run.dir={run}", "--out", str(out), "--max-new-tokens", "4",
             str(run / "shards" / "test"), threads=2)
     assert out.read_text().count("\n") >= 1
+    # evaluate puts the adapter on its base too
+    lora = ["--train.lora_rank=4", "--train.lora_merge=false", f"--train.captioner={captioners['llava']}"]
+    run_cli("evaluate", *train_args(run, train__max_steps=2, train__micro_batch_size=4), *lora,
+            "--evaluate.regenerate=false", "--evaluate.max_new_tokens=4", threads=2)
+    listed = json.loads((run / "shards" / "manifest.json").read_text())["splits"]["test"]["count"]
+    assert json.loads((run / "eval" / "summary.json").read_text())["samples"] == listed
+    # `revprompt export` of the ZeRO-3 checkpoint, adapter alone: the same adapter weights as the live export
+    run_cli("export", "--checkpoint", str(run / "checkpoints" / "step-2"), "--out", str(tmp_path / "again"),
+            "--export.lora_merge=false")
+    again = weights(tmp_path / "again")
+    assert again.keys() == trained.keys() and all(torch.equal(again[k], trained[k]) for k in trained)
 
     for bad, said in [(["--train.label_smoothing=0.1", f"--train.captioner={captioners['blip-2']}"],
                        "only a BLIP captioner smooths its labels"),
@@ -110,7 +135,8 @@ def test_lora_on_two_ranks_with_zero3_exports_an_adapter_and_settings_that_canno
                        "train.lora_merge = false"),
                       (["--train.lora_rank=4", "--train.lora_targets=nothing_here",
                         f"--train.captioner={captioners['blip-2']}"], "train.lora_targets = ['nothing_here']"),
-                      (["--train.instruction=Describe.", "--train.captioner=random-tiny"], "train.instruction")]:
+                      (["--train.instruction=Describe.", "--train.captioner=random-tiny"], "train.instruction"),
+                      (["--train.lora_rank=4", "--train.lora_alpha=0"], "train.lora_alpha")]:
         refused = tmp_path / "refused" if (tmp_path / "refused").exists() else copy_run(generated_run,
                                                                                           tmp_path / "refused")
         proc = run_cli("train", *train_args(refused, train__max_steps=1), *bad, check=False)

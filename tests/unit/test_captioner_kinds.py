@@ -81,6 +81,9 @@ def test_only_the_prompt_and_its_end_token_carry_labels(folders, name):
     if name == "blip-2-t5":  # the encoder reads the image tokens, the decoder learns the prompt
         assert batch["input_ids"].shape == TrainingInputs(model, processor, 40)(images(), ["x"])["input_ids"].shape
     tok = processor.tokenizer
+    assert tok.eos_token_id in model.generation_config.eos_token_id  # captioning stops where training ends prompts
+    if "token_type_ids" in batch:  # PaliGemma: 1 marks exactly the learnt tokens (bidirectional prefix otherwise)
+        assert name == "paligemma" and torch.equal(batch["token_type_ids"] == 1, batch["labels"] != -100)
     for row, prompt in enumerate(PROMPTS):
         labelled = batch["labels"][row][batch["labels"][row] != -100].tolist()
         assert labelled == tok(prompt, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]

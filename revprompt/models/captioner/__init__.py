@@ -34,7 +34,7 @@ __all__ = ["BOS", "IMAGE_MEAN", "IMAGE_STD", "TextBatch", "build_tiny_captioner"
            "image_size_of", "offline_blip_tokenizer", "preprocess_images", "BLIP", "BLIP2", "IMAGE_TEXT_TO_TEXT",
            "KINDS", "add_lora", "base_model", "is_adapter_dir", "kind_of", "kind_for_type", "build_captioner",
            "load_exported", "Captioner", "TrainingInputs", "freeze_vision", "caption_budget", "limit_generation",
-           "caption_batch", "instruction_of", "set_instruction"]
+           "caption_batch", "instruction_of", "set_instruction", "base_name"]
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +107,16 @@ def build_captioner(name: str = MINIATURE, seed: int = 0):
     if kind_of(model) == BLIP:
         check_special_tokens(model, processor.tokenizer)
     return model, processor
+
+
+def base_name(name: str) -> str:
+    """What an adapter records as its base model: a built-in name's folder, a local folder's absolute path, a hub id
+    as it is."""
+    name = builtin_name("captioner", name)
+    if name == MINIATURE:
+        return str(MINIATURE_CAPTIONER)
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.exists() else name
 
 
 def load_exported(path: str | Path, device: torch.device, key: str = "caption.captioner"):

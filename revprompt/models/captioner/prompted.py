@@ -21,8 +21,6 @@ log = logging.getLogger(__name__)
 # config keys), so that captioning later feeds the prefix it was trained after
 INSTRUCTION_KEY = "revprompt_instruction"
 DEFAULT_INSTRUCTION = {"blip-2": "", "image-text-to-text": "Write the text prompt that made this image."}
-# LoRA goes into the language model's attention projections unless train.lora_targets says otherwise
-LANGUAGE_LORA = r".*language_model\..*\.(q_proj|v_proj)"
 
 
 class PromptedEncodingError(ValueError):
@@ -33,6 +31,9 @@ def rgb(images: list[Image.Image]) -> list[Image.Image]:
     return [im if im.mode == "RGB" else im.convert("RGB") for im in images]
 
 
+# the per-token input that marks the learnt part with 1, and whose processor (others, such as Gemma 3's, mark image
+# tokens with it, and a 1 on the prompt would let each of its tokens see the ones it must predict)
+LEARNT_MARK = ("token_type_ids", "PaliGemmaProcessor")
 # the prefix of processors that place parts of it themselves: BLIP-2's puts the image's query tokens before the
 # text; PaliGemma's puts its start token after the image token and a newline after the text
 PREFIX_FORMS = {"Blip2Processor": "{instruction}", "PaliGemmaProcessor": "{image}{instruction}"}
@@ -62,16 +63,25 @@ def prepare(model, processor) -> None:
                                     "could not learn where a prompt stops")
     if type(processor).__name__ == "Blip2Processor" and getattr(processor, "num_query_tokens", None) is None:
         processor.num_query_tokens = model.config.num_query_tokens
-    for gen in (model.generation_config,):
-        gen.pad_token_id = tokenizer.pad_token_id
-        gen.eos_token_id = tokenizer.eos_token_id
+    gen = model.generation_config
+    gen.pad_token_id = tokenizer.pad_token_id
+    # the model's own end tokens (a chat model's end of turn) stay; the tokenizer's end token, which training
+    # appends to every prompt, joins them
+    ends = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [] if gen.eos_token_id is None \
+        else [gen.eos_token_id]
+    gen.eos_token_id = ends + [tokenizer.eos_token_id] if tokenizer.eos_token_id not in ends else ends
 
 
 def _encode(processor, images, texts, side: str) -> dict:
+    """The processor's inputs, padded on `side` (asked of the call too: some processors pin their own side), without
+    a second start token where the text (a rendered chat template) already begins with one."""
     tokenizer = processor.tokenizer
+    options = {"padding": "longest", "return_tensors": "pt", "padding_side": side}
+    if tokenizer.bos_token and texts and all(t.startswith(tokenizer.bos_token) for t in texts):
+        options["add_special_tokens"] = False
     old, tokenizer.padding_side = tokenizer.padding_side, side
     try:
-        return dict(processor(images=rgb(images), text=texts, padding="longest", return_tensors="pt"))
+        return dict(processor(images=rgb(images), text=texts, **options))
     finally:
         tokenizer.padding_side = old
 
@@ -115,9 +125,9 @@ def training_inputs(processor, images: list[Image.Image], prompts: list[str], ma
         input_ids[row, n:end] = torch.tensor(tail)
         attention_mask[row, :end] = 1
         labels[row, n:end] = torch.tensor(tail)
-        for k, v in per_token.items():  # e.g. PaliGemma's token_type_ids: 0 on the prefix, 1 on what it learns
+        for k, v in per_token.items():  # PaliGemma's token_type_ids: 0 on the prefix, 1 on what it learns
             extended[k][row, :n] = v[row, :n]
-            extended[k][row, n:end] = 1 if k == "token_type_ids" else 0
+            extended[k][row, n:end] = 1 if (k, type(processor).__name__) == LEARNT_MARK else 0
     return {**head, **extended, "input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
