@@ -29,7 +29,8 @@ from ..shards.schema import owned
 from ..shards.writer import write_json_atomic
 from .attributes import ATTRIBUTES, names_value
 from .items import (Item, Painter, finetuned_captioner, read_images, read_items, read_json_lines, restart_if_changed,
-                    test_shards, write_image_shard, write_json_lines)
+                    test_shards, write_features, write_image_shard, write_json_lines)
+from .population import caption_clusters, population_entry
 from .report import write_drift_report
 from .ssim import ssim
 from .stats import describe, distinct_ngrams, mean_pairwise_similarity
@@ -40,8 +41,9 @@ SCORES = ("similarity_to_prompt", "similarity_to_previous", "image_similarity_to
 
 
 def drift_shard(k: int, items: list[Item], previous: dict[str, str], images_prev: dict, images_0: dict,
-                original_vecs: dict[str, np.ndarray], captioner, painter, ctx) -> tuple[list[dict], list]:
-    """Iteration k of one shard's `items`: caption the previous images, redraw, score; rows and the new images.
+                original_vecs: dict[str, np.ndarray], captioner, painter, ctx) -> tuple[list[dict], list, np.ndarray]:
+    """Iteration k of one shard's `items`: caption the previous images, redraw, score; rows, the new images and the
+    image embeddings of those drawn (in order).
 
     `original_vecs` are the image embeddings of `images_0` by key (the same at every iteration).
     """
@@ -64,7 +66,7 @@ def drift_shard(k: int, items: list[Item], previous: dict[str, str], images_prev
             "retained": {a: names_value(captions[i], it.attributes[a]) for a in ATTRIBUTES if it.attributes.get(a)},
             "length": len(captions[i].split()),
         })
-    return rows, images
+    return rows, images, np.stack([new_vecs[i] for i in drawn]) if drawn else np.zeros((0, 0), np.float32)
 
 
 def iterate_shard(ctx: StageContext, shards: list[tuple[str, int]], s: int, iterations: list[int], captioner,
@@ -76,6 +78,8 @@ def iterate_shard(ctx: StageContext, shards: list[tuple[str, int]], s: int, iter
     images_0 = {it.key: it.image for it in items}
     original_vecs = dict(zip(images_0, embed_images(list(images_0.values()), cfg.evaluate.image_model,
                                                     seed=cfg.run.seed))) if items else {}
+    if items and not layout.drift_features(0, s).is_file():  # iteration 0's population, for the drift measures
+        write_features(layout.drift_features(0, s), np.stack([original_vecs[it.key] for it in items]))
     for k in iterations:
         if k == 1:
             images_prev, previous = images_0, {it.key: it.prompt for it in items}
@@ -85,10 +89,11 @@ def iterate_shard(ctx: StageContext, shards: list[tuple[str, int]], s: int, iter
         alive = [it for it in items if it.key in images_prev]  # a chain ends at a non-finite image
         rows: list[dict] = []
         if alive:
-            rows, images = drift_shard(k, alive, previous, images_prev, images_0, original_vecs, captioner, painter,
-                                       ctx)
+            rows, images, features = drift_shard(k, alive, previous, images_prev, images_0, original_vecs, captioner,
+                                                 painter, ctx)
             write_image_shard(layout.drift_images(k, s), alive, [r["caption"] for r in rows], images,
                               {"source": "drift", "drift_iteration": k})
+            write_features(layout.drift_features(k, s), features)
         write_json_lines(layout.drift_part(k, s), rows)
         yield len(alive)
 
@@ -112,7 +117,8 @@ def summarise_iteration(k: int, rows: list[dict], texts: list[str], text_model: 
     entry = {"iteration": k, "samples": len(texts),
              "caption_length": float(np.mean([len(t.split()) for t in texts])) if texts else None,
              "distinct_1": distinct_ngrams(texts, 1), "distinct_2": distinct_ngrams(texts, 2),
-             "mean_pairwise_similarity": mean_pairwise_similarity(vectors) if len(texts) > 1 else None}
+             "mean_pairwise_similarity": mean_pairwise_similarity(vectors) if len(texts) > 1 else None,
+             "caption_clusters": caption_clusters(vectors) if texts else 0}
     if k == 0:
         return entry
     for key in SCORES:
@@ -133,6 +139,7 @@ def summarise_drift(ctx: StageContext, gathered: list, K: int, shards: list[tupl
     entries = [summarise_iteration(0, [], [p[2] for p in originals], cfg.evaluate.text_model, cfg.run.seed)]
     entries += [summarise_iteration(k, per_iter[k], [r["caption"] for r in per_iter[k]], cfg.evaluate.text_model,
                                     cfg.run.seed) for k in range(1, K + 1)]
+    add_population(entries, layout, len(shards))
     summary = {"fingerprint": drift_fingerprint(layout, cfg), "samples": len(originals), "iterations": entries,
                "models": {"captioner": "captioner/ (run dir)", "generator": cfg.generate.model,
                           "text": cfg.evaluate.text_model, "image": cfg.evaluate.image_model}}
@@ -148,6 +155,37 @@ def summarise_drift(ctx: StageContext, gathered: list, K: int, shards: list[tupl
     return summary
 
 
+def read_features(layout, k: int, n_shards: int) -> np.ndarray | None:
+    """Iteration k's image embeddings over every test shard, in shard order; None where a shard's are missing (an
+    iteration run before revprompt kept them)."""
+    parts = []
+    for s in range(n_shards):
+        path = layout.drift_features(k, s)
+        if path.is_file():
+            parts.append(np.load(path, allow_pickle=False))
+        elif layout.drift_part(max(k, 1), s).is_file() and read_json_lines(layout.drift_part(max(k, 1), s)):
+            return None  # the shard has samples at this iteration, but not their embeddings
+    parts = [p for p in parts if p.size]
+    return np.concatenate(parts).astype(np.float64) if parts else np.zeros((0, 1))
+
+
+def add_population(entries: list[dict], layout, n_shards: int) -> None:
+    """Each later iteration's image population against iteration 0's: Fréchet distance, CMMD, k-NN precision and
+    recall (see population.py); None where the embeddings are missing."""
+    original = read_features(layout, 0, n_shards)
+    for entry in entries[1:]:
+        drawn = read_features(layout, entry["iteration"], n_shards)
+        if original is None or drawn is None:
+            log.warning("drift iteration %d: image embeddings missing (an earlier revprompt drew it): no population "
+                        "measures; `revprompt drift` after removing drift/ computes them", entry["iteration"])
+            entry["population"] = None
+        else:
+            entry["population"] = population_entry(original, drawn)
+
+
+POPULATION = ("frechet_distance", "cmmd", "precision", "recall")
+
+
 def _log_tb(ctx: StageContext, entries: list[dict]) -> None:
     for entry in entries:
         scalars = {f"drift/{name}": entry[name] for name in ("caption_length", "distinct_1", "distinct_2",
@@ -158,6 +196,11 @@ def _log_tb(ctx: StageContext, entries: list[dict]) -> None:
         for a, rate in entry.get("attribute_retention", {}).items():
             if rate is not None:
                 scalars[f"drift/attribute_retention/{a}"] = rate
+        scalars["drift/caption_clusters"] = entry["caption_clusters"]
+        for name in POPULATION:
+            value = (entry.get("population") or {}).get(name)
+            if value is not None:
+                scalars[f"drift/population/{name}"] = value
         ctx.metrics.log(scalars, entry["iteration"])
 
 

@@ -293,7 +293,7 @@ def plot_drift(summary: dict, path: Path) -> Path:
     plt = _pyplot()
     entries = summary["iterations"]
     later = [e for e in entries if e["iteration"] > 0]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.8))
     ax = axes[0]
     for key, label in DRIFT_CURVES:
         x = [0] + [e["iteration"] for e in later]
@@ -319,6 +319,18 @@ def plot_drift(summary: dict, path: Path) -> Path:
     ax.plot(x, [e["mean_pairwise_similarity"] or 0 for e in entries], marker="o",
             label="mean pairwise similarity (collapse)")
     ax.set_xlabel("iteration")
+    ax.legend(fontsize=7)
+    ax = axes[3]  # the image population against iteration 0's: 0 and 1 at iteration 0 by definition
+    for key, label, start in (("cmmd", "CMMD", 0.0), ("precision", "k-NN precision", 1.0),
+                              ("recall", "k-NN recall", 1.0)):
+        values = [(e.get("population") or {}).get(key) for e in later]
+        if all(v is not None for v in values):
+            ax.plot(x, [start] + values, marker="o", label=label)
+    clusters = [e["caption_clusters"] for e in entries]
+    if clusters[0]:
+        ax.plot(x, [c / clusters[0] for c in clusters], marker="o", label="caption clusters / iteration 0's")
+    ax.set_xlabel("iteration")
+    ax.set_title("population", fontsize=9)
     ax.legend(fontsize=7)
     from matplotlib.ticker import MaxNLocator
 
@@ -379,7 +391,7 @@ def write_drift_report(summary: dict, originals: list[tuple], per_iter: dict[int
     if strips is not None:
         Image.fromarray(strips).save(out / "strips.png")
         ctx.metrics.log_image("drift/strips", strips, K)
-    lines = _drift_table(summary, K)
+    lines = _drift_table(summary, K) + _population_table(summary)
     if curves is not None:
         lines += ["", f"![curves]({curves.name})"]
     if strips is not None:
@@ -388,6 +400,26 @@ def write_drift_report(summary: dict, originals: list[tuple], per_iter: dict[int
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+def _population_table(summary: dict) -> list[str]:
+    """The population measures per iteration (image embeddings of `evaluate.image_model` against iteration 0's)."""
+    later = [e for e in summary["iterations"] if e["iteration"] > 0]
+    if not later:
+        return []
+    lines = ["", "## The population of images and captions", "",
+             "Each iteration's images against iteration 0's, on the image model's embeddings: Fréchet distance and "
+             "CMMD (0 = the same distribution), k-NN precision (the share of new images that look like some "
+             "original) and recall (the share of originals still covered). Caption clusters: groups of captions "
+             "whose text embeddings' cosine is at least 0.9 (iteration 0: the prompts); fewer clusters, fewer "
+             "distinct things said.", "",
+             "| iteration | Fréchet distance | CMMD | precision | recall | caption clusters |", "|---|---|---|---|---|---|",
+             f"| 0 | 0 | 0 | 1 | 1 | {summary['iterations'][0]['caption_clusters']} |"]
+    for e in later:
+        p = e.get("population") or {}
+        cells = [_fmt(p.get(k)) for k in ("frechet_distance", "cmmd", "precision", "recall")]
+        lines.append(f"| {e['iteration']} | " + " | ".join(cells) + f" | {e['caption_clusters']} |")
+    return lines
 
 
 def _drift_table(summary: dict, K: int) -> list[str]:

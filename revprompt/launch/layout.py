@@ -357,6 +357,11 @@ class RunLayout:
         """Iteration k's rows of test shard `shard` (written last: its completion mark)."""
         return self.drift_iteration(k) / f"{shard:06d}.jsonl"
 
+    def drift_features(self, k: int, shard: int) -> Path:
+        """The image embeddings (float32 rows, in the shard's order) of iteration k's images of test shard `shard`;
+        k = 0: the test images themselves. Written before the iteration's rows."""
+        return self.drift_iteration(k) / f"{shard:06d}.features.npy"
+
     def drift_images(self, k: int, shard: int) -> Path:
         """Iteration k's images of test shard `shard`."""
         return self.drift_iteration(k) / f"{shard:06d}.tar"

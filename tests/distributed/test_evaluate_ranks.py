@@ -104,7 +104,7 @@ def test_drift_two_ranks_and_a_killed_run_equal_one(trained: Path, tmp_path: Pat
     for other in (two, killed):
         for name in ("summary.json", "results.jsonl", "report.md"):
             assert (one / "drift" / name).read_bytes() == (other / "drift" / name).read_bytes(), (other, name)
-        for pattern in ("iter_*/*.tar", "iter_*/*.jsonl"):  # the .stats.json markers hold timings
+        for pattern in ("iter_*/*.tar", "iter_*/*.jsonl", "iter_*/*.features.npy"):  # .stats.json holds timings
             assert digests(one / "drift", pattern) == digests(other / "drift", pattern), (other, pattern)
 
     summary = json.loads((one / "drift" / "summary.json").read_text())
@@ -116,6 +116,12 @@ def test_drift_two_ranks_and_a_killed_run_equal_one(trained: Path, tmp_path: Pat
         assert entry["similarity_to_prompt"]["mean"] == pytest.approx(
             np.mean([r["similarity_to_prompt"][k - 1] for r in rows]), abs=1e-9)
         assert set(entry["attribute_retention"]) == {"gender", "baseColour", "articleType"}
+        # the population measures, from the embeddings every shard kept (iteration 0: the test images)
+        population = entry["population"]
+        assert population["n"] == sum(len(np.load(p)) for p in (one / "drift").glob(f"iter_0{k}/*.features.npy"))
+        assert population["frechet_distance"] >= -1e-6 and population["cmmd"] >= -1e-9
+        assert 0 <= population["precision"] <= 1 and 0 <= population["recall"] <= 1
+        assert 1 <= entry["caption_clusters"] <= entry["samples"]
     # iteration k's images were drawn from iteration k's captions
     from revprompt.shards.reader import build_reader
 
