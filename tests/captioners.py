@@ -47,15 +47,11 @@ def _seeded(build, seed: int):
         torch.random.set_rng_state(state)
 
 
-def blip2(seed: int = 0):
-    """(Blip2ForConditionalGeneration with an OPT decoder, Blip2Processor): 4 query tokens, 32 px."""
-    from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, OPTConfig
+def _blip2(tok, text, seed: int):
+    """A BLIP-2 of width 32 around the language model config `text`, with 4 query tokens, and its processor."""
+    from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor
     from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
-    tok = bpe_tokenizer()
-    text = OPTConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=4,
-                     max_position_embeddings=128, word_embed_proj_dim=32, bos_token_id=tok.bos_token_id,
-                     eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     config = Blip2Config(vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                             num_attention_heads=4, image_size=SIZE, patch_size=8),
                          qformer_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -68,11 +64,21 @@ def blip2(seed: int = 0):
     return model, processor
 
 
+def blip2(seed: int = 0):
+    """(Blip2ForConditionalGeneration with an OPT decoder, Blip2Processor): 4 query tokens, 32 px."""
+    from transformers import OPTConfig
+
+    tok = bpe_tokenizer()
+    text = OPTConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=4,
+                     max_position_embeddings=128, word_embed_proj_dim=32, bos_token_id=tok.bos_token_id,
+                     eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    return _blip2(tok, text, seed)
+
+
 def blip2_t5(seed: int = 0):
     """(Blip2ForConditionalGeneration with a T5 encoder-decoder, as blip2-flan-t5 has, Blip2Processor): the
     Unigram T5 tokenizer of tests/families.py with <image> added."""
-    from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, T5Config
-    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+    from transformers import T5Config
 
     from tests.families import t5_tokenizer
 
@@ -81,16 +87,7 @@ def blip2_t5(seed: int = 0):
     text = T5Config(vocab_size=len(tok), d_model=32, d_ff=64, d_kv=8, num_layers=2, num_decoder_layers=2,
                     num_heads=4, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                     decoder_start_token_id=tok.pad_token_id)
-    config = Blip2Config(vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                            num_attention_heads=4, image_size=SIZE, patch_size=8),
-                         qformer_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                             intermediate_size=64, encoder_hidden_size=32, vocab_size=len(tok)),
-                         text_config=text.to_dict(), num_query_tokens=4,
-                         image_token_index=tok.convert_tokens_to_ids("<image>"))
-    model = _seeded(lambda: Blip2ForConditionalGeneration(config), seed)
-    processor = Blip2Processor(image_processor=BlipImageProcessorPil(size={"height": SIZE, "width": SIZE}),
-                               tokenizer=tok, num_query_tokens=4)
-    return model, processor
+    return _blip2(tok, text, seed)
 
 
 def llava(seed: int = 0):
