@@ -49,6 +49,46 @@ class Position:
                     batch_in_epoch=self.batch_in_epoch)
 
 
+def build_model(cfg):
+    """The captioner to train and its processor, as `cfg`'s [train] asks: vision frozen (always for BLIP-2), label
+    smoothing (BLIP), the instruction (prompted kinds), LoRA adapters. A setting that cannot apply is a StageError
+    naming its key."""
+    t = cfg.train
+    model, processor = build_captioner(t.captioner, cfg.run.seed)
+    kind = kind_of(model)
+    try:
+        instruction = set_instruction(model, t.instruction)
+    except ValueError as exc:
+        raise StageError(str(exc)) from None
+    if kind == BLIP:
+        model.config.text_config.label_smoothing = t.label_smoothing
+        model.text_decoder.label_smoothing = t.label_smoothing
+    elif t.label_smoothing:
+        raise StageError(f"train.label_smoothing = {t.label_smoothing}: only a BLIP captioner smooths its labels; "
+                         f"{type(model).__name__} computes its own loss: set it to 0")
+    if t.freeze_vision or kind == BLIP2:
+        try:
+            log.info("froze %d vision parameters", freeze_vision(model))
+        except ValueError as exc:
+            raise StageError(str(exc)) from None
+    if t.lora_rank:
+        if builtin_name("captioner", t.captioner) == RANDOM_TINY and not t.lora_merge:
+            raise StageError("train.lora_merge = false keeps the adapter alone, for its base model; the base "
+                             "'random-tiny' exists only in revprompt: merge (train.lora_merge = true)")
+        try:
+            model = add_lora(model, kind, t.lora_rank, t.lora_alpha, t.lora_targets, base_name(t.captioner))
+        except LoraError as exc:
+            raise StageError(str(exc)) from None
+    elif t.lora_targets or not t.lora_merge:
+        log.warning("train.lora_targets / train.lora_merge are set but train.lora_rank = 0: the whole model "
+                    "trains, without adapters")
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    log.info("captioner %s (%s%s): %d of %d parameters train", type(base_model(model)).__name__, kind,
+             f", instruction {instruction!r}" if instruction else "", trainable, total)
+    return model, processor
+
+
 class Trainer:
     """Owns the engine, the data stream, validation, checkpoints and export for one run."""
 
@@ -72,7 +112,7 @@ class Trainer:
         self.val_shards = split_shards(self.layout.shards, "val") if "val" in manifest.get("splits", {}) else []
         if getattr(ctx.args, "overwrite", False):
             on_main_first(self.info, self.remove_checkpoints)
-        model, self.processor = self.build_model()
+        model, self.processor = build_model(self.cfg)
         self.inputs = TrainingInputs(model, self.processor, self.t.max_length)
         # rank 0 keeps a plain copy for captioning during validation and for export (ZeRO-3 partitions the original)
         self.twin = copy.deepcopy(model).eval() if self.info.is_main else None
@@ -95,44 +135,6 @@ class Trainer:
         if self.t.record_samples:
             self.samples_log = open(self.layout.samples_log(self.info.rank), "a",
                                     buffering=1)  # line-buffered: a killed run keeps what it recorded
-
-    def build_model(self):
-        """The captioner to train, as [train] asks: vision frozen (always for BLIP-2), label smoothing (BLIP), the
-        instruction (prompted kinds), LoRA adapters."""
-        t = self.t
-        model, processor = build_captioner(t.captioner, self.cfg.run.seed)
-        kind = kind_of(model)
-        try:
-            instruction = set_instruction(model, t.instruction)
-        except ValueError as exc:
-            raise StageError(str(exc)) from None
-        if kind == BLIP:
-            model.config.text_config.label_smoothing = t.label_smoothing
-            model.text_decoder.label_smoothing = t.label_smoothing
-        elif t.label_smoothing:
-            raise StageError(f"train.label_smoothing = {t.label_smoothing}: only a BLIP captioner smooths its labels; "
-                             f"{type(model).__name__} computes its own loss: set it to 0")
-        if t.freeze_vision or kind == BLIP2:
-            try:
-                log.info("froze %d vision parameters", freeze_vision(model))
-            except ValueError as exc:
-                raise StageError(str(exc)) from None
-        if t.lora_rank:
-            if builtin_name("captioner", t.captioner) == RANDOM_TINY and not t.lora_merge:
-                raise StageError("train.lora_merge = false keeps the adapter alone, for its base model; the base "
-                                 "'random-tiny' exists only in revprompt: merge (train.lora_merge = true)")
-            try:
-                model = add_lora(model, kind, t.lora_rank, t.lora_alpha, t.lora_targets, base_name(t.captioner))
-            except LoraError as exc:
-                raise StageError(str(exc)) from None
-        elif t.lora_targets or not t.lora_merge:
-            log.warning("train.lora_targets / train.lora_merge are set but train.lora_rank = 0: the whole model "
-                        "trains, without adapters")
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in model.parameters())
-        log.info("captioner %s (%s%s): %d of %d parameters train", type(base_model(model)).__name__, kind,
-                 f", instruction {instruction!r}" if instruction else "", trainable, total)
-        return model, processor
 
     # ---------------------------------------------------------------- checkpoints
     def resume(self) -> bool:

@@ -129,17 +129,9 @@ def test_lora_on_two_ranks_with_zero3_exports_an_adapter_and_settings_that_canno
     again = weights(tmp_path / "again")
     assert again.keys() == trained.keys() and all(torch.equal(again[k], trained[k]) for k in trained)
 
-    for bad, said in [(["--train.label_smoothing=0.1", f"--train.captioner={captioners['blip-2']}"],
-                       "only a BLIP captioner smooths its labels"),
-                      (["--train.lora_rank=4", "--train.lora_merge=false", "--train.captioner=random-tiny"],
-                       "train.lora_merge = false"),
-                      (["--train.lora_rank=4", "--train.lora_targets=nothing_here",
-                        f"--train.captioner={captioners['blip-2']}"], "train.lora_targets = ['nothing_here']"),
-                      (["--train.instruction=Describe.", "--train.captioner=random-tiny"], "train.instruction"),
-                      (["--train.lora_rank=4", "--train.lora_alpha=0"], "train.lora_alpha")]:
-        refused = tmp_path / "refused" if (tmp_path / "refused").exists() else copy_run(generated_run,
-                                                                                          tmp_path / "refused")
-        proc = run_cli("train", *train_args(refused, train__max_steps=1), *bad, check=False)
-        assert proc.returncode != 0 and said in proc.stderr, proc.stderr[-2000:]
-        assert not (tmp_path / "refused" / "checkpoints").exists() or not any((tmp_path / "refused" /
-                                                                              "checkpoints").glob("step-*"))
+    # a setting that cannot apply stops train in one line, before a step (the others: tests/unit/test_captioner_kinds)
+    refused = copy_run(generated_run, tmp_path / "refused")
+    proc = run_cli("train", *train_args(refused, train__max_steps=1), "--train.label_smoothing=0.1",
+                   f"--train.captioner={captioners['blip-2']}", check=False)
+    assert proc.returncode != 0 and "only a BLIP captioner smooths its labels" in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and not list(refused.glob("checkpoints/step-*"))

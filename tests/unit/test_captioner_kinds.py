@@ -4,6 +4,7 @@ batch, labels only the prompt, exports merged or as an adapter that loads back t
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -140,6 +141,28 @@ def test_lora_targets_that_match_nothing_are_named(folders):
     model, _ = build_captioner(folders["blip-2"])
     with pytest.raises(LoraError, match=r"train.lora_targets = \['no_such_module'\]"):
         add_lora(model, kind_of(model), 4, 16.0, ["no_such_module"], folders["blip-2"])
+
+
+def test_train_settings_that_cannot_apply_are_refused_naming_their_key(folders):
+    from revprompt.launch.config import ConfigError, load_config
+    from revprompt.launch.runner import StageError
+    from revprompt.training.loop import build_model
+
+    cases = [([f"--train.captioner={folders['blip-2']}", "--train.label_smoothing=0.1"],
+              "train.label_smoothing = 0.1: only a BLIP captioner smooths its labels"),
+             (["--train.captioner=random-tiny", "--train.lora_rank=4", "--train.lora_merge=false"],
+              "train.lora_merge = false keeps the adapter alone"),
+             ([f"--train.captioner={folders['blip-2']}", "--train.lora_rank=4", "--train.lora_targets=nothing_here"],
+              "train.lora_targets = ['nothing_here']"),
+             (["--train.captioner=random-tiny", "--train.instruction=Describe."], "train.instruction")]
+    for overrides, said in cases:
+        with pytest.raises(StageError, match=re.escape(said)):
+            build_model(load_config("tiny", overrides))
+    with pytest.raises(ConfigError, match="train.lora_alpha"):
+        load_config("tiny", ["--train.lora_rank=4", "--train.lora_alpha=0"])
+    model, _ = build_model(load_config("tiny", [f"--train.captioner={folders['llava']}", "--train.lora_rank=2"]))
+    assert {n.split(".lora_")[0].rsplit(".", 1)[1] for n, p in model.named_parameters() if p.requires_grad} == \
+        {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}  # the language model's
 
 
 def test_blip_takes_no_instruction_and_others_keep_theirs(folders):
