@@ -83,11 +83,16 @@ def test_blip2_lora_on_two_ranks_with_zero1_exports_the_frozen_weights_too(gener
     assert json.loads((run / "checkpoints" / "deepspeed.json").read_text())["zero_optimization"]["stage"] == 1
 
 
-def test_llava_full_fine_tuning_on_two_ranks_with_zero3(generated_run, captioners, tmp_path: Path):
+def test_llava_full_fine_tuning_on_two_ranks_with_zero3_checkpoints_and_resumes(generated_run, captioners,
+                                                                                tmp_path: Path):
     run = copy_run(generated_run, tmp_path / "run")
-    run_cli("train", *train_args(run, train__max_steps=3, train__micro_batch_size=4), "--train.zero_stage=3",
-            f"--train.captioner={captioners['llava']}", "--train.lr=0.003", "--train.val_captions=2", nproc=2,
-            threads=1)
+    llava = [f"--train.captioner={captioners['llava']}", "--train.lr=0.003", "--train.val_captions=2",
+             "--train.zero_stage=3", "--train.save_every=2"]
+    run_cli("train", *train_args(run, train__max_steps=2, train__micro_batch_size=4), *llava, nproc=2, threads=1)
+    assert (run / "checkpoints" / "step-2" / "revprompt-commit.json").is_file()
+    proc = run_cli("train", *train_args(run, train__max_steps=3, train__micro_batch_size=4), *llava, nproc=2,
+                   threads=1)
+    assert "resumed from" in proc.stderr and "step-2" in proc.stderr
     from transformers import AutoModelForImageTextToText
 
     export = run / "captioner"
