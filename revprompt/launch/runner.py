@@ -166,6 +166,10 @@ def run_stage(stage: str, argv: list[str], parser: argparse.ArgumentParser,
         if warning and info.is_main:
             log.warning("%s", warning)
         body(StageContext(cfg, info, metrics, args))
+        # leave the group together: a rank that tore its connections down while another was still finishing has
+        # been seen to abort the other in gloo's teardown ("terminate called without an active exception") after
+        # all the work was written. Bounded by run.timeout_s like every collective.
+        dist.barrier()
         return 0
     except KeyboardInterrupt:
         log.error("%s interrupted on rank %d; rerun the same command to resume where it stopped", stage, info.rank)
