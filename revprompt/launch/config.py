@@ -160,8 +160,7 @@ class DriftConfig:
 @dataclass
 class CaptionConfig:
     captioner: str = _f("", "captioner to caption with: an exported folder, a captioner's hub id, or '' for "
-                        "run.dir/captioner "
-                        "(read by `revprompt caption`; decoding as in [evaluate])")
+                        "run.dir/captioner (read by `revprompt caption`; decoding as in [evaluate])")
     inputs: list = _f([], "image files, folders of images, shard .tar files or shard roots to caption")
     out: str = _f("captions.jsonl", "JSONL output: one {path|key, caption} per image, written atomically")
 

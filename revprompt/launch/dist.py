@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class DistInfo:
-    """Where this process stands in the job."""
+    """Where this process stands in the job: its rank among `world_size`, its rank on this node, and the device
+    it computes on."""
 
     rank: int
     world_size: int

@@ -15,13 +15,18 @@ def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_a_second_generate_on_the_same_run_dir_is_refused(run_dir: Path):
+def second_launch(run_dir: Path, stage: str):
+    """`revprompt STAGE` on a run dir where a first launch of it holds the stage's lock (still running)."""
     claim_run_dir(run_dir)
-    lock = StageLock(run_dir, "generate").acquire()  # the first launch, still running
+    lock = StageLock(run_dir, stage).acquire()
     try:
-        proc = run_cli("generate", *tiny_args(run_dir, limit=12), check=False)
+        return run_cli(stage, *tiny_args(run_dir, limit=12), check=False)
     finally:
         lock.release()
+
+
+def test_a_second_generate_on_the_same_run_dir_is_refused(run_dir: Path):
+    proc = second_launch(run_dir, "generate")
     assert proc.returncode == 1
     assert f"another launch is running `prepare` here (generate launch, pid {os.getpid()}" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -79,11 +84,6 @@ def test_export_never_replaces_a_folder_it_did_not_export(tmp_path: Path):
 
 
 def test_a_second_train_on_the_same_run_dir_is_refused(run_dir: Path):
-    claim_run_dir(run_dir)
-    lock = StageLock(run_dir, "train").acquire()
-    try:
-        proc = run_cli("train", *tiny_args(run_dir, limit=12), check=False)
-    finally:
-        lock.release()
+    proc = second_launch(run_dir, "train")
     assert proc.returncode == 1
     assert f"another launch is running `train` here (train launch, pid {os.getpid()}" in proc.stderr
