@@ -127,11 +127,12 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, merge: bool =
         sorted(checkpoint.glob("*mp_rank_*_model_states.pt"))
     if not files:
         raise ExportError(f"{checkpoint}: no DeepSpeed model states (mp_rank_*_model_states.pt)")
+    partitioned = any(checkpoint.glob("*optim_states.pt"))  # ZeRO 1-3: the optimizer holds the trained weights
     module = torch.load(files[0], map_location="cpu", weights_only=True).get("module") or {}
     # under ZeRO-3 the module's entries are empty placeholders: the optimizer's partitions below replace them
-    module = {k: v for k, v in module.items() if v.numel() or not list(checkpoint.glob("*optim_states.pt"))}
+    module = {k: v for k, v in module.items() if v.numel() or not partitioned}
     state = {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
-    if list(checkpoint.glob("*optim_states.pt")):
+    if partitioned:
         # the optimizer's partitions hold the trained weights; ZeRO-1 leaves frozen ones (a frozen vision tower, the
         # base under LoRA adapters) out of them, and they are unchanged in the model states
         state.update(get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name))
