@@ -44,13 +44,15 @@ def headline(layout: RunLayout) -> list[str]:
     """The short table printed at the end: similarity per captioner, attributes, drift at the last iteration."""
     summary = json.loads(layout.eval_summary.read_text())
     s, a = summary["similarity"], summary["attributes"]
-    lines = [f"{'':28s}{'zero-shot':>11s}{'fine-tuned':>12s}{'constant':>10s}",
-             f"{'similarity to prompt (mean)':28s}" + "".join(f"{s[n]['mean']:{w}.3f}" for n, w in
-                                                            (("zero_shot", 11), ("finetuned", 12), ("constant", 10)))]
+    names = summary.get("captioners") or ["zero_shot", "finetuned", "constant"]
+    labels = {"zero_shot": "zero-shot", "finetuned": "fine-tuned", "constant": "constant", "retrieval": "retrieval"}
+    widths = [max(10, len(labels.get(n, n)) + 2) for n in names]
+    lines = [f"{'':28s}" + "".join(f"{labels.get(n, n):>{w}s}" for n, w in zip(names, widths)),
+             f"{'similarity to prompt (mean)':28s}" + "".join(f"{s[n]['mean']:{w}.3f}" for n, w in zip(names, widths))]
     for attr in ("gender", "baseColour", "articleType"):
-        rates = [a[n][attr]["rate"] for n in ("zero_shot", "finetuned", "constant")]
+        rates = [a[n][attr]["rate"] if n in a else None for n in names]
         lines.append(f"{attr + ' named':28s}" + "".join(
-            f"{'n/a' if r is None else f'{r:.2f}':>{w}s}" for r, w in zip(rates, (11, 12, 10))))
+            f"{'n/a' if r is None else f'{r:.2f}':>{w}s}" for r, w in zip(rates, widths)))
     if layout.drift_summary.is_file():
         entries = json.loads(layout.drift_summary.read_text())["iterations"]
         if len(entries) > 1:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,12 +31,22 @@ from .attributes import ATTRIBUTES, chance_rates, grouped_mean, names_value, rec
 from .items import (Item, Painter, finetuned_captioner, read_items, read_json_lines, restart_if_changed, shard_offsets,
                     test_shards, write_image_shard, write_json_lines, zero_shot_captioner)
 from .report import write_eval_report
+from .retrieval import Retrieval, prepare_retrieval
 from .ssim import ssim
 from .stats import describe, paired_difference
 
 log = logging.getLogger(__name__)
 
-CAPTIONERS = ("zero_shot", "finetuned", "constant")
+# every method that answers a test image with a text, in the order tables show them; a method whose setting is off
+# (evaluate.retrieval = false) is left out of rows and summary
+CAPTIONERS = ("zero_shot", "finetuned", "constant", "retrieval")
+# what each fine-tuned method is compared with, sample by sample
+PAIRED = (("finetuned", "zero_shot"), ("finetuned", "constant"), ("finetuned", "retrieval"))
+
+
+def methods(cfg) -> tuple[str, ...]:
+    """The captioners this evaluation scores."""
+    return tuple(name for name in CAPTIONERS if name != "retrieval" or cfg.evaluate.retrieval)
 
 
 def constant_caption(prompts_dir: Path, text_model: str, at_most: int = 20000) -> str:
@@ -53,12 +64,14 @@ def constant_caption(prompts_dir: Path, text_model: str, at_most: int = 20000) -
     return prompts[int(np.argmax(vectors @ vectors.mean(axis=0)))]
 
 
-def image_scores(items: list[Item], redrawn: list, real: dict, image_model: str, seed: int) -> list[dict]:
-    """Per item: CLIP cosine and SSIM of its redrawn image against the original and the real photo.
+def image_scores(items: list[Item], redrawn: list, real: dict, image_model: str, seed: int,
+                 originals: np.ndarray) -> list[dict]:
+    """Per item: CLIP cosine and SSIM of its redrawn image against the original and the real photo (`originals`:
+    the items' image embeddings).
 
     An item whose redrawn image came out non-finite (None) gets no image scores."""
     drawn = [i for i, image in enumerate(redrawn) if image is not None]
-    original_vecs = embed_images([items[i].image for i in drawn], image_model, seed=seed)
+    original_vecs = originals[drawn]
     redrawn_vecs = embed_images([redrawn[i] for i in drawn], image_model, seed=seed)
     with_photo = [items[i].key for i in drawn if items[i].key in real]
     photo_vecs = dict(zip(with_photo, embed_images([real[k] for k in with_photo], image_model, seed=seed)))
@@ -76,27 +89,42 @@ def image_scores(items: list[Item], redrawn: list, real: dict, image_model: str,
     return scores
 
 
-def score_shard(items: list[Item], captioners: dict, constant: str, constant_vec: np.ndarray, painter, ctx,
+@dataclass
+class Baselines:
+    """The answers that need no captioner: the constant caption (and its embedding) and the retrieval index."""
+
+    constant: str
+    constant_vec: np.ndarray
+    retrieval: Retrieval | None = None
+
+
+def score_shard(items: list[Item], captioners: dict, baselines: Baselines, painter, ctx,
                 real: dict) -> tuple[list[dict], list]:
     """Rows for one shard's items (and the redrawn images, or [] when evaluate.regenerate is off)."""
-    e = ctx.cfg.evaluate
+    e, seed = ctx.cfg.evaluate, ctx.cfg.run.seed
+    names = methods(ctx.cfg)
     captions = {name: cap([it.image for it in items]) for name, cap in captioners.items()}
-    captions["constant"] = [constant] * len(items)
+    captions["constant"] = [baselines.constant] * len(items)
+    need_vectors = baselines.retrieval is not None or painter is not None
+    image_vecs = embed_images([it.image for it in items], e.image_model, seed=seed) if need_vectors and items else None
+    if baselines.retrieval is not None:
+        captions["retrieval"] = baselines.retrieval(image_vecs) if items else []
     prompt_vecs = embed([it.prompt for it in items], e.text_model)
     sims = {name: np.sum(prompt_vecs * embed(captions[name], e.text_model), axis=1)
-            for name in ("zero_shot", "finetuned")}
-    sims["constant"] = prompt_vecs @ constant_vec
+            for name in names if name != "constant"}
+    sims["constant"] = prompt_vecs @ baselines.constant_vec
     redrawn = painter(captions["finetuned"], [it.seed for it in items]) if painter is not None else []
-    images = image_scores(items, redrawn, real, e.image_model, ctx.cfg.run.seed) if painter else [{} for _ in items]
+    images = (image_scores(items, redrawn, real, e.image_model, seed, image_vecs) if painter
+              else [{} for _ in items])
     rows = []
     for i, it in enumerate(items):
         rows.append({
             "order": it.order, "key": it.key, "prompt": it.prompt, "seed": it.seed,
             "attributes": {k: it.attributes.get(k) for k in ("id", *ATTRIBUTES) if it.attributes.get(k)},
-            "captions": {name: captions[name][i] for name in CAPTIONERS},
-            "similarity": {name: float(sims[name][i]) for name in CAPTIONERS},
+            "captions": {name: captions[name][i] for name in names},
+            "similarity": {name: float(sims[name][i]) for name in names},
             "recovered": {name: {a: names_value(captions[name][i], it.attributes[a])
-                                 for a in ATTRIBUTES if it.attributes.get(a)} for name in CAPTIONERS},
+                                 for a in ATTRIBUTES if it.attributes.get(a)} for name in names},
             "image": images[i],
         })
     return rows, redrawn
@@ -127,7 +155,8 @@ def real_photos(folder: str, items: list[Item]) -> dict:
 def summarise(rows: list[dict], ctx: StageContext, constant: str, stats: dict) -> dict:
     """summary.json from all rows in split order."""
     e, seed = ctx.cfg.evaluate, ctx.cfg.run.seed
-    sims = {name: [r["similarity"][name] for r in rows] for name in CAPTIONERS}
+    names = methods(ctx.cfg)
+    sims = {name: [r["similarity"][name] for r in rows] for name in names}
     attrs = [r["attributes"] for r in rows]
     image_keys = sorted({k for r in rows for k in r["image"]})
     return {
@@ -135,23 +164,26 @@ def summarise(rows: list[dict], ctx: StageContext, constant: str, stats: dict) -
         "fingerprint": evaluation_fingerprint(ctx.layout, ctx.cfg),
         "captioner_step": ctx.layout.exported_step(),
         "constant_caption": constant,
-        "similarity": {name: describe(sims[name], seed=seed) for name in CAPTIONERS},
+        "captioners": list(names),
+        "similarity": {name: describe(sims[name], seed=seed) for name in names},
         "gain": {"finetuned_minus_zero_shot": _mean_diff(sims["finetuned"], sims["zero_shot"]),
                  "finetuned_minus_constant": _mean_diff(sims["finetuned"], sims["constant"])},
         # the same samples scored by two captioners: paired differences, their interval and a signed-rank test
-        "paired": {f"finetuned - {other}": paired_difference(sims["finetuned"], sims[other], seed=seed)
-                   for other in ("zero_shot", "constant")},
-        "attributes": {name: recovery([r["captions"][name] for r in rows], attrs) for name in CAPTIONERS},
+        "paired": {f"{a} - {b}": paired_difference(sims[a], sims[b], seed=seed) for a, b in PAIRED
+                   if a in sims and b in sims},
+        "attributes": {name: recovery([r["captions"][name] for r in rows], attrs) for name in names},
         "attribute_chance": chance_rates(attrs),
         "by_articleType": {name: grouped_mean(sims[name], [a.get("articleType", "") for a in attrs])
-                           for name in CAPTIONERS},
-        "by_gender": {name: grouped_mean(sims[name], [a.get("gender", "") for a in attrs]) for name in CAPTIONERS},
+                           for name in names},
+        "by_gender": {name: grouped_mean(sims[name], [a.get("gender", "") for a in attrs]) for name in names},
         "image": {k: describe([r["image"][k] for r in rows if k in r["image"]], seed=seed) for k in image_keys},
         "decoding": {"max_new_tokens": e.max_new_tokens, "num_beams": e.num_beams,
                      "repetition_penalty": e.repetition_penalty, "greedy": e.num_beams == 1},
         "models": {"text": e.text_model, "image": e.image_model if e.regenerate else None,
                    "zero_shot": ctx.cfg.train.captioner, "finetuned": "captioner/ (run dir)",
-                   "generator": ctx.cfg.generate.model},
+                   "generator": ctx.cfg.generate.model,
+                   "retrieval": e.image_model if e.retrieval else None},
+        "retrieval": retrieval_record(ctx) if e.retrieval else None,
         "read": stats,
     }
 
@@ -167,8 +199,14 @@ def pending_samples(shards: list[tuple[str, int]], pending: list[int], max_sampl
     return [max(0, min(shards[i][1], limit - offsets[i])) for i in pending]
 
 
-def evaluate_shards(ctx: StageContext, shards: list[tuple[str, int]], pending: list[int], constant: str,
-                    constant_vec: np.ndarray) -> None:
+def retrieval_record(ctx: StageContext) -> dict | None:
+    """index.json of the retrieval index: how many train images, and exact or IVF."""
+    path = ctx.layout.eval_retrieval / "index.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def evaluate_shards(ctx: StageContext, shards: list[tuple[str, int]], pending: list[int],
+                    baselines: Baselines) -> None:
     """Score this rank's pending test shards, writing each one's rows, read counts and redrawn images when it is
     done."""
     cfg, info, layout = ctx.cfg, ctx.info, ctx.layout
@@ -182,7 +220,7 @@ def evaluate_shards(ctx: StageContext, shards: list[tuple[str, int]], pending: l
     for index in pending:
         stats = ReadStats()
         items = read_items(shards, index, cfg.evaluate.max_samples, stats)
-        rows, redrawn = score_shard(items, captioners, constant, constant_vec, painter, ctx,
+        rows, redrawn = score_shard(items, captioners, baselines, painter, ctx,
                                     real_photos(cfg.evaluate.real_images, items))
         if painter is not None and items:
             write_image_shard(layout.eval_images(index), items, [r["captions"]["finetuned"] for r in rows], redrawn,
@@ -205,12 +243,15 @@ def run_evaluation(ctx: StageContext) -> dict:
         return constant_caption(layout.prompts, cfg.evaluate.text_model)
 
     constant = on_main_first(info, setup)
-    constant_vec = embed([constant], cfg.evaluate.text_model)[0]
+    baselines = Baselines(constant, embed([constant], cfg.evaluate.text_model)[0])
     mine = owned(len(shards), info.rank, info.world_size)
     pending = [s for s in mine if not layout.eval_part(s).is_file()]
+    # every rank takes part in embedding the train images, even one with no test shard pending
+    if cfg.evaluate.retrieval and any(dist.all_gather_object(bool(pending))):
+        baselines.retrieval = prepare_retrieval(ctx)
     log.info("evaluating %d test shards (%d on this rank, %d pending); constant caption %r", len(shards), len(mine),
              len(pending), constant)
-    evaluate_shards(ctx, shards, pending, constant, constant_vec)
+    evaluate_shards(ctx, shards, pending, baselines)
     rows = [row for s in mine for row in read_json_lines(layout.eval_part(s))]
     reads = [_read_counts(layout.eval_part_reads(s)) for s in mine]  # every launch's, not only this one's
     gathered = dist.all_gather_object((rows, {k: sum(r.get(k, 0) for r in reads) for k in ReadStats().as_dict()}))
@@ -227,9 +268,8 @@ def run_evaluation(ctx: StageContext) -> dict:
 
     summary = on_main_first(info, finish)
     s = summary["similarity"]
-    log.info("evaluated %d samples: similarity zero-shot %.3f, fine-tuned %.3f, constant %.3f; report %s",
-             summary["samples"], s["zero_shot"]["mean"] or 0, s["finetuned"]["mean"] or 0,
-             s["constant"]["mean"] or 0, layout.eval / "report.md")
+    log.info("evaluated %d samples: similarity %s; report %s", summary["samples"],
+             ", ".join(f"{name} {s[name]['mean'] or 0:.3f}" for name in summary["captioners"]), layout.eval / "report.md")
     return summary
 
 
@@ -249,9 +289,10 @@ def _bar(info, total: int, desc: str):
 def _log_tb(ctx: StageContext, rows: list[dict], summary: dict) -> None:
     step = summary["captioner_step"] or 0
     m = ctx.metrics
-    scalars = {f"eval/similarity/{name}": summary["similarity"][name]["mean"] for name in CAPTIONERS
+    names = summary["captioners"]
+    scalars = {f"eval/similarity/{name}": summary["similarity"][name]["mean"] for name in names
                if summary["similarity"][name]["mean"] is not None}
-    for name in CAPTIONERS:
+    for name in names:
         for attr, rec in summary["attributes"][name].items():
             if rec["rate"] is not None:
                 scalars[f"eval/attributes/{attr}/{name}"] = rec["rate"]
@@ -259,7 +300,7 @@ def _log_tb(ctx: StageContext, rows: list[dict], summary: dict) -> None:
         if desc["mean"] is not None:
             scalars[f"eval/image/{key}"] = desc["mean"]
     m.log(scalars, step)
-    for name in CAPTIONERS:
+    for name in names:
         m.log_histogram(f"eval/similarity_hist/{name}", np.array([r["similarity"][name] for r in rows]), step)
 
 

@@ -30,7 +30,10 @@ log = logging.getLogger(__name__)
 
 # what evaluate and drift write into their part folders: per-shard rows, redrawn-image shards, their stamps
 PART_PATTERNS = ("[0-9]*.jsonl", ".[0-9]*.jsonl.partial", "[0-9]*.read.json", ".[0-9]*.read.json.tmp*",
-                 "[0-9]*.features.npy", ".[0-9]*.features.npy.partial", "fingerprint.txt", *SHARD_PATTERNS)
+                 "[0-9]*.features.npy", ".[0-9]*.features.npy.partial", "fingerprint.txt", *SHARD_PATTERNS,
+                 # the retrieval baseline's index (evaluation/retrieval.py)
+                 "index.faiss", "index.texts", "index.offsets.npy", "index.json", ".index.*.partial",
+                 ".index.json.tmp*")
 
 
 @dataclass
@@ -135,13 +138,14 @@ def write_json_lines(path: Path, rows: list[dict]) -> None:
         raise write_error(path, "a part file", exc) from None
 
 
-def write_features(path: Path, vectors: np.ndarray) -> None:
-    """Embedding rows as a float32 .npy, written atomically (never pickled: read back with allow_pickle=False)."""
+def write_features(path: Path, vectors: np.ndarray, dtype=np.float32) -> None:
+    """Embedding rows (or other numbers) as a .npy of `dtype`, written atomically (never pickled: read back with
+    allow_pickle=False)."""
     tmp = path.with_name(f".{path.name}.partial")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as handle:
-            np.save(handle, np.asarray(vectors, dtype=np.float32), allow_pickle=False)
+            np.save(handle, np.asarray(vectors, dtype=dtype), allow_pickle=False)
         tmp.replace(path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)

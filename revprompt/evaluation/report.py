@@ -12,7 +12,13 @@ from .attributes import ATTRIBUTES
 
 log = logging.getLogger(__name__)
 
-LABELS = {"zero_shot": "zero-shot", "finetuned": "fine-tuned", "constant": "constant caption"}
+LABELS = {"zero_shot": "zero-shot", "finetuned": "fine-tuned", "constant": "constant caption",
+          "retrieval": "retrieval (nearest train image)"}
+
+
+def _names(summary: dict) -> list[str]:
+    """The captioners of a summary, in table order (summaries before retrieval list none: the first three)."""
+    return summary.get("captioners") or ["zero_shot", "finetuned", "constant"]
 
 
 def _pyplot():
@@ -41,14 +47,14 @@ def _fmt(value, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
-def plot_similarity_hist(rows: list[dict], path: Path) -> Path:
+def plot_similarity_hist(rows: list[dict], names: list[str], path: Path) -> Path:
     """Overlaid histograms of prompt similarity, one per captioner."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     bins = np.linspace(-0.2, 1.0, 49)
-    for name, label in LABELS.items():
+    for name in names:
         values = [r["similarity"][name] for r in rows]
-        ax.hist(values, bins=bins, alpha=0.5, label=f"{label} (mean {np.mean(values):.3f})")
+        ax.hist(values, bins=bins, alpha=0.45, label=f"{LABELS.get(name, name)} (mean {np.mean(values):.3f})")
     ax.set_xlabel("cosine similarity to the original prompt (all-MiniLM-L6-v2)")
     ax.set_ylabel("test samples")
     ax.yaxis.set_major_locator(_integer_ticks())
@@ -60,14 +66,15 @@ def plot_attributes(summary: dict, path: Path) -> Path:
     """Grouped bars: attribute recovery rate per captioner, with the majority-value floor."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
-    width = 0.2
+    names = [n for n in _names(summary) if n in summary["attributes"]]
+    width = 0.8 / (len(names) + 1)
     x = np.arange(len(ATTRIBUTES))
-    for i, (name, label) in enumerate(LABELS.items()):
+    for i, name in enumerate(names):
         rates = [summary["attributes"][name][a]["rate"] or 0 for a in ATTRIBUTES]
-        ax.bar(x + (i - 1) * width, rates, width, label=label)
+        ax.bar(x + i * width, rates, width, label=LABELS.get(name, name))
     chance = [summary["attribute_chance"][a] or 0 for a in ATTRIBUTES]
-    ax.bar(x + 2 * width, chance, width, label="most frequent value", color="lightgrey")
-    ax.set_xticks(x + width / 2, ATTRIBUTES)
+    ax.bar(x + len(names) * width, chance, width, label="most frequent value", color="lightgrey")
+    ax.set_xticks(x + len(names) * width / 2, ATTRIBUTES)
     ax.set_ylim(0, 1)
     ax.set_ylabel("recovered prompt names the value")
     ax.legend(fontsize=8)
@@ -75,18 +82,21 @@ def plot_attributes(summary: dict, path: Path) -> Path:
 
 
 def plot_groups(summary: dict, key: str, path: Path) -> Path:
-    """Horizontal bars: mean fine-tuned, constant-caption and zero-shot similarity per group (as the table)."""
+    """Horizontal bars: mean similarity per group of every captioner (as the table), the constant caption in grey."""
     plt = _pyplot()
     groups = summary[key]["finetuned"]
     names = sorted(groups, key=lambda g: groups[g]["mean"])
-    fig, ax = plt.subplots(figsize=(7, max(2.5, 0.36 * len(names) + 1)))
+    methods = [m for m in _names(summary) if m in summary[key]][::-1]
+    height = 0.8 / len(methods)
+    fig, ax = plt.subplots(figsize=(7, max(2.5, 0.12 * len(methods) * len(names) + 1)))
     y = np.arange(len(names))
-    ax.barh(y + 0.27, [groups[n]["mean"] for n in names], 0.27, label="fine-tuned")
-    ax.barh(y, [summary[key]["constant"][n]["mean"] for n in names], 0.27, label="constant caption", color="grey")
-    ax.barh(y - 0.27, [summary[key]["zero_shot"][n]["mean"] for n in names], 0.27, label="zero-shot")
+    for i, method in enumerate(methods):
+        ax.barh(y + (i - (len(methods) - 1) / 2) * height, [summary[key][method][n]["mean"] for n in names], height,
+                label=LABELS.get(method, method), **({"color": "grey"} if method == "constant" else {}))
     ax.set_yticks(y, [f"{n} ({groups[n]['n']})" for n in names], fontsize=7)
     ax.set_xlabel("mean similarity to the prompt")
-    ax.legend(fontsize=8)
+    handles, labels = ax.get_legend_handles_labels()
+    ax.legend(handles[::-1], labels[::-1], fontsize=8)  # top to bottom, as the bars of a group and the table
     return _save(plt, fig, path)
 
 
@@ -137,7 +147,7 @@ def write_eval_report(rows: list[dict], summary: dict, ctx, shards: list[tuple[s
     ranked = sorted(rows, key=lambda r: (-r["similarity"]["finetuned"], r["order"]))
     best, worst = ranked[:k], ranked[::-1][:k]
     originals, redrawn = example_images(best + worst, ctx, shards, ctx.layout.eval_images)
-    plots = {"similarity": plot_similarity_hist(rows, out / "similarity.png"),
+    plots = {"similarity": plot_similarity_hist(rows, _names(summary), out / "similarity.png"),
              "attributes": plot_attributes(summary, out / "attributes.png")}
     if summary["by_articleType"]["finetuned"]:
         plots["by_articleType"] = plot_groups(summary, "by_articleType", out / "by_articleType.png")
@@ -183,13 +193,14 @@ def _similarity_section(summary: dict, plots: dict) -> list[str]:
     s, g = summary["similarity"], summary["gain"]
     lines = ["## Similarity to the original prompt", "",
              "| captioner | mean | median | std | 95% CI of the mean |", "|---|---|---|---|---|"]
-    for name, label in LABELS.items():
+    for name in _names(summary):
         d = s[name]
-        lines.append(f"| {label} | {_fmt(d['mean'])} | {_fmt(d['median'])} | {_fmt(d['std'])} | "
+        lines.append(f"| {LABELS.get(name, name)} | {_fmt(d['mean'])} | {_fmt(d['median'])} | {_fmt(d['std'])} | "
                      f"[{_fmt(d['ci95'][0])}, {_fmt(d['ci95'][1])}] |")
     lines += ["", f"Fine-tuned minus zero-shot: **{_fmt(g['finetuned_minus_zero_shot'])}**; fine-tuned minus "
               f"constant caption: **{_fmt(g['finetuned_minus_constant'])}**. The constant caption is the train "
               f"prompt nearest the mean of all train prompts: \"{md(summary['constant_caption'])}\".", ""]
+    lines += _retrieval_note(summary)
     lines += _paired_table(summary)
     if (g["finetuned_minus_constant"] or 0) < 0:
         lines += [f"The fine-tuned captioner scores below the constant caption at step {summary['captioner_step']}: "
@@ -197,19 +208,33 @@ def _similarity_section(summary: dict, plots: dict) -> list[str]:
     return lines + [f"![similarity]({plots['similarity'].name})", ""]
 
 
+def _retrieval_note(summary: dict) -> list[str]:
+    """What the retrieval baseline is, and how the fine-tuned captioner stands against it."""
+    record, s = summary.get("retrieval"), summary["similarity"]
+    if not record or "retrieval" not in s:
+        return []
+    kind = "exact inner product" if record["kind"] == "flat" else "an inverted-file (IVF) index"
+    lines = [f"Retrieval answers each test image with the prompt of its nearest train image by "
+             f"`{summary['models']['retrieval']}` image-embedding cosine ({record['vectors']} train images, {kind}; "
+             "no training): the Kaggle competition's strong simple method."]
+    gap = (s["finetuned"]["mean"] or 0) - (s["retrieval"]["mean"] or 0)
+    if gap < 0:
+        lines.append(f"The fine-tuned captioner scores {-gap:.3f} below retrieval: on these test images a lookup of "
+                     "the nearest train image's prompt recovers more than the captioner has learnt to write.")
+    return lines + [""]
+
+
 def _paired_table(summary: dict) -> list[str]:
     """Per-sample differences between captioners: is the gap real, over these test samples?"""
     paired = summary.get("paired")
     if not paired:
         return []
-    lines = ["Differences on the same test samples (fine-tuned minus each other captioner): the mean, its 95% "
-             "interval by a seeded paired bootstrap, the share of samples the fine-tuned captioner wins, and the "
-             "two-sided Wilcoxon signed-rank p-value.", "",
-             "| comparison | mean difference | 95% CI | fine-tuned better on | Wilcoxon p | n |",
-             "|---|---|---|---|---|---|"]
+    lines = ["Differences on the same test samples (a minus b): the mean, its 95% interval by a seeded paired "
+             "bootstrap, the share of samples where a scores higher, and the two-sided Wilcoxon signed-rank p-value.",
+             "", "| a - b | mean difference | 95% CI | a better on | Wilcoxon p | n |", "|---|---|---|---|---|---|"]
     for key, d in paired.items():
-        other = LABELS.get(key.split(" - ", 1)[1], key)
-        lines.append(f"| fine-tuned - {other} | {_fmt(d['mean'])} | [{_fmt(d['ci95'][0])}, {_fmt(d['ci95'][1])}] | "
+        a, b = (LABELS.get(part, part) for part in key.split(" - ", 1))
+        lines.append(f"| {a} - {b} | {_fmt(d['mean'])} | [{_fmt(d['ci95'][0])}, {_fmt(d['ci95'][1])}] | "
                      f"{_pct(d['wins'])} | {_p(d['p_wilcoxon'])} | {d['n']} |")
     return lines + [""]
 
@@ -228,9 +253,10 @@ def _p(value: float | None) -> str:
 def _attribute_section(summary: dict, plots: dict) -> list[str]:
     lines = ["## Attribute recovery", "",
              "How often the recovered prompt names the source row's value (whole words, singular or plural).", "",
-             "| attribute | zero-shot | fine-tuned | constant caption | most frequent value |", "|---|---|---|---|---|"]
+             f"| attribute | {' | '.join(LABELS.get(n, n) for n in _names(summary))} | most frequent value |",
+             "|---" * (len(_names(summary)) + 2) + "|"]
     for a in ATTRIBUTES:
-        cells = [_fmt(summary["attributes"][name][a]["rate"]) for name in LABELS]
+        cells = [_fmt(summary["attributes"][name][a]["rate"]) for name in _names(summary)]
         lines.append(f"| {a} | {' | '.join(cells)} | {_fmt(summary['attribute_chance'][a])} |")
     return lines + ["", f"![attributes]({plots['attributes'].name})", ""]
 
@@ -241,11 +267,12 @@ def _group_sections(summary: dict, plots: dict) -> list[str]:
         groups = summary[key]["finetuned"]
         if not groups:
             continue
-        lines += [f"## Similarity {key.replace('_', ' ')}", "", "| group | n | zero-shot | fine-tuned | constant |",
-                  "|---|---|---|---|---|"]
+        names = _names(summary)
+        lines += [f"## Similarity {key.replace('_', ' ')}", "",
+                  f"| group | n | {' | '.join(LABELS.get(n, n) for n in names)} |", "|---" * (len(names) + 2) + "|"]
         for name, d in groups.items():
-            lines.append(f"| {md(name)} | {d['n']} | {_fmt(summary[key]['zero_shot'][name]['mean'])} | "
-                         f"{_fmt(d['mean'])} | {_fmt(summary[key]['constant'][name]['mean'])} |")
+            cells = " | ".join(_fmt(summary[key][n][name]["mean"]) for n in names)
+            lines.append(f"| {md(name)} | {d['n']} | {cells} |")
         if key in plots:
             lines += ["", f"![{key}]({plots[key].name})"]
         lines.append("")

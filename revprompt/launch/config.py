@@ -143,8 +143,16 @@ class EvaluateConfig:
     repetition_penalty: float = _f(1.0, "repetition penalty during decoding", min=0.5, max=5.0)
     batch_size: int = _f(32, "images per captioning forward pass", min=1, max=4096)
     regenerate: bool = _f(True, "redraw each image from its fine-tuned caption (original seed) and compare images")
-    image_model: str = _f("random-tiny", "image embedding model for image similarity: CLIP hub id or folder, or "
-                          "'random-tiny' (a random CLIP: offline, but its similarities mean nothing)")
+    image_model: str = _f("random-tiny", "image embedding model for image similarity and the retrieval baseline: "
+                          "CLIP hub id or folder, 'miniature' (the shipped captioner's vision tower, warm-started "
+                          "on product renders: offline, and its similarities mean something on the tiny preset's "
+                          "images) or 'random-tiny' (a random CLIP: offline, but its similarities mean nothing)")
+    retrieval: bool = _f(True, "score the retrieval baseline: each test image answered with the prompt of its "
+                         "nearest train image by image_model cosine (faiss; train embeddings cached in "
+                         "eval/retrieval/)")
+    retrieval_exact_limit: int = _f(2_000_000, "exact search (faiss IndexFlatIP) up to this many train images; an "
+                                    "inverted-file index (IndexIVFFlat, 4 sqrt(N) lists) beyond", min=1)
+    retrieval_nprobe: int = _f(32, "inverted lists an IVF search visits (more: nearer to exact, slower)", min=1)
     real_images: str = _f("", "folder of real product photos named {prompt id}.jpg (Kaggle images/); 'renders' = "
                           "the product renders of revprompt.models.miniature; '' = none")
     examples: int = _f(4, "best and worst recoveries shown with their images in the report", min=0, max=64)

@@ -335,6 +335,11 @@ class RunLayout:
         return self.eval_regenerated / f"{shard:06d}.tar"
 
     @property
+    def eval_retrieval(self) -> Path:
+        """eval/retrieval/: the train images' embeddings (per shard) and the retrieval baseline's index over them."""
+        return self.eval / "retrieval"
+
+    @property
     def eval_summary(self) -> Path:
         """eval/summary.json."""
         return self.eval / "summary.json"

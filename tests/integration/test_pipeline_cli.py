@@ -29,20 +29,24 @@ def check_evaluation(run_dir: Path) -> None:
     rows = [json.loads(line) for line in (run_dir / "eval" / "results.jsonl").read_text().splitlines()]
     n_test = sum(1 for line in (run_dir / "prompts" / "test.jsonl").read_text().splitlines() if line.strip())
     assert summary["samples"] == len(rows) == n_test > 0
+    names = {"zero_shot", "finetuned", "constant", "retrieval"}
+    assert set(summary["captioners"]) == names
     for row in rows:
-        assert set(row["captions"]) == set(row["similarity"]) == {"zero_shot", "finetuned", "constant"}
+        assert set(row["captions"]) == set(row["similarity"]) == names
         assert all(-1.0 <= v <= 1.0 for v in row["similarity"].values())
-    for name in ("zero_shot", "finetuned", "constant"):
+    for name in names:
         d = summary["similarity"][name]
         assert d["ci95"][0] <= d["mean"] <= d["ci95"][1]
-    for other in ("zero_shot", "constant"):  # the paired differences agree with the per-sample rows
+    check_retrieval(run_dir, rows, summary)
+    for other in ("zero_shot", "constant", "retrieval"):  # the paired differences agree with the per-sample rows
         paired = summary["paired"][f"finetuned - {other}"]
         diffs = [r["similarity"]["finetuned"] - r["similarity"][other] for r in rows]
         assert paired["n"] == len(rows) and abs(paired["mean"] - sum(diffs) / len(diffs)) < 1e-9
         assert paired["ci95"][0] <= paired["mean"] <= paired["ci95"][1] and 0 <= paired["p_wilcoxon"] <= 1
         assert paired["wins"] == sum(d > 0 for d in diffs) / len(diffs)
     report = (run_dir / "eval" / "report.md").read_text()
-    assert "**Caveat:** `random-tiny` is a random CLIP" in report  # the tiny preset's image scores mean nothing
+    assert "Caveat" not in report  # the tiny preset's image model is the warm-started vision tower, not a random CLIP
+    assert "| retrieval (nearest train image) - " not in report and "| fine-tuned - retrieval" in report
     assert "scores below the constant caption at step 6" in report  # and 6 steps are too few: the report says so
     for heading in ("## Similarity to the original prompt", "## Attribute recovery",
                     "## Images redrawn from the recovered prompts", "recoveries"):
@@ -51,6 +55,30 @@ def check_evaluation(run_dir: Path) -> None:
         with Image.open(run_dir / "eval" / f"{png}.png") as img:
             assert img.size[0] > 100 and img.size[1] > 50
         assert f"({png}.png)" in report
+
+
+def check_retrieval(run_dir: Path, rows: list[dict], summary: dict) -> None:
+    """Retrieval's answer, recomputed by hand: the prompt of the train image whose cached embedding has the
+    largest dot product with the test image's embedding (numpy over the shard files, not faiss)."""
+    import numpy as np
+
+    from revprompt.evaluation.items import read_items
+    from revprompt.models.image_embedder import embed_images
+    from revprompt.shards.manifest import split_shards
+    from revprompt.shards.reader import ReadStats
+
+    folder = run_dir / "eval" / "retrieval"
+    train = split_shards(run_dir / "shards", "train")
+    features = np.concatenate([np.load(folder / f"{s:06d}.features.npy") for s in range(len(train))])
+    prompts = [json.loads(line)["prompt"] for s in range(len(train))
+               for line in (folder / f"{s:06d}.jsonl").read_text().splitlines()]
+    assert len(prompts) == features.shape[0] == sum(n for _, n in train) == summary["retrieval"]["vectors"]
+    assert summary["retrieval"]["kind"] == "flat"
+    test = split_shards(run_dir / "shards", "test")
+    items = [it for s in range(len(test)) for it in read_items(test, s, 0, ReadStats())]
+    vectors = embed_images([it.image for it in items], "miniature")
+    nearest = (vectors @ features.T).argmax(axis=1)
+    assert [prompts[j] for j in nearest] == [r["captions"]["retrieval"] for r in rows]
 
 
 def test_pipeline_end_to_end(tmp_path: Path):
@@ -88,6 +116,7 @@ def test_pipeline_end_to_end(tmp_path: Path):
     train, evaluate, drift_tb = tags(run_dir / "tb" / "train"), tags(run_dir / "tb" / "evaluate"), tags(run_dir / "tb" / "drift")
     assert {"train/loss", "train/lr", "train/grad_norm", "perf/samples_per_s", "val/loss", "val/similarity"} <= train["scalars"]
     assert {"eval/similarity/zero_shot", "eval/similarity/finetuned", "eval/similarity/constant",
+            "eval/similarity/retrieval",
             "eval/attributes/baseColour/finetuned", "eval/image/clip_regen_vs_original",
             "eval/image/ssim_regen_vs_original"} <= evaluate["scalars"]
     assert {"eval/similarity_hist/finetuned"} <= evaluate["histograms"]

@@ -76,4 +76,4 @@ def test_config_prints_the_resolved_preset_with_its_docs():
     out = run_cli("config", "--config", "tiny", "--generate.steps=3").stdout
     assert 'model = "miniature"  # text-to-image model' in out and "steps = 3  # denoising steps" in out
     assert "height = 64" in out and "max_steps = 1000" in out  # the preset's values, not the defaults
-    assert 'captioner = "miniature"' in out and 'image_model = "random-tiny"' in out
+    assert 'captioner = "miniature"' in out and 'image_model = "miniature"' in out and "retrieval = true" in out

@@ -133,14 +133,19 @@ def test_plots_count_in_whole_samples_and_show_the_constant_baseline(tmp_path, m
     figures = []
     monkeypatch.setattr(report, "_save", lambda plt, fig, path: figures.append(fig) or path)
     rows = [{"similarity": {"zero_shot": 0.1, "finetuned": v, "constant": 0.4}} for v in (0.5, 0.52, 0.9)]
-    report.plot_similarity_hist(rows, tmp_path / "h.png")
+    report.plot_similarity_hist(rows, ["zero_shot", "finetuned", "constant"], tmp_path / "h.png")
     ticks = figures[-1].axes[0].yaxis.get_major_locator().tick_values(0, 3)
     assert all(float(t).is_integer() for t in ticks)
     groups = {"Tshirts": {"n": 2, "mean": 0.5}, "Watches": {"n": 1, "mean": 0.7}}
     summary = {"by_articleType": {"finetuned": groups, "zero_shot": groups, "constant": groups}}
     report.plot_groups(summary, "by_articleType", tmp_path / "g.png")
     labels = [t.get_text() for t in figures[-1].axes[0].get_legend().get_texts()]
-    assert labels == ["fine-tuned", "constant caption", "zero-shot"]
+    assert labels == ["zero-shot", "fine-tuned", "constant caption"]  # the table's order, top to bottom
+    summary["captioners"] = ["zero_shot", "finetuned", "constant", "retrieval"]
+    summary["by_articleType"]["retrieval"] = groups
+    report.plot_groups(summary, "by_articleType", tmp_path / "g.png")
+    labels = [t.get_text() for t in figures[-1].axes[0].get_legend().get_texts()]
+    assert labels == ["zero-shot", "fine-tuned", "constant caption", "retrieval (nearest train image)"]
 
 
 def _signed_rank_p_by_enumeration(d: list[float]) -> float:
@@ -191,3 +196,79 @@ def test_the_headline_table_ends_with_the_paired_differences():
     assert "| fine-tuned - zero-shot | 0.500 | [0.400, 0.600] | 100% | 0.25 | 3 |" in text
     assert "| fine-tuned - constant caption | 0.180 | [-0.010, 0.300] | 67% | < 1e-4 | 3 |" in text
     assert text.index("Wilcoxon p") < text.index("![similarity]")
+
+
+def _retrieval_folder(folder: Path, shards: list[np.ndarray]) -> list[str]:
+    """Cached train features and marks as evaluate writes them; returns the prompts in shard order."""
+    from revprompt.evaluation.items import write_features, write_json_lines
+
+    prompts = []
+    for s, vectors in enumerate(shards):
+        rows = [{"key": f"k{s}_{i}", "prompt": f"prompt {s}.{i} \u00e9"} for i in range(len(vectors))]
+        write_features(folder / f"{s:06d}.features.npy", vectors)
+        write_json_lines(folder / f"{s:06d}.jsonl", rows)
+        prompts += [r["prompt"] for r in rows]
+    return prompts
+
+
+def test_retrieval_answers_with_the_prompt_of_the_nearest_train_image_exact_and_ivf(tmp_path):
+    from revprompt.evaluation.retrieval import Retrieval, build_index, ivf_lists
+
+    rng = np.random.default_rng(0)
+    unit = lambda x: (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)  # noqa: E731
+    centres = unit(rng.normal(size=(6, 16)))
+    train = unit(np.repeat(centres, 20, axis=0) + 0.3 * rng.normal(size=(120, 16)))
+    shards = [train[:50], train[50:50], train[50:]]  # an empty shard (all its samples corrupt) in between
+    prompts = _retrieval_folder(tmp_path, shards)
+    queries = unit(centres[rng.integers(0, 6, 30)] + 0.3 * rng.normal(size=(30, 16)))
+    by_hand = [prompts[j] for j in (queries @ train.T).argmax(axis=1)]
+
+    exact = build_index(tmp_path, [0, 1, 2], exact_limit=1000)
+    assert exact == {"vectors": 120, "shards": 3, "kind": "flat", "exact_limit": 1000}
+    scores, ids = Retrieval(tmp_path, nprobe=1).nearest(queries)
+    np.testing.assert_allclose(scores, (queries @ train.T).max(axis=1), atol=1e-5)
+    assert Retrieval(tmp_path, nprobe=1)(queries) == by_hand
+    stamp = (tmp_path / "index.faiss").stat().st_mtime_ns
+    assert build_index(tmp_path, [0, 1, 2], exact_limit=1000) == exact  # already built: left as it is
+    assert (tmp_path / "index.faiss").stat().st_mtime_ns == stamp
+
+    ivf = build_index(tmp_path, [0, 1, 2], exact_limit=100)  # past the limit: an inverted-file index
+    assert ivf["kind"] == "ivf" and ivf_lists(120) == 43
+    import faiss
+
+    assert isinstance(faiss.read_index(str(tmp_path / "index.faiss")), faiss.IndexIVFFlat)
+    assert Retrieval(tmp_path, nprobe=ivf_lists(120))(queries) == by_hand  # every list searched: exact again
+    near = Retrieval(tmp_path, nprobe=4)(queries)
+    assert sum(a == b for a, b in zip(near, by_hand)) >= 27  # four lists of 43: nearly always the same answer
+
+
+def test_retrieval_refuses_a_train_split_without_images(tmp_path):
+    from revprompt.evaluation.retrieval import build_index
+
+    _retrieval_folder(tmp_path, [np.zeros((0, 8), np.float32)])
+    with pytest.raises(ValueError, match="hold no image to retrieve from.*evaluate.retrieval = false"):
+        build_index(tmp_path, [0], exact_limit=10)
+
+
+def test_the_miniature_image_model_separates_product_renders_and_random_tiny_does_not():
+    """Held-out renders (the bundled set's test split) against train renders: the nearest train render's
+    articleType, and the cosine of same-type pairs against other pairs."""
+    from collections import Counter
+
+    from revprompt.models.miniature.render import render
+    from revprompt.models.miniature.train import training_rows
+
+    train_rows, held_out = training_rows()
+    train_rows, held_out = [r for _, r in train_rows[:600]], [r for _, r in held_out[:150]]
+    floor = max(Counter(r["articleType"] for r in held_out).values()) / len(held_out)
+    same = np.array([[a["articleType"] == b["articleType"] for b in train_rows] for a in held_out])
+    measured = {}
+    for model in ("miniature", "random-tiny"):
+        train_vecs = embed_images([render(r) for r in train_rows], model)
+        test_vecs = embed_images([render(r) for r in held_out], model)
+        cos = test_vecs @ train_vecs.T
+        accuracy = float(np.mean(same[np.arange(len(held_out)), cos.argmax(axis=1)]))
+        measured[model] = accuracy, float(cos[same].mean() - cos[~same].mean()), float(cos.mean())
+    accuracy, gap, mean = measured["miniature"]
+    assert accuracy > 3 * floor and gap > 0.25 and mean < 0.5, measured
+    assert abs(measured["random-tiny"][1]) < 0.05 and measured["random-tiny"][2] > 0.9, measured  # means nothing
