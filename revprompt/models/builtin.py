@@ -3,7 +3,7 @@ shipped weights lie. All of them work offline.
 
 - `miniature`: for `generate.model`, the tiny preset's latent-diffusion model, trained on product renders
   (miniature/weights); for `train.captioner`, a BLIP-shaped captioner whose vision tower was warm-started
-  on product renders (miniature/captioner).
+  on product renders (miniature/captioner); for `evaluate.image_model`, that vision tower alone.
 - `random-tiny`: a seeded random model of the same kind, for tests that only need shapes (`generate.model`,
   `train.captioner`); for `evaluate.image_model`, a seeded random small CLIP vision tower: offline, but its
   embeddings mean nothing.

@@ -213,14 +213,17 @@ def limit_generation(model, max_new_tokens: int) -> None:
 
 
 def caption_batch(model, processor, images: list[Image.Image], max_new_tokens: int, num_beams: int = 1,
-                  repetition_penalty: float = 1.0) -> list[str]:
-    """Captions of one batch of images, on the model's device and dtype."""
+                  repetition_penalty: float = 1.0, candidates: int = 1) -> list[str]:
+    """Captions of one batch of images, on the model's device and dtype; with `candidates` > 1, that many
+    beams per image (num_beams at least as many), image by image."""
+    num_beams = max(num_beams, candidates)
     if kind_of(model) == BLIP:
         param = next(model.parameters())
         pixels = preprocess_images(images, image_size_of(base_model(model))).to(param.device, param.dtype)
-        return generate_captions(model, processor.tokenizer, pixels, max_new_tokens, num_beams, repetition_penalty)
+        return generate_captions(model, processor.tokenizer, pixels, max_new_tokens, num_beams, repetition_penalty,
+                                 candidates)
     return prompted.caption_images(model, processor, images, instruction_of(model), max_new_tokens, num_beams,
-                                   repetition_penalty)
+                                   repetition_penalty, candidates)
 
 
 class Captioner:
@@ -241,3 +244,11 @@ class Captioner:
             out += caption_batch(self.model, self.processor, images[start:start + self.batch_size],
                                  self.max_new_tokens, self.num_beams, self.repetition_penalty)
         return out
+
+    def candidates(self, images: list[Image.Image], k: int) -> list[list[str]]:
+        """The `k` best beams of each image (beam search of max(num_beams, k) beams), in chunks of `batch_size`."""
+        flat: list[str] = []
+        for start in range(0, len(images), self.batch_size):
+            flat += caption_batch(self.model, self.processor, images[start:start + self.batch_size],
+                                  self.max_new_tokens, self.num_beams, self.repetition_penalty, candidates=k)
+        return [flat[i * k:(i + 1) * k] for i in range(len(images))]

@@ -146,10 +146,11 @@ def decode_captions(tokenizer, ids: torch.Tensor) -> list[str]:
 
 @torch.no_grad()
 def generate_captions(model, tokenizer, pixel_values: torch.Tensor, max_new_tokens: int = 40,
-                      num_beams: int = 1, repetition_penalty: float = 1.0) -> list[str]:
-    """Captions for a batch of preprocessed images (greedy unless num_beams > 1)."""
+                      num_beams: int = 1, repetition_penalty: float = 1.0, candidates: int = 1) -> list[str]:
+    """Captions for a batch of preprocessed images (greedy unless num_beams > 1); `candidates` > 1 returns that
+    many beams per image, image by image."""
     ids = model.generate(pixel_values=pixel_values, max_new_tokens=max_new_tokens, num_beams=num_beams,
-                         repetition_penalty=repetition_penalty, do_sample=False)
+                         repetition_penalty=repetition_penalty, do_sample=False, num_return_sequences=candidates)
     return decode_captions(tokenizer, ids)
 
 

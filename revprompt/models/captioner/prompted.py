@@ -132,16 +132,17 @@ def training_inputs(processor, images: list[Image.Image], prompts: list[str], ma
 
 
 def caption_images(model, processor, images: list[Image.Image], instruction: str, max_new_tokens: int,
-                   num_beams: int = 1, repetition_penalty: float = 1.0) -> list[str]:
-    """Captions of `images`: the prefix padded on the left, greedy (or beam) decoding, the new tokens decoded."""
+                   num_beams: int = 1, repetition_penalty: float = 1.0, candidates: int = 1) -> list[str]:
+    """Captions of `images`: the prefix padded on the left, greedy (or beam) decoding, the new tokens decoded;
+    `candidates` > 1 returns that many beams per image, image by image."""
     inputs = _encode(processor, images, [prefix_text(processor, instruction)] * len(images), "left")
     device = next(model.parameters()).device
     dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
     inputs = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in inputs.items()}
     with torch.no_grad():
         ids = model.generate(**inputs, max_new_tokens=max_new_tokens, num_beams=num_beams,
-                             repetition_penalty=repetition_penalty, do_sample=False)
-    prompt = inputs["input_ids"]
+                             repetition_penalty=repetition_penalty, do_sample=False, num_return_sequences=candidates)
+    prompt = inputs["input_ids"].repeat_interleave(candidates, dim=0)
     if ids.shape[1] >= prompt.shape[1] and torch.equal(ids[:, :prompt.shape[1]], prompt):
         ids = ids[:, prompt.shape[1]:]  # decoder-only models return the prompt with the new tokens
     return [t.strip() for t in processor.tokenizer.batch_decode(ids, skip_special_tokens=True)]
