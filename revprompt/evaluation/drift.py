@@ -28,8 +28,8 @@ from ..shards.reader import ReadStats
 from ..shards.schema import owned
 from ..shards.writer import write_json_atomic
 from .attributes import ATTRIBUTES, names_value
-from .items import (Item, Painter, finetuned_captioner, read_images, read_items, read_json_lines, restart_if_changed,
-                    test_shards, write_features, write_image_shard, write_json_lines)
+from .items import (Item, Painter, finetuned_captioner, read_images, read_items, read_json_lines, real_photos,
+                    restart_if_changed, test_shards, write_features, write_image_shard, write_json_lines)
 from .population import caption_clusters, population_entry
 from .report import write_drift_report
 from .ssim import ssim
@@ -80,6 +80,11 @@ def iterate_shard(ctx: StageContext, shards: list[tuple[str, int]], s: int, iter
                                                     seed=cfg.run.seed))) if items else {}
     if items and not layout.drift_features(0, s).is_file():  # iteration 0's population, for the drift measures
         write_features(layout.drift_features(0, s), np.stack([original_vecs[it.key] for it in items]))
+    if items and cfg.evaluate.real_images and not layout.drift_real_features(s).is_file():  # the real photos' too
+        photos = real_photos(cfg.evaluate.real_images, items)
+        keys = [it.key for it in items if it.key in photos]
+        write_features(layout.drift_real_features(s), embed_images([photos[k] for k in keys], cfg.evaluate.image_model,
+                                                                   seed=cfg.run.seed) if keys else np.zeros((0, 0)))
     for k in iterations:
         if k == 1:
             images_prev, previous = images_0, {it.key: it.prompt for it in items}
@@ -139,7 +144,7 @@ def summarise_drift(ctx: StageContext, gathered: list, K: int, shards: list[tupl
     entries = [summarise_iteration(0, [], [p[2] for p in originals], cfg.evaluate.text_model, cfg.run.seed)]
     entries += [summarise_iteration(k, per_iter[k], [r["caption"] for r in per_iter[k]], cfg.evaluate.text_model,
                                     cfg.run.seed) for k in range(1, K + 1)]
-    add_population(entries, layout, len(shards))
+    add_population(entries, layout, len(shards), cfg.evaluate.real_images)
     summary = {"fingerprint": drift_fingerprint(layout, cfg), "samples": len(originals), "iterations": entries,
                "models": {"captioner": "captioner/ (run dir)", "generator": cfg.generate.model,
                           "text": cfg.evaluate.text_model, "image": cfg.evaluate.image_model}}
@@ -155,12 +160,14 @@ def summarise_drift(ctx: StageContext, gathered: list, K: int, shards: list[tupl
     return summary
 
 
-def read_features(layout, k: int, n_shards: int) -> np.ndarray | None:
-    """Iteration k's image embeddings over every test shard, in shard order; None where a shard's are missing (an
-    iteration run before revprompt kept them)."""
+def read_features(layout, k: int | None, n_shards: int) -> np.ndarray | None:
+    """Iteration k's image embeddings over every test shard, in shard order (k = None: the real photos'); None where
+    a shard's are missing (an iteration run before revprompt kept them)."""
     parts = []
     for s in range(n_shards):
-        path = layout.drift_features(k, s)
+        path = layout.drift_features(k, s) if k is not None else layout.drift_real_features(s)
+        if k is None and not path.is_file():
+            return None
         if path.is_file():
             parts.append(np.load(path, allow_pickle=False))
         elif layout.drift_part(max(k, 1), s).is_file() and read_json_lines(layout.drift_part(max(k, 1), s)):
@@ -169,18 +176,23 @@ def read_features(layout, k: int, n_shards: int) -> np.ndarray | None:
     return np.concatenate(parts).astype(np.float64) if parts else np.zeros((0, 1))
 
 
-def add_population(entries: list[dict], layout, n_shards: int) -> None:
+def add_population(entries: list[dict], layout, n_shards: int, real_images: str = "") -> None:
     """Each later iteration's image population against iteration 0's: Fréchet distance, CMMD, k-NN precision and
-    recall (see population.py); None where the embeddings are missing."""
+    recall (see population.py); None where the embeddings are missing. With real photos (`real_images`), every
+    iteration's, iteration 0 included, against the photos' too (`population_vs_real`: precision, the share of
+    images that look like some real photo; recall, the share of photos still covered)."""
     original = read_features(layout, 0, n_shards)
-    for entry in entries[1:]:
+    real = read_features(layout, None, n_shards) if real_images else None
+    for entry in entries:
         drawn = read_features(layout, entry["iteration"], n_shards)
-        if original is None or drawn is None:
+        if entry["iteration"] and (original is None or drawn is None):
             log.warning("drift iteration %d: image embeddings missing (an earlier revprompt drew it): no population "
                         "measures; `revprompt drift` after removing drift/ computes them", entry["iteration"])
             entry["population"] = None
-        else:
+        elif entry["iteration"]:
             entry["population"] = population_entry(original, drawn)
+        if real is not None and len(real) and drawn is not None:  # iteration 0: the test images against the photos
+            entry["population_vs_real"] = population_entry(real, drawn)
 
 
 POPULATION = ("frechet_distance", "cmmd", "precision", "recall")
@@ -198,9 +210,10 @@ def _log_tb(ctx: StageContext, entries: list[dict]) -> None:
                 scalars[f"drift/attribute_retention/{a}"] = rate
         scalars["drift/caption_clusters"] = entry["caption_clusters"]
         for name in POPULATION:
-            value = (entry.get("population") or {}).get(name)
-            if value is not None:
-                scalars[f"drift/population/{name}"] = value
+            for key, tag in (("population", "population"), ("population_vs_real", "population_vs_real")):
+                value = (entry.get(key) or {}).get(name)
+                if value is not None:
+                    scalars[f"drift/{tag}/{name}"] = value
         ctx.metrics.log(scalars, entry["iteration"])
 
 
@@ -210,7 +223,7 @@ def run_drift(ctx: StageContext) -> dict:
     K = cfg.drift.iterations
     shards = test_shards(layout, cfg)
     on_main_first(info, lambda: restart_if_changed(layout.drift / "fingerprint.txt", drift_fingerprint(layout, cfg),
-                                                   [layout.drift, *layout.drift_iterations()],
+                                                   [layout.drift, *layout.drift_iterations(), layout.drift / "real"],
                                                    "the shards, captioner or drift settings"))
     mine = owned(len(shards), info.rank, info.world_size)
     items = {s: read_items(shards, s, cfg.drift.max_samples, ReadStats(), images=False) for s in mine}

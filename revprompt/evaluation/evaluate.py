@@ -23,13 +23,12 @@ from ..launch.runner import StageContext, StageError, build_parser, on_main_firs
 from ..models.image_embedder import embed_images
 from ..models.text_embedder import embed
 from ..prompts.prepared import load_at, load_range, split_size
-from ..shards.images import ImageRefused, open_image
 from ..shards.reader import ReadStats
 from ..shards.schema import owned
 from ..shards.writer import write_json_atomic
 from .attributes import ATTRIBUTES, chance_rates, grouped_mean, names_value, recovery
-from .items import (Item, Painter, finetuned_captioner, read_items, read_json_lines, restart_if_changed, shard_offsets,
-                    test_shards, write_image_shard, write_json_lines, zero_shot_captioner)
+from .items import (Item, Painter, finetuned_captioner, read_items, read_json_lines, real_photos, restart_if_changed,
+                    shard_offsets, test_shards, write_image_shard, write_json_lines, zero_shot_captioner)
 from .report import write_eval_report
 from .retrieval import Retrieval, prepare_retrieval
 from .ssim import ssim
@@ -128,28 +127,6 @@ def score_shard(items: list[Item], captioners: dict, baselines: Baselines, paint
             "image": images[i],
         })
     return rows, redrawn
-
-
-def real_photos(folder: str, items: list[Item]) -> dict:
-    """key -> real product photo for the items that have one: {prompt id}.jpg in `folder`, or, for
-    `renders`, the product render of the item's source row (the tiny preset's stand-in for photos)."""
-    if not folder:
-        return {}
-    if folder == "renders":
-        from ..models.miniature.render import render
-
-        return {it.key: render(dict(it.attributes, productDisplayName=it.prompt)) for it in items
-                if it.attributes.get("articleType")}
-    out = {}
-    for it in items:
-        photo_id = str(it.attributes.get("id", ""))
-        path = Path(folder) / f"{photo_id}.jpg"
-        if photo_id and "/" not in photo_id and path.is_file():
-            try:
-                out[it.key] = open_image(path)
-            except ImageRefused as exc:
-                log.warning("real photo left out: %s", exc)
-    return out
 
 
 def summarise(rows: list[dict], ctx: StageContext, constant: str, stats: dict) -> dict:

@@ -22,6 +22,7 @@ from ..launch.runner import StageError
 from ..models.captioner import Captioner, build_captioner, is_adapter_dir, load_exported, set_instruction
 from ..models.text_to_image import build_pipeline, draw
 from ..shards.manifest import read_manifest, split_shards
+from ..shards.images import ImageRefused, open_image
 from ..shards.reader import ReadStats, build_reader
 from ..shards.schema import RedrawnMeta, SampleMeta, SchemaError
 from ..shards.writer import SHARD_PATTERNS, ShardWriter, encode_image, encode_json, write_error
@@ -224,3 +225,25 @@ def read_originals(shards: list[tuple[str, int]], index: int, keys: set[str]) ->
     """key -> the test image of the samples `keys` in shard `index`; no other image of it is decoded."""
     return {s["__key__"]: s["image"] for s in build_reader([shards[index][0]], split_workers=False,
                                                            require=("image",), fields=("image",), keys=keys)}
+
+
+def real_photos(folder: str, items: list[Item]) -> dict:
+    """key -> real product photo for the items that have one: {prompt id}.jpg in `folder`, or, for
+    `renders`, the product render of the item's source row (the tiny preset's stand-in for photos)."""
+    if not folder:
+        return {}
+    if folder == "renders":
+        from ..models.miniature.render import render
+
+        return {it.key: render(dict(it.attributes, productDisplayName=it.prompt)) for it in items
+                if it.attributes.get("articleType")}
+    out = {}
+    for it in items:
+        photo_id = str(it.attributes.get("id", ""))
+        path = Path(folder) / f"{photo_id}.jpg"
+        if photo_id and "/" not in photo_id and path.is_file():
+            try:
+                out[it.key] = open_image(path)
+            except ImageRefused as exc:
+                log.warning("real photo left out: %s", exc)
+    return out

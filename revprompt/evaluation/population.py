@@ -90,7 +90,8 @@ def caption_clusters(vectors: np.ndarray, threshold: float = 0.9) -> int:
 
 
 def population_entry(original: np.ndarray, drawn: np.ndarray) -> dict:
-    """The image-population measures of one iteration's features against iteration 0's."""
+    """The image-population measures of one iteration's features (`drawn`, n rows) against a reference set
+    (`original`: iteration 0's, or the real photos'; n_reference rows)."""
     precision, recall = precision_recall(original, drawn)
     return {"frechet_distance": frechet_distance(original, drawn), "cmmd": cmmd(original, drawn),
-            "precision": precision, "recall": recall, "n": int(len(drawn))}
+            "precision": precision, "recall": recall, "n": int(len(drawn)), "n_reference": int(len(original))}

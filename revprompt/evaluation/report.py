@@ -353,6 +353,10 @@ def plot_drift(summary: dict, path: Path) -> Path:
         values = [(e.get("population") or {}).get(key) for e in later]
         if all(v is not None for v in values):
             ax.plot(x, [start] + values, marker="o", label=label)
+    for key, label in (("precision", "k-NN precision vs real photos"), ("recall", "k-NN recall vs real photos")):
+        values = [(e.get("population_vs_real") or {}).get(key) for e in entries]
+        if all(v is not None for v in values):
+            ax.plot(x, values, marker="s", linestyle="--", label=label)
     clusters = [e["caption_clusters"] for e in entries]
     if clusters[0]:
         ax.plot(x, [c / clusters[0] for c in clusters], marker="o", label="caption clusters / iteration 0's")
@@ -446,6 +450,14 @@ def _population_table(summary: dict) -> list[str]:
         p = e.get("population") or {}
         cells = [_fmt(p.get(k)) for k in ("frechet_distance", "cmmd", "precision", "recall")]
         lines.append(f"| {e['iteration']} | " + " | ".join(cells) + f" | {e['caption_clusters']} |")
+    if any(e.get("population_vs_real") for e in summary["iterations"]):
+        lines += ["", "Against the real photos (`evaluate.real_images`), iteration 0 being the test images themselves: "
+                  "how far each iteration's images sit from real products, and whether they still cover them.", "",
+                  "| iteration | Fréchet distance | CMMD | precision | recall | photos |", "|---|---|---|---|---|---|"]
+        for e in summary["iterations"]:
+            p = e.get("population_vs_real") or {}
+            cells = [_fmt(p.get(k)) for k in ("frechet_distance", "cmmd", "precision", "recall")]
+            lines.append(f"| {e['iteration']} | " + " | ".join(cells) + f" | {p.get('n_reference', '-')} |")
     return lines
 
 

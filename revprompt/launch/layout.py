@@ -367,6 +367,11 @@ class RunLayout:
         k = 0: the test images themselves. Written before the iteration's rows."""
         return self.drift_iteration(k) / f"{shard:06d}.features.npy"
 
+    def drift_real_features(self, shard: int) -> Path:
+        """The image embeddings of the real photos of test shard `shard`'s samples that have one
+        (`evaluate.real_images`), for the population measures against real photos."""
+        return self.drift / "real" / f"{shard:06d}.features.npy"
+
     def drift_images(self, k: int, shard: int) -> Path:
         """Iteration k's images of test shard `shard`."""
         return self.drift_iteration(k) / f"{shard:06d}.tar"
@@ -471,7 +476,8 @@ def evaluation_fingerprint(layout: RunLayout, cfg: "Config") -> str:
 
 
 # the [evaluate] keys drift captions and scores with
-DRIFT_EVALUATE_KEYS = ("text_model", "image_model", "max_new_tokens", "num_beams", "repetition_penalty", "batch_size")
+DRIFT_EVALUATE_KEYS = ("text_model", "image_model", "max_new_tokens", "num_beams", "repetition_penalty", "batch_size",
+                       "real_images")
 
 
 def drift_fingerprint(layout: RunLayout, cfg: "Config") -> str:

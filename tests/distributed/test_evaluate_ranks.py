@@ -126,7 +126,8 @@ def test_drift_two_ranks_and_a_killed_run_equal_one(trained: Path, tmp_path: Pat
     for other in (two, killed):
         for name in ("summary.json", "results.jsonl", "report.md"):
             assert (one / "drift" / name).read_bytes() == (other / "drift" / name).read_bytes(), (other, name)
-        for pattern in ("iter_*/*.tar", "iter_*/*.jsonl", "iter_*/*.features.npy"):  # .stats.json holds timings
+        for pattern in ("iter_*/*.tar", "iter_*/*.jsonl", "iter_*/*.features.npy", "real/*.features.npy"):
+            # (.stats.json holds timings)
             assert digests(one / "drift", pattern) == digests(other / "drift", pattern), (other, pattern)
 
     summary = json.loads((one / "drift" / "summary.json").read_text())
@@ -144,6 +145,19 @@ def test_drift_two_ranks_and_a_killed_run_equal_one(trained: Path, tmp_path: Pat
         assert population["frechet_distance"] >= -1e-6 and population["cmmd"] >= -1e-9
         assert 0 <= population["precision"] <= 1 and 0 <= population["recall"] <= 1
         assert 1 <= entry["caption_clusters"] <= entry["samples"]
+    # against the real photos (the renders stand in for them in the tiny preset), iteration 0 included: recomputed
+    # here from the embeddings the shards kept
+    from revprompt.evaluation.population import population_entry
+
+    def features(pattern: str) -> np.ndarray:
+        return np.concatenate([np.load(p) for p in sorted((one / "drift").glob(pattern))]).astype(np.float64)
+
+    real = features("real/*.features.npy")
+    assert len(real) == summary["samples"]  # every bundled prompt has a render
+    for k in (0, 1, 2, 3):
+        assert summary["iterations"][k]["population_vs_real"] == pytest.approx(
+            population_entry(real, features(f"iter_0{k}/*.features.npy")), rel=1e-9, abs=1e-12)
+    assert "Against the real photos" in (one / "drift" / "report.md").read_text()
     # iteration k's images were drawn from iteration k's captions
     from revprompt.shards.reader import build_reader
 
