@@ -119,6 +119,14 @@ class TrainConfig:
     label_smoothing: float = _f(0.0, "label smoothing of the language-modelling loss", min=0.0, max=0.5)
     max_length: int = _f(40, "longest prompt in tokens; longer ones are truncated", min=4, max=512)
     freeze_vision: bool = _f(False, "train only the text decoder, keep the vision encoder frozen")
+    embedding_head: bool = _f(False, "train an embedding head jointly with the captioner: a small MLP on its pooled "
+                              "vision output that regresses the prompt's embedding under evaluate.text_model (the "
+                              "metric's model) by cosine; exported as embedding_head.safetensors and .json beside it")
+    embedding_loss_weight: float = _f(1.0, "the head's loss, mean(1 - cosine to the prompt's embedding), enters the "
+                                      "training loss with this weight beside the language-modelling loss", min=0.0,
+                                      max=1000.0)
+    embedding_head_hidden: int = _f(1024, "width of the embedding head's hidden layer (0 = a single linear map)",
+                                    min=0, max=65536)
     num_workers: int = _f(2, "DataLoader worker processes per rank (0 = read in the training process)",
                           min=0, max=64)
     shuffle_buffer: int = _f(256, "samples in each worker's shuffle buffer (0 = shard order)", min=0)
@@ -277,6 +285,9 @@ def validate(cfg: Config) -> Config:
     if p.val_fraction + p.test_fraction > 1.0:
         raise ConfigError("prompts.val_fraction + prompts.test_fraction: must be <= 1, got "
                           f"{p.val_fraction + p.test_fraction}")
+    if cfg.train.embedding_head and cfg.train.embedding_loss_weight == 0:
+        raise ConfigError("train.embedding_loss_weight: 0 with train.embedding_head = true would leave the head "
+                          "untrained; give it a weight > 0, or turn the head off")
     if not cfg.run.dir:
         raise ConfigError("run.dir: must not be empty")
     return cfg

@@ -496,14 +496,19 @@ TRAJECTORY_KEYS = ("captioner", "precision", "micro_batch_size", "grad_accum", "
 # recorded only where used, so that the records of runs without them stay as they were (train.lora_merge is not
 # one: it changes how the end is exported, not what is trained)
 LORA_KEYS = ("lora_rank", "lora_alpha", "lora_targets")
+# likewise for the embedding head; its targets are the embeddings of evaluate.text_model, recorded under that name
+HEAD_KEYS = ("embedding_head", "embedding_loss_weight", "embedding_head_hidden")
 
 
 def made_from(cfg: "Config", data: str | None) -> dict:
     """What a training run's checkpoints and export are made from: the shards' fingerprint, the run seed and the
     [train] keys that shape the trajectory."""
     keys = TRAJECTORY_KEYS + (("instruction",) if cfg.train.instruction else ()) + \
-        (LORA_KEYS if cfg.train.lora_rank else ())
-    return {"data": data, "seed": cfg.run.seed, "train": {k: getattr(cfg.train, k) for k in keys}}
+        (LORA_KEYS if cfg.train.lora_rank else ()) + (HEAD_KEYS if cfg.train.embedding_head else ())
+    train = {k: getattr(cfg.train, k) for k in keys}
+    if cfg.train.embedding_head:
+        train["evaluate.text_model"] = cfg.evaluate.text_model
+    return {"data": data, "seed": cfg.run.seed, "train": train}
 
 
 def changes(recorded: dict, now: dict) -> list[str]:
@@ -511,7 +516,9 @@ def changes(recorded: dict, now: dict) -> list[str]:
     was, will = recorded.get("train", {}), now["train"]
     # a key one record lacks is one that run did not use (LoRA, the instruction): it differs when the other has it
     unset = "(not used)"
-    out = [f"train.{k}: {was.get(k, unset)!r} -> {will.get(k, unset)!r}" for k in sorted(set(was) | set(will))
+    # a dotted key (evaluate.text_model, the head's targets) names its own section
+    out = [f"{k if '.' in k else f'train.{k}'}: {was.get(k, unset)!r} -> {will.get(k, unset)!r}"
+           for k in sorted(set(was) | set(will))
            if was.get(k, unset) != will.get(k, unset) and (k in was or k not in TRAJECTORY_KEYS)]
     if recorded.get("seed") != now["seed"]:
         out.append(f"run.seed: {recorded.get('seed')!r} -> {now['seed']!r}")

@@ -31,6 +31,11 @@ def load_text_encoder(name: str = MINILM, device: str = "cpu"):
         raise load_failure("evaluate.text_model", str(name), "sentence-transformers model", exc) from None
 
 
+def embedding_width(name: str = MINILM, device: str = "cpu") -> int:
+    """The width of the sentence model's embeddings (384 for all-MiniLM-L6-v2)."""
+    return int(load_text_encoder(name, device).get_sentence_embedding_dimension())
+
+
 def embed(texts: list[str], name: str = MINILM, device: str = "cpu", batch_size: int = 64) -> np.ndarray:
     """L2-normalised sentence embeddings, float32, one row per text."""
     model = load_text_encoder(name, device)

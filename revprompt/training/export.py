@@ -12,6 +12,8 @@ import torch
 
 from ..launch.layout import EXPORT_INFO, private_sibling, remove_dead_siblings, swap_folder
 from ..models.captioner import BLIP, add_lora, base_model, base_name, instruction_of, kind_of, limit_generation
+from ..models.captioner.head import (CaptionerWithHead, HeadError, build_embedding_head, read_head_info,
+                                     save_embedding_head)
 from ..models.captioner.lora import merged
 from ..shards.writer import write_error
 from .checkpoints import HF_SUBDIR, checkpoint_problem, read_position
@@ -54,9 +56,10 @@ def save_hf_dir(model, processor, state: dict[str, torch.Tensor] | None, out_dir
                 merge: bool = True) -> Path:
     """Load `state` into `model` (when given) and write model + processor to `out_dir` atomically.
 
-    A model with LoRA adapters is written with the adapters merged into its weights (`merge`; the
-    adapters are folded into `model` itself), or as the adapter alone, which peft puts on its base
-    model.
+    A CaptionerWithHead is written as its captioner, with the head beside it (embedding_head.safetensors and
+    embedding_head.json, listed in revprompt.json like every file the export writes). A model with LoRA
+    adapters is written with the adapters merged into its weights (`merge`; the adapters are folded into
+    `model` itself), or as the adapter alone, which peft puts on its base model.
 
     `out_dir` must be new, empty, or a previous revprompt export (its `revprompt.json` says so); anything
     else is refused before a byte is written. The export is written beside it under a hidden name and
@@ -74,6 +77,9 @@ def save_hf_dir(model, processor, state: dict[str, torch.Tensor] | None, out_dir
         if missing or unexpected:
             raise StateMismatch(f"the weights do not match the captioner (missing {missing[:5]}, "
                                 f"unexpected {unexpected[:5]})")
+    head = None
+    if isinstance(model, CaptionerWithHead):
+        head, site, model = model.head, model.site, model.captioner
     # plain transformers generates with the export's generation_config.json: keep it inside the decoder
     trained_tokens = ((info.get("made_from") or {}).get("train") or {}).get("max_length", DEFAULT_CAPTION_TOKENS)
     limit_generation(model, trained_tokens)
@@ -89,6 +95,10 @@ def save_hf_dir(model, processor, state: dict[str, torch.Tensor] | None, out_dir
         try:
             model.save_pretrained(tmp, safe_serialization=True)
             processor.save_pretrained(tmp)
+            if head is not None:
+                # the vision module's name in the plain transformers model: what a reader calls for the feature
+                save_embedding_head(head, tmp, {"captioner_class": type(base_model(model)).__name__,
+                                                "vision_module": site.path, "step": info.get("step")})
             files = sorted(p.name for p in tmp.iterdir()) + [EXPORT_INFO]
             (tmp / EXPORT_INFO).write_text(json.dumps({**info, "files": files}, indent=2, sort_keys=True) + "\n")
         except Exception as exc:  # a full disk surfaces as OSError, or as safetensors' own error
@@ -142,6 +152,12 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, merge: bool =
     if train.get("lora_rank"):  # the checkpoint holds an adapter-wrapped model: wrap this one the same way
         model = add_lora(model, kind_of(model), train["lora_rank"], train["lora_alpha"], train["lora_targets"],
                          base_name(train["captioner"]))
+    try:
+        record = read_head_info(hf)
+        if record is not None:  # trained with an embedding head: its weights are the state's head.* entries
+            model = CaptionerWithHead(model, build_embedding_head(record))
+    except HeadError as exc:
+        raise ExportError(f"{checkpoint}: {exc}") from None
     try:
         return save_hf_dir(model, processor, state, Path(out_dir), {"from_checkpoint": str(checkpoint), **client},
                            merge=merge)

@@ -19,6 +19,7 @@ from ..launch.metrics import captioned_grid
 from ..launch.runner import StageContext, StageError, build_parser, on_main_first, run_stage
 from ..models.captioner import (BLIP, BLIP2, TrainingInputs, add_lora, base_model, base_name, build_captioner,
                                 caption_batch, caption_budget, freeze_vision, is_adapter_dir, kind_of, set_instruction)
+from ..models.captioner.head import HeadError, attach_head, captioner_of, embedding_loss, write_head_info
 from ..models.captioner.lora import LoraError
 from ..models.builtin import RANDOM_TINY, builtin_name
 from ..models.text_embedder import pairwise_cosine
@@ -30,6 +31,7 @@ from .checkpoints import (HF_SUBDIR, POSITION, checkpoint_dirs, commit_checkpoin
                           read_position, resume_point, write_latest)
 from .engine import allow_deepspeed_checkpoint_types, force_weights_only_loads, gathered_state_dict, initialize
 from .export import check_export_target, save_hf_dir
+from .targets import PromptEmbeddings
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +51,27 @@ class Position:
                     batch_in_epoch=self.batch_in_epoch)
 
 
-def build_model(cfg):
+@dataclass
+class Losses:
+    """One micro-batch's loss (what backward runs on) and its parts, detached: read only after the step, so that
+    the device is not waited for between forward and backward."""
+
+    total: torch.Tensor
+    lm: torch.Tensor  # the captioner's language-modelling loss
+    embedding: torch.Tensor | None = None  # the embedding head's mean(1 - cosine to the prompt's embedding)
+
+    def values(self) -> tuple[float, float, float]:
+        """(total, lm, embedding) as numbers (embedding 0 without a head), in one device sync."""
+        parts = [self.total.detach(), self.lm] + ([self.embedding] if self.embedding is not None else [])
+        numbers = torch.stack([p.float() for p in parts]).tolist()
+        return numbers[0], numbers[1], numbers[2] if self.embedding is not None else 0.0
+
+
+def build_model(cfg, embedding_width: int = 0):
     """The captioner to train and its processor, as `cfg`'s [train] asks: vision frozen (always for BLIP-2), label
-    smoothing (BLIP), the instruction (prompted kinds), LoRA adapters. A setting that cannot apply is a StageError
-    naming its key."""
+    smoothing (BLIP), the instruction (prompted kinds), LoRA adapters, and with train.embedding_head the captioner
+    and an embedding head of `embedding_width` outputs as one module (CaptionerWithHead). A setting that cannot apply
+    is a StageError naming its key."""
     t = cfg.train
     model, processor = build_captioner(t.captioner, cfg.run.seed)
     kind = kind_of(model)
@@ -86,6 +105,16 @@ def build_model(cfg):
     total = sum(p.numel() for p in model.parameters())
     log.info("captioner %s (%s%s): %d of %d parameters train", type(base_model(model)).__name__, kind,
              f", instruction {instruction!r}" if instruction else "", trainable, total)
+    if t.embedding_head:
+        try:
+            model = attach_head(model, embedding_width, t.embedding_head_hidden, cfg.evaluate.text_model,
+                                cfg.run.seed)
+        except HeadError as exc:
+            raise StageError(str(exc)) from None
+        log.info("embedding head on %s (%s pooling): %d -> %s%d (%s), %d parameters, loss weight %g",
+                 model.site.path, model.site.pooling, model.head.in_dim,
+                 f"{model.head.hidden} -> " if model.head.hidden else "", model.head.out_dim,
+                 cfg.evaluate.text_model, sum(p.numel() for p in model.head.parameters()), t.embedding_loss_weight)
     return model, processor
 
 
@@ -112,9 +141,13 @@ class Trainer:
         self.val_shards = split_shards(self.layout.shards, "val") if "val" in manifest.get("splits", {}) else []
         if getattr(ctx.args, "overwrite", False):
             on_main_first(self.info, self.remove_checkpoints)
-        model, self.processor = build_model(self.cfg)
-        self.inputs = TrainingInputs(model, self.processor, self.t.max_length)
-        # rank 0 keeps a plain copy for captioning during validation and for export (ZeRO-3 partitions the original)
+        # the head's targets: prompt embeddings under the metric's model, made in the step (see targets.py)
+        self.targets = PromptEmbeddings(self.cfg.evaluate.text_model, self.info.device) \
+            if self.t.embedding_head else None
+        model, self.processor = build_model(self.cfg, self.targets.width if self.targets else 0)
+        self.inputs = TrainingInputs(captioner_of(model), self.processor, self.t.max_length)
+        # rank 0 keeps a plain copy for captioning during validation and for export (ZeRO-3 partitions the original);
+        # with the embedding head, the copy holds it too
         self.twin = copy.deepcopy(model).eval() if self.info.is_main else None
         self.engine, self.optimizer, self.scheduler = initialize(model, self.t, self.info.world_size, self.info.device)
         if self.info.is_main:  # the DeepSpeed config this run passed, as DeepSpeed got it
@@ -264,7 +297,9 @@ class Trainer:
         dist.barrier()
         if self.info.is_main:
             hf = folder / HF_SUBDIR
-            base_model(self.twin).config.save_pretrained(hf)
+            base_model(captioner_of(self.twin)).config.save_pretrained(hf)
+            if self.targets is not None:  # the head's shape, so that `revprompt export` can rebuild it
+                write_head_info(self.twin.head, hf)
             self.processor.save_pretrained(hf)
             write_json_atomic(hf / POSITION, {**self.pos.as_dict(), **self.zero_layout,
                                               "num_workers": self.t.num_workers, "made_from": self.made_from})
@@ -295,13 +330,20 @@ class Trainer:
                            encode=self.inputs, shuffle_buffer=self.t.shuffle_buffer if train else 0,
                            start_epoch=epoch, start_batch=batch)
 
-    def forward(self, batch: dict) -> torch.Tensor:
-        """The language-modelling loss of one micro-batch."""
+    def forward(self, batch: dict) -> Losses:
+        """The loss of one micro-batch: the language-modelling loss, plus train.embedding_loss_weight times the
+        embedding head's cosine loss when there is a head."""
         dev = self.engine.device
         dtype = next(p for p in self.engine.module.parameters()).dtype
         inputs = {k: batch[k].to(dev, dtype, non_blocking=True) if batch[k].is_floating_point()
                   else batch[k].to(dev, non_blocking=True) for k in batch["model_inputs"]}
-        return self.engine(**inputs).loss
+        if self.targets is None:
+            loss = self.engine(**inputs).loss
+            return Losses(loss, loss.detach())
+        outputs, embeddings = self.engine(**inputs)
+        head_loss = embedding_loss(embeddings, self.targets(batch["prompts"]))
+        total = outputs.loss + self.t.embedding_loss_weight * head_loss
+        return Losses(total, outputs.loss.detach(), head_loss.detach())
 
     # ---------------------------------------------------------------- validation
     def validate(self) -> dict:
@@ -318,16 +360,22 @@ class Trainer:
         n_batches = stream.plan(0).batches
         if self.t.val_batches:
             n_batches = min(n_batches, self.t.val_batches)
-        total = torch.zeros(2, dtype=torch.float64)
+        total = torch.zeros(4, dtype=torch.float64)  # sums over samples: loss, count, its two parts
         self.engine.eval()
         with torch.no_grad():
             for _, batch in zip(range(n_batches), stream):
-                loss = self.forward(batch)
-                total += torch.tensor([loss.item() * len(batch["keys"]), len(batch["keys"])], dtype=torch.float64)
+                (loss, lm, head), n = self.forward(batch).values(), len(batch["keys"])
+                total += torch.tensor([loss * n, n, lm * n, head * n], dtype=torch.float64)
         self.engine.train()
         if torch.distributed.is_initialized():
             torch.distributed.all_reduce(total)
-        metrics["val/loss"] = float(total[0] / max(total[1], 1))
+        count = max(float(total[1]), 1.0)
+        metrics["val/loss"] = float(total[0]) / count
+        if self.targets is not None:
+            metrics["val/loss_lm"] = float(total[2]) / count
+            metrics["val/loss_embedding"] = float(total[3]) / count
+            # the mean cosine of the head's embedding to the prompt's: the metric, scored on the embedding itself
+            metrics["val/head_similarity"] = 1.0 - float(total[3]) / count
         if self.t.val_captions:
             state = gathered_state_dict(self.engine, self.info.is_main)
             if self.info.is_main:
@@ -338,6 +386,7 @@ class Trainer:
     def _caption_similarity(self, state: dict) -> dict:
         self.twin.load_state_dict(state, strict=False)
         self.twin.to(self.info.device)
+        captioner = captioner_of(self.twin)
         samples = []
         for sample in build_reader([p for p, _ in self.val_shards], split_workers=False):
             samples.append(sample)
@@ -346,8 +395,8 @@ class Trainer:
         e = self.cfg.evaluate
         captions = []
         for start in range(0, len(samples), 32):
-            captions += caption_batch(self.twin, self.processor, [s["image"] for s in samples[start:start + 32]],
-                                      caption_budget(self.twin, e.max_new_tokens), e.num_beams, e.repetition_penalty)
+            captions += caption_batch(captioner, self.processor, [s["image"] for s in samples[start:start + 32]],
+                                      caption_budget(captioner, e.max_new_tokens), e.num_beams, e.repetition_penalty)
         self.twin.to("cpu")
         prompts = [s["txt"] for s in samples]
         sims = pairwise_cosine(captions, prompts, e.text_model)
@@ -381,15 +430,18 @@ class Trainer:
             from tqdm import tqdm
 
             bar = tqdm(total=self.t.max_steps, initial=self.pos.step, unit="step", desc="train", dynamic_ncols=True)
-        window = {"loss": 0.0, "micro": 0, "samples": 0, "start": time.monotonic()}
+        window = self._new_window()
         read_stats: dict[int, torch.Tensor] = {}
         try:
             data = iter(loader)
             while self.pos.step < self.t.max_steps:
                 batch = next(data)
                 read_stats[batch["worker"]] = batch["read_stats"]
-                loss, boundary = self._micro_step(batch)
+                losses, boundary = self._micro_step(batch)
+                loss, lm, head = losses.values()
                 window["loss"] += loss
+                window["loss_lm"] += lm
+                window["loss_embedding"] += head
                 window["micro"] += 1
                 window["samples"] += len(batch["keys"])
                 self._advance(batch, stream, epoch_batches)
@@ -400,7 +452,7 @@ class Trainer:
                     bar.update(1)
                 if self.logs_at(self.pos.step):
                     self._log_window(window, read_stats)
-                    window = {"loss": 0.0, "micro": 0, "samples": 0, "start": time.monotonic()}
+                    window = self._new_window()
                 self._on_schedule()
         finally:
             if bar is not None:
@@ -412,18 +464,24 @@ class Trainer:
         self.export()
         return self.pos
 
-    def _micro_step(self, batch: dict) -> tuple[float, bool]:
-        """Forward and backward one micro-batch, step at an accumulation boundary; (loss, boundary)."""
+    @staticmethod
+    def _new_window() -> dict:
+        """The sums one logging window collects."""
+        return {"loss": 0.0, "loss_lm": 0.0, "loss_embedding": 0.0, "micro": 0, "samples": 0,
+                "start": time.monotonic()}
+
+    def _micro_step(self, batch: dict) -> tuple[Losses, bool]:
+        """Forward and backward one micro-batch, step at an accumulation boundary; (its losses, boundary)."""
         if (batch["epoch"], batch["position"]) != (self.pos.epoch, self.pos.batch_in_epoch):
             raise RuntimeError(f"data stream out of step: got batch {batch['position']} of epoch "
                                f"{batch['epoch']}, expected {self.pos.batch_in_epoch} of {self.pos.epoch}")
         loss = self.forward(batch)
-        self.engine.backward(loss)
+        self.engine.backward(loss.total)
         boundary = self.engine.is_gradient_accumulation_boundary()
         if boundary and self.logs_at(self.pos.step + 1):
             self.grad_norm = self.own_grad_norm()
         self.engine.step()
-        return loss.item(), boundary
+        return loss, boundary
 
     def _advance(self, batch: dict, stream: TrainStream, epoch_batches: dict[int, int]) -> None:
         """Count one consumed micro-batch in the position (the next epoch at the end of one); record its keys."""
@@ -449,7 +507,8 @@ class Trainer:
         # every rank reaches this step, so the all-reduce is matched everywhere
         stats = torch.tensor([window["loss"], window["micro"], window["samples"]], dtype=torch.float64)
         reads = sum(read_stats.values()) if read_stats else torch.zeros(5, dtype=torch.long)
-        stats = torch.cat([stats, reads.to(torch.float64)])
+        parts = torch.tensor([window["loss_lm"], window["loss_embedding"]], dtype=torch.float64)
+        stats = torch.cat([stats, reads.to(torch.float64), parts])
         if torch.distributed.is_initialized():
             torch.distributed.all_reduce(stats)
         grad_norm = self.engine.get_global_grad_norm()
@@ -464,6 +523,9 @@ class Trainer:
         }
         if grad_norm is not None:
             scalars["train/grad_norm"] = float(grad_norm)
+        if self.targets is not None:
+            scalars["train/loss_lm"] = float(stats[8] / max(stats[1], 1))
+            scalars["train/loss_embedding"] = float(stats[9] / max(stats[1], 1))
         self._log(scalars)
 
     def _log(self, scalars: dict) -> None:

@@ -1,5 +1,5 @@
 """`revprompt train`, `export` and `caption` on BLIP-2 and an image-text-to-text model (Llava), through DeepSpeed:
-checkpoints, resume, LoRA merged or kept as an adapter, ZeRO-3 on 2 ranks, evaluation."""
+checkpoints, resume, LoRA merged or kept as an adapter, ZeRO-3 on 2 ranks, the embedding head, evaluation."""
 
 from __future__ import annotations
 
@@ -15,7 +15,11 @@ from tests.conftest import copy_run, run_cli, scalars, train_args
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:
-    return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
+    """The captioner's weights in an export (the embedding head's file aside)."""
+    return {k: v for f in sorted(folder.glob("*.safetensors")) if f.name != HEAD for k, v in load_file(f).items()}
+
+
+HEAD = "embedding_head.safetensors"
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +31,7 @@ def captioners(tmp_path_factory) -> dict[str, Path]:
 def test_blip2_with_lora_checkpoints_resumes_exports_and_captions(generated_run, captioners, tmp_path: Path):
     run = copy_run(generated_run, tmp_path / "run")
     lora = ["--train.lora_rank=4", f"--train.captioner={captioners['blip-2']}", "--train.lr=0.01",
-            "--train.save_every=2", "--train.val_captions=2"]
+            "--train.save_every=2", "--train.val_captions=2", "--train.embedding_head=true"]
     run_cli("train", *train_args(run, train__max_steps=2), *lora, threads=2)
     assert (run / "checkpoints" / "step-2" / "revprompt-commit.json").is_file()
     first = weights(run / "captioner")
@@ -52,6 +56,11 @@ def test_blip2_with_lora_checkpoints_resumes_exports_and_captions(generated_run,
     run_cli("export", "--checkpoint", str(run / "checkpoints" / "step-4"), "--out", str(tmp_path / "again"))
     again = weights(tmp_path / "again")
     assert again.keys() == merged.keys() and all(torch.equal(again[k], merged[k]) for k in merged)
+    # the embedding head on BLIP-2's frozen vision tower (its pooler output), beside the merged adapters, the same
+    # from the live engine and from the checkpoint
+    head, head_again = load_file(export / HEAD), load_file(tmp_path / "again" / HEAD)
+    assert head.keys() == head_again.keys() and all(torch.equal(head[k], head_again[k]) for k in head)
+    assert json.loads((export / "embedding_head.json").read_text())["pooling"] == "pooler"
 
     # `revprompt caption` over the test shards: one caption per sample, in the exported instruction's format
     out = tmp_path / "captions.jsonl"
@@ -87,7 +96,7 @@ def test_llava_full_fine_tuning_on_two_ranks_with_zero3_checkpoints_and_resumes(
                                                                                 tmp_path: Path):
     run = copy_run(generated_run, tmp_path / "run")
     llava = [f"--train.captioner={captioners['llava']}", "--train.lr=0.003", "--train.val_captions=2",
-             "--train.zero_stage=3", "--train.save_every=2"]
+             "--train.zero_stage=3", "--train.save_every=2", "--train.embedding_head=true"]
     run_cli("train", *train_args(run, train__max_steps=2, train__micro_batch_size=4), *llava, nproc=2, threads=1)
     assert (run / "checkpoints" / "step-2" / "revprompt-commit.json").is_file()
     proc = run_cli("train", *train_args(run, train__max_steps=3, train__micro_batch_size=4), *llava, nproc=2,
@@ -103,6 +112,11 @@ def test_llava_full_fine_tuning_on_two_ranks_with_zero3_checkpoints_and_resumes(
     assert trained.keys() == base.keys() and any(not torch.equal(trained[k], base[k]) for k in base)
     AutoModelForImageTextToText.from_pretrained(export)
     assert json.loads((run / "checkpoints" / "deepspeed.json").read_text())["zero_optimization"]["stage"] == 3
+    # the embedding head reads the mean of the CLIP tower's last hidden states; it trained through the resume
+    record = json.loads((export / "embedding_head.json").read_text())
+    assert (record["pooling"], record["vision_module"], record["in_dim"], record["step"]) == \
+        ("mean", "model.vision_tower", 32, 3)
+    assert sorted(scalars(run / "tb" / "train", "train/loss_embedding")) == [2, 3]
 
 
 def test_lora_on_two_ranks_with_zero3_exports_an_adapter_and_settings_that_cannot_apply_are_refused(generated_run, captioners,
