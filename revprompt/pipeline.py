@@ -45,7 +45,8 @@ def headline(layout: RunLayout) -> list[str]:
     summary = json.loads(layout.eval_summary.read_text())
     s, a = summary["similarity"], summary["attributes"]
     names = summary.get("captioners") or ["zero_shot", "finetuned", "constant"]
-    labels = {"zero_shot": "zero-shot", "finetuned": "fine-tuned", "constant": "constant", "retrieval": "retrieval"}
+    labels = {"zero_shot": "zero-shot", "finetuned": "fine-tuned", "constant": "constant", "retrieval": "retrieval",
+              "embedding_head": "emb. head", "reranked": "reranked"}
     widths = [max(10, len(labels.get(n, n)) + 2) for n in names]
     lines = [f"{'':28s}" + "".join(f"{labels.get(n, n):>{w}s}" for n, w in zip(names, widths)),
              f"{'similarity to prompt (mean)':28s}" + "".join(f"{s[n]['mean']:{w}.3f}" for n, w in zip(names, widths))]

@@ -22,6 +22,7 @@ from ..shards.images import ImageRefused, ImageTooLarge, open_image, readable_su
 from ..shards.reader import ReadStats, build_reader, list_shards
 from ..shards.writer import stats_path
 from .items import captioner_for
+from .rerank import HeadAnswers, head_fits
 
 log = logging.getLogger(__name__)
 
@@ -128,8 +129,19 @@ def caption_all(ctx: StageContext) -> dict:
     from tqdm import tqdm
 
     cfg, device = ctx.cfg, ctx.info.device
-    model, processor = load_exported(cfg.caption.captioner or ctx.layout.captioner, device)
+    folder = cfg.caption.captioner or ctx.layout.captioner
+    model, processor = load_exported(folder, device)
     captioner = captioner_for(cfg, model, processor, device)
+    head = None
+    if cfg.caption.rerank and Path(folder).is_dir() and head_fits(Path(folder), cfg.evaluate.text_model):
+        head = HeadAnswers(captioner, Path(folder), cfg.evaluate.text_model, cfg.evaluate.num_candidates, device)
+        log.info("captions reranked by %s's embedding head: the greedy caption or one of %d beams, whichever is "
+                 "nearest the head's embedding", folder, cfg.evaluate.num_candidates)
+
+    def caption(images: list[Image.Image]) -> list[str]:
+        greedy = captioner(images)
+        return head.rerank(images, greedy, head.embeddings(images)) if head is not None else greedy
+
     stats = ReadStats()
     out_path = Path(cfg.caption.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -143,8 +155,8 @@ def caption_all(ctx: StageContext) -> dict:
                 if item is not None:
                     batch.append(item)
                 if batch and (item is None or len(batch) == captioner.batch_size):
-                    for (field, value, _), caption in zip(batch, captioner([img for _, _, img in batch])):
-                        handle.write(json.dumps({field: value, "caption": caption}, ensure_ascii=False) + "\n")
+                    for (field, value, _), text in zip(batch, caption([img for _, _, img in batch])):
+                        handle.write(json.dumps({field: value, "caption": text}, ensure_ascii=False) + "\n")
                     written += len(batch)
                     bar.update(len(batch))
                     batch.clear()
@@ -168,5 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", dest="evaluate.max_new_tokens", help="longest caption")
     parser.add_argument("--num-beams", dest="evaluate.num_beams", help="beam width (1 = greedy)")
     parser.add_argument("--repetition-penalty", dest="evaluate.repetition_penalty")
+    parser.add_argument("--num-candidates", dest="evaluate.num_candidates",
+                        help="with an embedding head: beams besides the greedy caption for the head to choose from")
+    parser.add_argument("--no-rerank", dest="caption.rerank", action="store_const", const="false",
+                        help="greedy captions even when the captioner has an embedding head")
     parser.add_argument("--device", dest="run.device", help="auto (CUDA when present), cuda or cpu")
     return run_stage("caption", argv if argv is not None else [], parser, caption_all, uses_run_dir=False)

@@ -30,22 +30,32 @@ from .attributes import ATTRIBUTES, chance_rates, grouped_mean, names_value, rec
 from .items import (Item, Painter, finetuned_captioner, read_items, read_json_lines, real_photos, restart_if_changed,
                     shard_offsets, test_shards, write_image_shard, write_json_lines, zero_shot_captioner)
 from .report import write_eval_report
+from .rerank import HeadAnswers, head_fits
 from .retrieval import Retrieval, prepare_retrieval
 from .ssim import ssim
 from .stats import describe, paired_difference
 
 log = logging.getLogger(__name__)
 
-# every method that answers a test image with a text, in the order tables show them; a method whose setting is off
-# (evaluate.retrieval = false) is left out of rows and summary
-CAPTIONERS = ("zero_shot", "finetuned", "constant", "retrieval")
-# what each fine-tuned method is compared with, sample by sample
-PAIRED = (("finetuned", "zero_shot"), ("finetuned", "constant"), ("finetuned", "retrieval"))
+# every method scored against the prompt, in the order tables show them: all but `embedding_head` answer with a
+# text. A method that does not apply (evaluate.retrieval = false; an export without an embedding head) is left out
+METHODS = ("zero_shot", "finetuned", "constant", "retrieval", "embedding_head", "reranked")
+HEAD_METHODS = ("embedding_head", "reranked")
+# what each method is compared with, sample by sample
+PAIRED = (("finetuned", "zero_shot"), ("finetuned", "constant"), ("finetuned", "retrieval"),
+          ("embedding_head", "finetuned"), ("reranked", "finetuned"))
 
 
-def methods(cfg) -> tuple[str, ...]:
-    """The captioners this evaluation scores."""
-    return tuple(name for name in CAPTIONERS if name != "retrieval" or cfg.evaluate.retrieval)
+def methods(cfg, layout) -> tuple[str, ...]:
+    """The methods this evaluation scores."""
+    head = head_fits(layout.captioner, cfg.evaluate.text_model)
+    return tuple(name for name in METHODS if (name != "retrieval" or cfg.evaluate.retrieval)
+                 and (name not in HEAD_METHODS or head))
+
+
+def captioning(names: tuple[str, ...]) -> tuple[str, ...]:
+    """The methods among `names` that write a caption."""
+    return tuple(name for name in names if name != "embedding_head")
 
 
 def constant_caption(prompts_dir: Path, text_model: str, at_most: int = 20000) -> str:
@@ -90,28 +100,37 @@ def image_scores(items: list[Item], redrawn: list, real: dict, image_model: str,
 
 @dataclass
 class Baselines:
-    """The answers that need no captioner: the constant caption (and its embedding) and the retrieval index."""
+    """The answers besides the two captioners' own: the constant caption (and its embedding), the retrieval index,
+    and the fine-tuned captioner's embedding head."""
 
     constant: str
     constant_vec: np.ndarray
     retrieval: Retrieval | None = None
+    head: HeadAnswers | None = None  # the fine-tuned captioner's embedding head, loaded with it
 
 
 def score_shard(items: list[Item], captioners: dict, baselines: Baselines, painter, ctx,
                 real: dict) -> tuple[list[dict], list]:
     """Rows for one shard's items (and the redrawn images, or [] when evaluate.regenerate is off)."""
     e, seed = ctx.cfg.evaluate, ctx.cfg.run.seed
-    names = methods(ctx.cfg)
-    captions = {name: cap([it.image for it in items]) for name, cap in captioners.items()}
+    names = methods(ctx.cfg, ctx.layout)
+    images_in = [it.image for it in items]
+    captions = {name: cap(images_in) for name, cap in captioners.items()}
     captions["constant"] = [baselines.constant] * len(items)
+    head_vecs = None
+    if baselines.head is not None:
+        head_vecs = baselines.head.embeddings(images_in)
+        captions["reranked"] = baselines.head.rerank(images_in, captions["finetuned"], head_vecs)
     need_vectors = baselines.retrieval is not None or painter is not None
     image_vecs = embed_images([it.image for it in items], e.image_model, seed=seed) if need_vectors and items else None
     if baselines.retrieval is not None:
         captions["retrieval"] = baselines.retrieval(image_vecs) if items else []
     prompt_vecs = embed([it.prompt for it in items], e.text_model)
     sims = {name: np.sum(prompt_vecs * embed(captions[name], e.text_model), axis=1)
-            for name in names if name != "constant"}
+            for name in captioning(names) if name != "constant"}
     sims["constant"] = prompt_vecs @ baselines.constant_vec
+    if head_vecs is not None:  # the head's embedding is an answer of its own, scored by the metric directly
+        sims["embedding_head"] = np.sum(prompt_vecs * head_vecs, axis=1)
     redrawn = painter(captions["finetuned"], [it.seed for it in items]) if painter is not None else []
     images = (image_scores(items, redrawn, real, e.image_model, seed, image_vecs) if painter
               else [{} for _ in items])
@@ -120,10 +139,10 @@ def score_shard(items: list[Item], captioners: dict, baselines: Baselines, paint
         rows.append({
             "order": it.order, "key": it.key, "prompt": it.prompt, "seed": it.seed,
             "attributes": {k: it.attributes.get(k) for k in ("id", *ATTRIBUTES) if it.attributes.get(k)},
-            "captions": {name: captions[name][i] for name in names},
+            "captions": {name: captions[name][i] for name in captioning(names)},
             "similarity": {name: float(sims[name][i]) for name in names},
             "recovered": {name: {a: names_value(captions[name][i], it.attributes[a])
-                                 for a in ATTRIBUTES if it.attributes.get(a)} for name in names},
+                                 for a in ATTRIBUTES if it.attributes.get(a)} for name in captioning(names)},
             "image": images[i],
         })
     return rows, redrawn
@@ -132,7 +151,8 @@ def score_shard(items: list[Item], captioners: dict, baselines: Baselines, paint
 def summarise(rows: list[dict], ctx: StageContext, constant: str, stats: dict) -> dict:
     """summary.json from all rows in split order."""
     e, seed = ctx.cfg.evaluate, ctx.cfg.run.seed
-    names = methods(ctx.cfg)
+    names = methods(ctx.cfg, ctx.layout)
+    texts = captioning(names)
     sims = {name: [r["similarity"][name] for r in rows] for name in names}
     attrs = [r["attributes"] for r in rows]
     image_keys = sorted({k for r in rows for k in r["image"]})
@@ -148,18 +168,20 @@ def summarise(rows: list[dict], ctx: StageContext, constant: str, stats: dict) -
         # the same samples scored by two captioners: paired differences, their interval and a signed-rank test
         "paired": {f"{a} - {b}": paired_difference(sims[a], sims[b], seed=seed) for a, b in PAIRED
                    if a in sims and b in sims},
-        "attributes": {name: recovery([r["captions"][name] for r in rows], attrs) for name in names},
+        "attributes": {name: recovery([r["captions"][name] for r in rows], attrs) for name in texts},
         "attribute_chance": chance_rates(attrs),
         "by_articleType": {name: grouped_mean(sims[name], [a.get("articleType", "") for a in attrs])
                            for name in names},
         "by_gender": {name: grouped_mean(sims[name], [a.get("gender", "") for a in attrs]) for name in names},
         "image": {k: describe([r["image"][k] for r in rows if k in r["image"]], seed=seed) for k in image_keys},
         "decoding": {"max_new_tokens": e.max_new_tokens, "num_beams": e.num_beams,
-                     "repetition_penalty": e.repetition_penalty, "greedy": e.num_beams == 1},
+                     "repetition_penalty": e.repetition_penalty, "greedy": e.num_beams == 1,
+                     **({"rerank_candidates": e.num_candidates} if "reranked" in names else {})},
         "models": {"text": e.text_model, "image": e.image_model if e.regenerate else None,
                    "zero_shot": ctx.cfg.train.captioner, "finetuned": "captioner/ (run dir)",
                    "generator": ctx.cfg.generate.model,
-                   "retrieval": e.image_model if e.retrieval else None},
+                   "retrieval": e.image_model if e.retrieval else None,
+                   "embedding_head": "captioner/embedding_head.safetensors" if "embedding_head" in names else None},
         "retrieval": retrieval_record(ctx) if e.retrieval else None,
         "read": stats,
     }
@@ -191,6 +213,9 @@ def evaluate_shards(ctx: StageContext, shards: list[tuple[str, int]], pending: l
         return
     captioners = {"zero_shot": zero_shot_captioner(cfg, info.device),
                   "finetuned": finetuned_captioner(layout, cfg, info.device)}
+    if "embedding_head" in methods(cfg, layout):
+        baselines.head = HeadAnswers(captioners["finetuned"], layout.captioner, cfg.evaluate.text_model,
+                                     cfg.evaluate.num_candidates, info.device)
     painter = Painter(cfg, info.device) if cfg.evaluate.regenerate else None
     # a sample count (with an ETA) for what this rank has to do; rank 0's bar stands for the job
     bar = _bar(info, sum(pending_samples(shards, pending, cfg.evaluate.max_samples)), "evaluate")
@@ -269,7 +294,7 @@ def _log_tb(ctx: StageContext, rows: list[dict], summary: dict) -> None:
     names = summary["captioners"]
     scalars = {f"eval/similarity/{name}": summary["similarity"][name]["mean"] for name in names
                if summary["similarity"][name]["mean"] is not None}
-    for name in names:
+    for name in summary["attributes"]:
         for attr, rec in summary["attributes"][name].items():
             if rec["rate"] is not None:
                 scalars[f"eval/attributes/{attr}/{name}"] = rec["rate"]

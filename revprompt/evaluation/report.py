@@ -13,7 +13,8 @@ from .attributes import ATTRIBUTES
 log = logging.getLogger(__name__)
 
 LABELS = {"zero_shot": "zero-shot", "finetuned": "fine-tuned", "constant": "constant caption",
-          "retrieval": "retrieval (nearest train image)"}
+          "retrieval": "retrieval (nearest train image)", "embedding_head": "embedding head (its vector scored)",
+          "reranked": "fine-tuned, reranked by the head"}
 
 
 def _names(summary: dict) -> list[str]:
@@ -200,7 +201,7 @@ def _similarity_section(summary: dict, plots: dict) -> list[str]:
     lines += ["", f"Fine-tuned minus zero-shot: **{_fmt(g['finetuned_minus_zero_shot'])}**; fine-tuned minus "
               f"constant caption: **{_fmt(g['finetuned_minus_constant'])}**. The constant caption is the train "
               f"prompt nearest the mean of all train prompts: \"{md(summary['constant_caption'])}\".", ""]
-    lines += _retrieval_note(summary)
+    lines += _retrieval_note(summary) + _head_note(summary)
     lines += _paired_table(summary)
     if (g["finetuned_minus_constant"] or 0) < 0:
         lines += [f"The fine-tuned captioner scores below the constant caption at step {summary['captioner_step']}: "
@@ -222,6 +223,16 @@ def _retrieval_note(summary: dict) -> list[str]:
         lines.append(f"The fine-tuned captioner scores {-gap:.3f} below retrieval: on these test images a lookup of "
                      "the nearest train image's prompt recovers more than the captioner has learnt to write.")
     return lines + [""]
+
+
+def _head_note(summary: dict) -> list[str]:
+    """What the two embedding-head rows are."""
+    if "embedding_head" not in summary["similarity"]:
+        return []
+    k = summary["decoding"].get("rerank_candidates")
+    return ["The embedding head, trained with the captioner, regresses the prompt's sentence embedding from the "
+            "image: its vector is scored by the metric directly (no text), and it picks the caption nearest that "
+            f"vector among the greedy caption and the {k} best beams (reranked).", ""]
 
 
 def _paired_table(summary: dict) -> list[str]:
@@ -251,12 +262,13 @@ def _p(value: float | None) -> str:
 
 
 def _attribute_section(summary: dict, plots: dict) -> list[str]:
+    texts = [n for n in _names(summary) if n in summary["attributes"]]  # the methods that write a caption
     lines = ["## Attribute recovery", "",
              "How often the recovered prompt names the source row's value (whole words, singular or plural).", "",
-             f"| attribute | {' | '.join(LABELS.get(n, n) for n in _names(summary))} | most frequent value |",
-             "|---" * (len(_names(summary)) + 2) + "|"]
+             f"| attribute | {' | '.join(LABELS.get(n, n) for n in texts)} | most frequent value |",
+             "|---" * (len(texts) + 2) + "|"]
     for a in ATTRIBUTES:
-        cells = [_fmt(summary["attributes"][name][a]["rate"]) for name in _names(summary)]
+        cells = [_fmt(summary["attributes"][name][a]["rate"]) for name in texts]
         lines.append(f"| {a} | {' | '.join(cells)} | {_fmt(summary['attribute_chance'][a])} |")
     return lines + ["", f"![attributes]({plots['attributes'].name})", ""]
 

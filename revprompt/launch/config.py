@@ -161,6 +161,9 @@ class EvaluateConfig:
     retrieval_exact_limit: int = _f(2_000_000, "exact search (faiss IndexFlatIP) up to this many train images; an "
                                     "inverted-file index (IndexIVFFlat, 4 sqrt(N) lists) beyond", min=1)
     retrieval_nprobe: int = _f(32, "inverted lists an IVF search visits (more: nearer to exact, slower)", min=1)
+    num_candidates: int = _f(4, "with an embedding head in the exported captioner: beams generated per image besides "
+                             "the greedy caption, the one nearest the head's embedding kept ('reranked'; 1 = the "
+                             "greedy caption alone)", min=1, max=32)
     real_images: str = _f("", "folder of real product photos named {prompt id}.jpg (Kaggle images/); 'renders' = "
                           "the product renders of revprompt.models.miniature; '' = none")
     examples: int = _f(4, "best and worst recoveries shown with their images in the report", min=0, max=64)
@@ -179,6 +182,8 @@ class CaptionConfig:
                         "run.dir/captioner (read by `revprompt caption`; decoding as in [evaluate])")
     inputs: list = _f([], "image files, folders of images, shard .tar files or shard roots to caption")
     out: str = _f("captions.jsonl", "JSONL output: one {path|key, caption} per image, written atomically")
+    rerank: bool = _f(True, "when the captioner folder has an embedding head (train.embedding_head): keep the caption "
+                      "nearest its embedding among the greedy one and evaluate.num_candidates beams")
 
 
 @dataclass

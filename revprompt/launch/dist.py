@@ -225,7 +225,8 @@ def setup_logging(log_dir: str | Path | None, rank: int, level: str = "INFO") ->
     # third-party libraries are chatty at INFO; their warnings still reach the log files
     # (the compiler probes DeepSpeed runs before building an op log at INFO under 'compilers')
     for noisy in ("diffusers", "transformers", "accelerate", "torch.distributed", "urllib3", "compilers",
-                  "sentence_transformers", "DeepSpeed", "deepspeed", "huggingface_hub", "filelock"):
+                  "sentence_transformers", "DeepSpeed", "deepspeed", "huggingface_hub", "filelock",
+                  "faiss"):  # faiss logs each CPU-feature build it tries before the one that loads
         logging.getLogger(noisy).setLevel(logging.WARNING)
     quiet_library_progress_bars()
     # importing diffusers makes transformers warn, once per class, that its image processors fall back

@@ -29,18 +29,20 @@ def check_evaluation(run_dir: Path) -> None:
     rows = [json.loads(line) for line in (run_dir / "eval" / "results.jsonl").read_text().splitlines()]
     n_test = sum(1 for line in (run_dir / "prompts" / "test.jsonl").read_text().splitlines() if line.strip())
     assert summary["samples"] == len(rows) == n_test > 0
-    names = {"zero_shot", "finetuned", "constant", "retrieval"}
-    assert set(summary["captioners"]) == names
+    texts = {"zero_shot", "finetuned", "constant", "retrieval", "reranked"}  # the tiny preset trains the head
+    assert summary["captioners"] == ["zero_shot", "finetuned", "constant", "retrieval", "embedding_head", "reranked"]
     for row in rows:
-        assert set(row["captions"]) == set(row["similarity"]) == names
+        assert set(row["captions"]) == texts and set(row["similarity"]) == texts | {"embedding_head"}
         assert all(-1.0 <= v <= 1.0 for v in row["similarity"].values())
-    for name in names:
+    for name in summary["captioners"]:
         d = summary["similarity"][name]
         assert d["ci95"][0] <= d["mean"] <= d["ci95"][1]
     check_retrieval(run_dir, rows, summary)
-    for other in ("zero_shot", "constant", "retrieval"):  # the paired differences agree with the per-sample rows
-        paired = summary["paired"][f"finetuned - {other}"]
-        diffs = [r["similarity"]["finetuned"] - r["similarity"][other] for r in rows]
+    for a, b in (("finetuned", "zero_shot"), ("finetuned", "constant"), ("finetuned", "retrieval"),
+                 ("embedding_head", "finetuned"), ("reranked", "finetuned")):
+        # the paired differences agree with the per-sample rows
+        paired = summary["paired"][f"{a} - {b}"]
+        diffs = [r["similarity"][a] - r["similarity"][b] for r in rows]
         assert paired["n"] == len(rows) and abs(paired["mean"] - sum(diffs) / len(diffs)) < 1e-9
         assert paired["ci95"][0] <= paired["mean"] <= paired["ci95"][1] and 0 <= paired["p_wilcoxon"] <= 1
         assert paired["wins"] == sum(d > 0 for d in diffs) / len(diffs)
@@ -80,6 +82,20 @@ def check_retrieval(run_dir: Path, rows: list[dict], summary: dict) -> None:
     nearest = (vectors @ features.T).argmax(axis=1)
     assert [prompts[j] for j in nearest] == [r["captions"]["retrieval"] for r in rows]
 
+    # the head's score: its embedding of the test image (exported captioner and head, loaded again) against the
+    # prompt's all-MiniLM-L6-v2 embedding
+    import torch
+
+    from revprompt.models.captioner import load_exported
+    from revprompt.models.captioner.head import load_embedding_head, predict_embeddings
+    from revprompt.models.text_embedder import embed
+
+    model, processor = load_exported(run_dir / "captioner", torch.device("cpu"))
+    head = predict_embeddings(model, processor, load_embedding_head(run_dir / "captioner"),
+                              [it.image for it in items], "cpu")
+    direct = np.sum(head * embed([it.prompt for it in items]), axis=1)
+    np.testing.assert_allclose([r["similarity"]["embedding_head"] for r in rows], direct, atol=1e-5)
+
 
 def test_pipeline_end_to_end(tmp_path: Path):
     run_dir = tmp_path / "run"
@@ -101,6 +117,15 @@ def test_pipeline_end_to_end(tmp_path: Path):
     assert json.loads((run_dir / "captioner" / "revprompt.json").read_text())["step"] == 6
 
     check_evaluation(run_dir)
+    # `revprompt caption` with the same captioner: reranked by its head as evaluate reranked, or greedy
+    by_key = {json.loads(line)["key"]: json.loads(line)["captions"]
+              for line in (run_dir / "eval" / "results.jsonl").read_text().splitlines()}
+    for flags, method in (([], "reranked"), (["--no-rerank"], "finetuned")):
+        out = run_dir.parent / f"{method}.jsonl"
+        run_cli("caption", "--config", "tiny", f"--run.dir={run_dir}", str(run_dir / "shards" / "test"),
+                f"--out={out}", *flags)
+        lines = [json.loads(line) for line in out.read_text().splitlines()]
+        assert len(lines) == len(by_key) and all(by_key[r["key"]][method] == r["caption"] for r in lines)
 
     drift = json.loads((run_dir / "drift" / "summary.json").read_text())
     assert [e["iteration"] for e in drift["iterations"]] == [0, 1, 2]

