@@ -153,7 +153,9 @@ def shared_overrides(args: argparse.Namespace, run_dir: Path) -> list[str]:
     return [f"--run.dir={run_dir}", "--run.device=cpu", f"--prompts.limit={args.prompts}",
             f"--train.max_steps={args.steps}", f"--train.log_every={args.log_every}",
             f"--train.micro_batch_size={args.micro_batch}", "--train.val_every=0", "--train.val_captions=0",
-            "--train.save_every=1000000000", "--train.precision=fp32", "--generate.steps=2"]
+            "--train.save_every=1000000000", "--train.precision=fp32", "--generate.steps=2",
+            # the bare loop trains the captioner alone: so does the trainer, without the preset's embedding head
+            "--train.embedding_head=false"]
 
 
 def generate(args: argparse.Namespace, run_dir: Path, env: dict[str, str]) -> None:

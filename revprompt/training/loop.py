@@ -22,6 +22,7 @@ from ..models.captioner import (BLIP, BLIP2, TrainingInputs, add_lora, base_mode
 from ..models.captioner.head import HeadError, attach_head, captioner_of, embedding_loss, write_head_info
 from ..models.captioner.lora import LoraError
 from ..models.builtin import RANDOM_TINY, builtin_name
+from ..models.text_embedder import embedding_width as text_embedding_width
 from ..models.text_embedder import pairwise_cosine
 from ..shards.manifest import read_manifest, split_shards
 from ..shards.reader import build_reader
@@ -67,11 +68,11 @@ class Losses:
         return numbers[0], numbers[1], numbers[2] if self.embedding is not None else 0.0
 
 
-def build_model(cfg, embedding_width: int = 0):
+def build_model(cfg, embedding_width: int | None = None):
     """The captioner to train and its processor, as `cfg`'s [train] asks: vision frozen (always for BLIP-2), label
     smoothing (BLIP), the instruction (prompted kinds), LoRA adapters, and with train.embedding_head the captioner
-    and an embedding head of `embedding_width` outputs as one module (CaptionerWithHead). A setting that cannot apply
-    is a StageError naming its key."""
+    and an embedding head as one module (CaptionerWithHead), `embedding_width` outputs wide (None: evaluate.text_model's
+    width). A setting that cannot apply is a StageError naming its key."""
     t = cfg.train
     model, processor = build_captioner(t.captioner, cfg.run.seed)
     kind = kind_of(model)
@@ -107,8 +108,8 @@ def build_model(cfg, embedding_width: int = 0):
              f", instruction {instruction!r}" if instruction else "", trainable, total)
     if t.embedding_head:
         try:
-            model = attach_head(model, embedding_width, t.embedding_head_hidden, cfg.evaluate.text_model,
-                                cfg.run.seed)
+            width = embedding_width or text_embedding_width(cfg.evaluate.text_model)
+            model = attach_head(model, width, t.embedding_head_hidden, cfg.evaluate.text_model, cfg.run.seed)
         except HeadError as exc:
             raise StageError(str(exc)) from None
         log.info("embedding head on %s (%s pooling): %d -> %s%d (%s), %d parameters, loss weight %g",
@@ -144,7 +145,7 @@ class Trainer:
         # the head's targets: prompt embeddings under the metric's model, made in the step (see targets.py)
         self.targets = PromptEmbeddings(self.cfg.evaluate.text_model, self.info.device) \
             if self.t.embedding_head else None
-        model, self.processor = build_model(self.cfg, self.targets.width if self.targets else 0)
+        model, self.processor = build_model(self.cfg, self.targets.width if self.targets else None)
         self.inputs = TrainingInputs(captioner_of(model), self.processor, self.t.max_length)
         # rank 0 keeps a plain copy for captioning during validation and for export (ZeRO-3 partitions the original);
         # with the embedding head, the copy holds it too

@@ -124,7 +124,7 @@ def test_lora_on_two_ranks_with_zero3_exports_an_adapter_and_settings_that_canno
     run = copy_run(generated_run, tmp_path / "run")
     run_cli("train", *train_args(run, train__max_steps=2, train__micro_batch_size=4), "--train.lora_rank=4",
             "--train.lora_merge=false", "--train.zero_stage=3", f"--train.captioner={captioners['llava']}",
-            "--train.val_captions=0", nproc=2, threads=1)
+            "--train.val_captions=0", "--train.embedding_head=true", nproc=2, threads=1)
     export = run / "captioner"
     adapter = json.loads((export / "adapter_config.json").read_text())
     assert adapter["base_model_name_or_path"] == str(captioners["llava"]) and adapter["r"] == 4
@@ -147,6 +147,10 @@ def test_lora_on_two_ranks_with_zero3_exports_an_adapter_and_settings_that_canno
             "--export.lora_merge=false")
     again = weights(tmp_path / "again")
     assert again.keys() == trained.keys() and all(torch.equal(again[k], trained[k]) for k in trained)
+    # the embedding head beside the adapter: gathered from the ZeRO-3 partitions live, consolidated by `export`
+    head, head_again = load_file(export / HEAD), load_file(tmp_path / "again" / HEAD)
+    assert head.keys() == head_again.keys() and all(torch.equal(head[k], head_again[k]) for k in head)
+    assert HEAD in json.loads((tmp_path / "again" / "revprompt.json").read_text())["files"]
 
     # a setting that cannot apply stops train in one line, before a step (the others: tests/unit/test_captioner_kinds)
     refused = copy_run(generated_run, tmp_path / "refused")

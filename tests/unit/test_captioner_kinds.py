@@ -161,8 +161,13 @@ def test_train_settings_that_cannot_apply_are_refused_naming_their_key(folders):
     with pytest.raises(ConfigError, match="train.lora_alpha"):
         load_config("tiny", ["--train.lora_rank=4", "--train.lora_alpha=0"])
     model, _ = build_model(load_config("tiny", [f"--train.captioner={folders['llava']}", "--train.lora_rank=2"]))
-    assert {n.split(".lora_")[0].rsplit(".", 1)[1] for n, p in model.named_parameters() if p.requires_grad} == \
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert {n.split(".lora_")[0].rsplit(".", 1)[1] for n in trainable if not n.startswith("head.")} == \
         {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}  # the language model's
+    # and the tiny preset's embedding head, whole, on the mean of the CLIP tower's states (32 wide) to MiniLM's 384
+    assert {n for n in trainable if n.startswith("head.")} == \
+        {f"head.{i}.{w}" for i in (0, 1, 3) for w in ("weight", "bias")}
+    assert (model.head.in_dim, model.head.hidden, model.head.out_dim, model.site.pooling) == (32, 256, 384, "mean")
 
 
 def test_blip_takes_no_instruction_and_others_keep_theirs(folders):
