@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import struct
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -50,8 +51,9 @@ MINHASH_SEED = 1
 # exactly 0.8 a candidate with probability 0.95; the default weights give 9 x 13 and 0.40)
 LSH_WEIGHTS = (0.05, 0.95)
 TRAIN, VAL, TEST = (SPLITS.index(s) for s in ("train", "val", "test"))
+# buckets of up to this many word sets are checked pair by pair in Python, larger ones by sparse products
+SMALL_BUCKET = 24
 _DIGITS = re.compile(r"\d+")
-_EDGE = np.dtype([("a", "<i4"), ("b", "<i4")])
 _C1, _C2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 
 
@@ -132,12 +134,12 @@ class NearDuplicates:
         self.fractions = (val_fraction, test_fraction)
         self.bands, self.rows = lsh_bands(threshold, num_perm)
         self.count = 0
-        names = ["keys", "hash-splits", "sets", "words", "offsets", "edges"] + [f"band{b:03d}" for b in
-                                                                                    range(self.bands)]
+        names = ["keys", "hash-splits", "sets-hi", "sets-lo", "words", "offsets"]
+        names += [f"band{b:03d}" for b in range(self.bands)]
         self.paths = {name: Path(folder) / f".neardup-{name}.tmp{os.getpid()}" for name in names}
         self._files = {}
         try:
-            for name in (name for name in names if name != "edges"):  # the edges are written by build
+            for name in names:
                 self._files[name] = open(self.paths[name], "wb")
         except BaseException:
             self.close()
@@ -165,7 +167,10 @@ class NearDuplicates:
         self._files["hash-splits"].write(np.array(codes, dtype=np.int8).tobytes())
         joined = [" ".join(s).encode("utf-8") for s in sets]
         # a word set's identity: 128 bits of blake2b, so equal keys mean equal sets for any practical count
-        self._files["sets"].write(b"".join(hashlib.blake2b(j, digest_size=16).digest() for j in joined))
+        identity = np.frombuffer(b"".join(hashlib.blake2b(j, digest_size=16).digest() for j in joined),
+                                 dtype=np.uint64).reshape(-1, 2)
+        self._files["sets-hi"].write(identity[:, 0].tobytes())
+        self._files["sets-lo"].write(identity[:, 1].tobytes())
         lengths = np.fromiter((len(j) for j in joined), dtype=np.uint64, count=len(joined))
         starts = self._offset + np.concatenate(([0], np.cumsum(lengths)[:-1])).astype(np.uint64)
         self._files["offsets"].write(starts.tobytes())
@@ -188,67 +193,90 @@ class NearDuplicates:
             handle.close()
         self._files = {}
         n = self.count
-        node_of, group_of, lsh = self._components(n)
-        nodes = len(group_of)
-        group_of = group_of[node_of]  # per prompt: its group's root node
-        hash_splits = np.fromfile(self.paths["hash-splits"], dtype=np.int8)
-        order = np.lexsort((np.fromfile(self.paths["keys"], dtype=np.uint64), group_of))
-        ordered = group_of[order]
-        first = np.ones(n, dtype=bool)
-        first[1:] = ordered[1:] != ordered[:-1]
-        del ordered
-        representative = order[first]  # per group: the member with the smallest representative key
-        del order, first
-        group_split = np.zeros(nodes, dtype=np.int8)
-        group_split[group_of[representative]] = hash_splits[representative]
-        splits = group_split[group_of]
+        counts = {"pair_checks": 0, "pairs_at_or_above_threshold": 0}
+        node_of, node_rep = self._word_sets(n)
+        nodes = len(node_rep)
+        with _WordSets(self.paths, node_rep, self.threshold, counts) as sets:
+            root = self._components(node_rep, sets)
+            group_of = root[node_of]  # per prompt: its group's root node
+            del root
+            hash_splits = np.fromfile(self.paths["hash-splits"], dtype=np.int8)
+            order = np.lexsort((np.fromfile(self.paths["keys"], dtype=np.uint64), group_of))
+            ordered = group_of[order]
+            first = np.ones(n, dtype=bool)
+            first[1:] = ordered[1:] != ordered[:-1]
+            del ordered
+            representative = order[first]  # per group: the member with the smallest representative key
+            del order, first
+            group_split = np.zeros(nodes, dtype=np.int8)
+            group_split[group_of[representative]] = hash_splits[representative]
+            splits = group_split[group_of]
+            del group_split
+            leakage = self._leakage({"hash": hash_splits, "group": splits}, node_of, node_rep, sets)
         sizes = np.bincount(group_of, minlength=nodes)
-        del group_split
         stats = {
             "near_duplicate_threshold": self.threshold, "minhash_permutations": self.num_perm,
             "lsh": {"bands": self.bands, "rows": self.rows, "weights": list(LSH_WEIGHTS), "seed": MINHASH_SEED,
                     "candidate_probability_at_threshold": round(candidate_probability(self.threshold, self.bands,
                                                                                       self.rows), 4),
-                    **lsh},
+                    **counts},
             "prompts": n, "word_sets": nodes, "groups": len(representative),
             "largest_group": int(sizes.max()) if n else 0,
             "prompts_in_shared_groups": int(sizes[sizes > 1].sum()),
             "moved": int(np.count_nonzero(splits != hash_splits)),
             "splits": {"hash": _counts(hash_splits), "group": _counts(splits)},
-            "leakage": {"hash": self._leakage(hash_splits, node_of, nodes),
-                        "group": self._leakage(splits, node_of, nodes)},
+            "leakage": leakage,
         }
         return Grouping(splits=splits, hash_splits=hash_splits, groups=group_of, stats=stats)
 
-    def _components(self, n: int) -> tuple[np.ndarray, np.ndarray, dict]:
-        """(node of each prompt, root node of each node, the LSH pair counts): the connected components of the
-        pairs of word sets that share a bucket in some band and reach the threshold. The pairs are appended to
-        the edges file as they pass (a pair found in several bands, once for each), for `_leakage`."""
-        node_of, node_rep = self._word_sets(n)
+    def _bucket_lists(self, node_rep: np.ndarray):
+        """Every LSH bucket of two or more nodes, band by band: the nodes whose signatures agree on the band."""
+        for band in range(self.bands):
+            yield from _buckets(np.fromfile(self.paths[f"band{band:03d}"], dtype=np.uint64)[node_rep])
+
+    def _components(self, node_rep: np.ndarray, sets: "_WordSets") -> np.ndarray:
+        """The root node of each node: the connected components of the pairs of word sets that share a bucket in
+        some band and reach the threshold."""
         parent = np.arange(len(node_rep), dtype=np.int32)
-        checks = passed = 0
-        with open(self.paths["edges"], "wb") as edges, _WordSets(self.paths, node_rep) as read:
-            for band in range(self.bands):
-                for members in _buckets(np.fromfile(self.paths[f"band{band:03d}"], dtype=np.uint64)[node_rep]):
-                    pairs, checked = self._check(members, read)
-                    checks += checked
-                    passed += len(pairs)
-                    for a, b in pairs:
-                        _union(parent, a, b)
-                    if pairs:
-                        np.array(pairs, dtype=_EDGE).tofile(edges)
+        for bucket in self._bucket_lists(node_rep):
+            if len(bucket) <= SMALL_BUCKET:
+                _join([int(m) for m in bucket], sets.near, parent)
+            else:
+                for a, b in sets.spanning_pairs(bucket):
+                    _union(parent, a, b)
         while True:  # every node to its root (pointer jumping)
             grand = parent[parent]
             if np.array_equal(grand, parent):
-                return node_of, parent, {"pair_checks": checks, "pairs_at_or_above_threshold": passed}
+                return parent
             parent = grand
+
+    def _leakage(self, assignments: dict[str, np.ndarray], node_of: np.ndarray, node_rep: np.ndarray,
+                 sets: "_WordSets") -> dict:
+        """For each assignment of splits: the test prompts with a train prompt of the same word set or of a word set
+        that shares a bucket with theirs and reaches the threshold, searched the same way for every assignment."""
+        nodes = len(node_rep)
+        flags = {}
+        for name, codes in assignments.items():
+            has_train = np.bincount(node_of[codes == TRAIN], minlength=nodes) > 0
+            has_test = np.bincount(node_of[codes == TEST], minlength=nodes) > 0
+            flags[name] = has_train, has_test, has_train & has_test  # the last: leaks (so far)
+        for bucket in self._bucket_lists(node_rep):
+            for has_train, has_test, leaks in flags.values():
+                tests = bucket[has_test[bucket] & ~leaks[bucket]]
+                trains = bucket[has_train[bucket]]
+                if len(tests) and len(trains) and not (len(tests) == len(trains) == 1 and tests[0] == trains[0]):
+                    leaks[tests[sets.any_near(tests, trains)]] = True
+        out = {}
+        for (name, codes), (_, _, leaks) in zip(assignments.items(), flags.values()):
+            tests = np.bincount(node_of[codes == TEST], minlength=nodes)
+            total, leaked = int(tests.sum()), int(tests[leaks].sum())
+            out[name] = {"test_prompts": total, "leaked": leaked, "share": round(leaked / total, 6) if total else 0.0}
+        return out
 
     def _word_sets(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         """(node of each prompt, first prompt of each node): prompts with equal word sets share one node, so
         a set repeated k times costs one entry in each LSH bucket, not k (and no k x k checks)."""
-        keys = np.fromfile(self.paths["sets"], dtype=np.uint64).reshape(n, 2)
-        hi, lo = keys[:, 0].copy(), keys[:, 1].copy()
-        del keys
+        hi, lo = (np.fromfile(self.paths[name], dtype=np.uint64) for name in ("sets-hi", "sets-lo"))
         order = np.lexsort((lo, hi))  # stable: equal sets keep the order they were added in
         new = np.zeros(n, dtype=bool)  # where a new set begins, in that order
         new[:1] = True
@@ -258,41 +286,26 @@ class NearDuplicates:
             del ordered
         del hi, lo, column
         node_of = np.empty(n, dtype=np.int32)
-        node_of[order] = np.cumsum(new, dtype=np.int64) - 1
-        return node_of, order[new]
+        node_of[order] = np.cumsum(new, dtype=np.int32) - 1
+        return node_of, order[new].astype(np.int32)
 
-    def _check(self, members: np.ndarray, read: Callable[[int], frozenset]) -> tuple[list, int]:
-        """The pairs of a bucket's nodes whose word sets reach the threshold, and how many pairs were checked."""
-        sets = [read(int(m)) for m in members]
-        pairs, t = [], self.threshold
-        for i in range(len(sets)):
-            a = sets[i]
-            for j in range(i + 1, len(sets)):
-                b = sets[j]
-                small, large = sorted((len(a), len(b)))
-                if small < t * large:  # the Jaccard similarity is at most small / large
-                    continue
-                common = len(a & b)
-                if common / (len(a) + len(b) - common) >= t:
-                    pairs.append((int(members[i]), int(members[j])))
-        return pairs, len(sets) * (len(sets) - 1) // 2
 
-    def _leakage(self, codes: np.ndarray, node_of: np.ndarray, nodes: int) -> dict:
-        """How many test prompts have a train prompt of Jaccard similarity >= the threshold among the checked
-        pairs (or the same word set), under the split `codes`."""
-        has_train = np.bincount(node_of[codes == TRAIN], minlength=nodes) > 0
-        tests = np.bincount(node_of[codes == TEST], minlength=nodes)
-        leaks = has_train.copy()  # a train prompt with the same word set (a different text: same text is one prompt)
-        with open(self.paths["edges"], "rb") as handle:
-            while True:
-                edges = np.fromfile(handle, dtype=_EDGE, count=1 << 20)
-                if not len(edges):
-                    break
-                a, b = edges["a"], edges["b"]
-                leaks[a[has_train[b]]] = True
-                leaks[b[has_train[a]]] = True
-        total, leaked = int(tests.sum()), int(tests[leaks].sum())
-        return {"test_prompts": total, "leaked": leaked, "share": round(leaked / total, 6) if total else 0.0}
+def _join(members: list[int], near: Callable[[int, int], bool], parent: np.ndarray) -> None:
+    """Unite the near-duplicates among a small bucket's nodes. Each node is checked against the bucket's earlier
+    components, stopping in each at the first member that passes: a bucket of sets that are all near-duplicates
+    costs one check a node."""
+    clusters: dict[int, list[int]] = {}  # root -> this bucket's nodes in that component so far
+    for m in members:
+        root = _find(parent, m)
+        mine = clusters.pop(root, [])  # earlier bands may have joined m to some of them already
+        for other in list(clusters):
+            hit = next((x for x in clusters[other] if near(m, x)), None)
+            if hit is not None:
+                _union(parent, m, hit)
+                mine += clusters.pop(other)
+                root = _find(parent, m)
+        mine.append(m)
+        clusters[root] = mine
 
 
 def _counts(codes: np.ndarray) -> dict:
@@ -301,15 +314,19 @@ def _counts(codes: np.ndarray) -> dict:
 
 
 def _buckets(keys: np.ndarray):
-    """The index groups (of two or more) of equal values in `keys`, each in ascending index order."""
+    """The index groups (of two or more) of equal values in `keys`, each in ascending index order. Holds the keys and
+    their order, not a sorted copy: most keys are alone, and only the runs of equal ones are listed."""
     order = np.argsort(keys, kind="stable")
-    ordered = keys[order]
-    del keys
-    bounds = np.flatnonzero(np.concatenate(([True], ordered[1:] != ordered[:-1], [True])))
-    del ordered
-    sizes = np.diff(bounds)
-    for k in np.flatnonzero(sizes > 1):
-        yield order[bounds[k]:bounds[k + 1]]
+    same = np.zeros(len(keys) + 1, dtype=np.int8)  # same[i + 1]: the keys at order[i] and order[i + 1] are equal
+    step, ordered = 1 << 20, None
+    for start in range(0, len(keys) - 1, step):
+        ordered = keys[order[start:start + step + 1]]
+        same[start + 1:start + len(ordered)] = ordered[1:] == ordered[:-1]
+    del keys, ordered
+    change = np.diff(same, append=np.int8(0))
+    del same
+    for start, stop in zip(np.flatnonzero(change == 1), np.flatnonzero(change == -1) + 1):
+        yield order[start:stop]
 
 
 def _union(parent: np.ndarray, a: int, b: int) -> None:
@@ -328,21 +345,107 @@ def _find(parent: np.ndarray, x: int) -> int:
 
 
 class _WordSets:
-    """Reads a node's word set from the words file by offset; holds the nodes' offsets, not their words."""
+    """The exact check of candidate pairs. Reads a node's word set from the words file at the offsets its first prompt
+    has in the offsets file (it holds neither), and counts the checks in `counts`."""
 
-    def __init__(self, paths: dict, node_rep: np.ndarray):
-        offsets = np.fromfile(paths["offsets"], dtype=np.uint64)
-        self.starts = offsets[node_rep]
-        self.lengths = (offsets[node_rep + 1] - self.starts).astype(np.uint32)
-        del offsets
-        self.fd = os.open(paths["words"], os.O_RDONLY)
+    def __init__(self, paths: dict, node_rep: np.ndarray, threshold: float, counts: dict):
+        self.node_rep, self.threshold, self.counts = node_rep, threshold, counts
+        self.words = os.open(paths["words"], os.O_RDONLY)
+        self.offsets = os.open(paths["offsets"], os.O_RDONLY)
+        self._cache: dict[int, frozenset] = {}
 
-    def __call__(self, node: int) -> frozenset:
-        return frozenset(os.pread(self.fd, int(self.lengths[node]), int(self.starts[node])).decode("utf-8")
-                         .split(" "))
+    def read(self, node: int) -> frozenset:
+        """The word set of a node."""
+        start, stop = struct.unpack("<QQ", os.pread(self.offsets, 16, 8 * int(self.node_rep[node])))
+        return frozenset(os.pread(self.words, stop - start, start).decode("utf-8").split(" "))
+
+    def near(self, a: int, b: int) -> bool:
+        """Whether two nodes' word sets reach the threshold (the exact Jaccard similarity); the sets of the bucket
+        in hand are cached."""
+        x = self._cache.get(a) or self._cache.setdefault(a, self.read(a))
+        y = self._cache.get(b) or self._cache.setdefault(b, self.read(b))
+        if len(self._cache) > 4 * SMALL_BUCKET:
+            self._cache.clear()
+        self.counts["pair_checks"] += 1
+        if min(len(x), len(y)) < self.threshold * max(len(x), len(y)):  # Jaccard is at most small / large
+            return False
+        common = len(x & y)
+        passed = common / (len(x) + len(y) - common) >= self.threshold
+        self.counts["pairs_at_or_above_threshold"] += passed
+        return passed
+
+    def _blocks(self, rows: np.ndarray, cols: np.ndarray):
+        """(row slice, pass matrix) blocks: whether each row node's set reaches the threshold with each column
+        node's, by sparse products of word incidence (C speed for buckets of thousands), about 2**20 cells each."""
+        from scipy.sparse import csr_matrix
+
+        nodes = np.unique(np.concatenate((rows, cols)))
+        found = [self.read(int(m)) for m in nodes]
+        vocab: dict[str, int] = {}
+        indices = np.fromiter((vocab.setdefault(w, len(vocab)) for s in found for w in s), dtype=np.int32)
+        sizes = np.fromiter((len(s) for s in found), dtype=np.int64, count=len(found))
+        incidence = csr_matrix((np.ones(len(indices), dtype=np.int32), indices,
+                                np.concatenate(([0], np.cumsum(sizes)))), shape=(len(nodes), len(vocab)))
+        r, c = np.searchsorted(nodes, rows), np.searchsorted(nodes, cols)
+        right = incidence[c].T.tocsc()
+        step = max(1, (1 << 20) // max(len(cols), 1))
+        for start in range(0, len(rows), step):
+            block = slice(start, start + step)
+            common = (incidence[r[block]] @ right).toarray().astype(np.float64)
+            union = sizes[r[block], None] + sizes[None, c] - common
+            passed = common / union >= self.threshold
+            passed &= rows[block, None] != cols[None, :]  # a node is not its own near-duplicate
+            yield block, passed
+
+    def spanning_pairs(self, bucket: np.ndarray):
+        """Pairs of a large bucket's nodes that reach the threshold and connect the same nodes as all such pairs
+        do (a spanning forest, found by union-find over the bucket in numpy)."""
+        labels = np.arange(len(bucket))
+        self.counts["pair_checks"] += len(bucket) * (len(bucket) - 1) // 2
+        for block, passed in self._blocks(bucket, bucket):
+            i, j = np.nonzero(passed)
+            i += block.start
+            upper = i < j
+            self.counts["pairs_at_or_above_threshold"] += int(upper.sum())
+            _unite(labels, i[upper], j[upper])
+        _flatten(labels)
+        for m in np.flatnonzero(labels != np.arange(len(bucket))):
+            yield int(bucket[m]), int(bucket[labels[m]])
+
+    def any_near(self, tests: np.ndarray, trains: np.ndarray) -> np.ndarray:
+        """For each node of `tests`: whether some other node of `trains` reaches the threshold with it."""
+        if len(tests) * len(trains) <= SMALL_BUCKET * SMALL_BUCKET:
+            return np.array([any(u != t and self.near(int(t), int(u)) for u in trains) for t in tests], dtype=bool)
+        found = np.zeros(len(tests), dtype=bool)
+        for block, passed in self._blocks(tests, trains):
+            found[block] = passed.any(axis=1)
+            self.counts["pair_checks"] += int(np.count_nonzero(tests[block, None] != trains[None, :]))
+            self.counts["pairs_at_or_above_threshold"] += int(passed.sum())
+        return found
 
     def __enter__(self) -> "_WordSets":
         return self
 
     def __exit__(self, *exc) -> None:
-        os.close(self.fd)
+        os.close(self.words)
+        os.close(self.offsets)
+
+
+def _flatten(labels: np.ndarray) -> None:
+    """Point every entry of a forest (labels[x] <= x) at its root."""
+    while True:
+        grand = labels[labels]
+        if np.array_equal(grand, labels):
+            return
+        labels[:] = grand
+
+
+def _unite(labels: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
+    """Union-find over numpy arrays: join the trees of a[i] and b[i] for every i (the larger root under the
+    smaller; repeated while some pair is still apart, since several pairs may claim one root at once)."""
+    while len(a):
+        _flatten(labels)
+        ra, rb = labels[a], labels[b]
+        apart = ra != rb
+        a, b, ra, rb = a[apart], b[apart], ra[apart], rb[apart]
+        np.minimum.at(labels, np.maximum(ra, rb), np.minimum(ra, rb))

@@ -3,6 +3,7 @@ any order and chunking, and prompts/stats.json's leakage is computed."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import string
@@ -15,7 +16,7 @@ from hypothesis import strategies as st
 
 from revprompt.generation.prepare import prepare
 from revprompt.launch.config import load_config
-from revprompt.launch.layout import prepared_fingerprint, short_hash
+from revprompt.launch.layout import file_sha256, prepared_fingerprint, short_hash
 from revprompt.prompts.neardup import NearDuplicates, representative_key, words
 from revprompt.prompts.prepared import load_split, split_of
 from revprompt.prompts.sources import normalise
@@ -124,8 +125,6 @@ def test_fingerprint_follows_the_grouping_keys_only_under_group_splits(tmp_path)
     cfg = load_config("tiny", base + ["--prompts.split=hash"])
     old = {k: v for k, v in cfg.to_dict()["prompts"].items()
            if k not in ("split", "near_duplicate_threshold", "minhash_permutations")}
-    import hashlib
-    from revprompt.launch.layout import file_sha256
     assert fp[("--prompts.split=hash",)] == hashlib.sha256(
         (short_hash({"prompts": old}, separators=(",", ":")) + file_sha256(source)).encode()).hexdigest()[:16]
 
@@ -226,3 +225,26 @@ def test_large_groups_fall_in_test_no_more_often_than_single_prompts():
     assert (stats["groups"], stats["largest_group"]) == (300, 10)
     assert 0.2 < stats["splits"]["group"]["test"] / len(texts) < 0.4  # VAL, TEST = 0.2, 0.3
     assert 0.1 < stats["splits"]["group"]["val"] / len(texts) < 0.3
+
+
+@settings(max_examples=150, deadline=None)
+@given(names=st.lists(st.lists(st.sampled_from(VOCAB[:10]), min_size=3, max_size=7), min_size=2, max_size=40),
+       seed=st.integers(0, 2**16))
+def test_large_buckets_checked_by_sparse_products_agree_with_pair_by_pair(names, seed):
+    from revprompt.prompts import neardup
+
+    rng = random.Random(seed)
+    texts = [" ".join(n) + f" size {rng.randrange(3)}" * rng.randrange(2) for n in names]
+    unique = list({normalise(t): t for t in texts}.values())
+    found = {}
+    for small in (1, 10**6):  # every bucket by sparse products; every bucket pair by pair
+        neardup.SMALL_BUCKET, saved = small, neardup.SMALL_BUCKET
+        try:
+            found[small] = group(unique, chunk=16, threshold=0.7)
+        finally:
+            neardup.SMALL_BUCKET = saved
+    vector, python = found[1], found[10**6]
+    assert (vector.splits == python.splits).all()
+    assert {k: v for k, v in vector.stats.items() if k != "lsh"} == {k: v for k, v in python.stats.items() if k != "lsh"}
+    same = [[int(g) == int(h) for h in vector.groups] for g in vector.groups]
+    assert same == [[int(g) == int(h) for h in python.groups] for g in python.groups]
