@@ -1,5 +1,12 @@
 """`revprompt prepare`: read, clean, de-duplicate and split the prompt set once, into the run directory.
 
+Two passes under `prompts.split = "group"` (the default): the first streams the unique prompts into a
+private file and the near-duplicate index (revprompt.prompts.neardup), which then groups them; the second
+reads the prompts back and writes each into its group's split, in source order. Under `"hash"` the split
+files are written in the first pass, as before groups existed; the index still runs, for
+prompts/stats.json's leakage figures. Either way prompts/stats.json says how many test prompts have a
+near-duplicate in train under each split.
+
 Prepare counts the prompts longer than the text encoder of `generate.model` takes (they are
 truncated when drawn), so it loads that model's tokenizer; everything else it does depends on the
 [prompts] section alone.
@@ -19,7 +26,8 @@ from ..launch.config import Config
 from ..launch.layout import (RunLayout, prepared_fingerprint, private_sibling, remove_dead_siblings, remove_if_empty,
                              remove_owned, swap_folder)
 from ..models.text_to_image import load_tokenizer
-from ..prompts.prepared import SPLITS, SplitWriter, record, split_of
+from ..prompts.neardup import NearDuplicates
+from ..prompts.prepared import SPLITS, SplitWriter, parse, record, split_of
 from ..prompts.sources import CsvStats, Prompt, PromptSourceError, normalise, read_prompts, resolve_path
 from ..shards.manifest import read_manifest
 from ..shards.writer import WriteError, write_error, write_json_atomic
@@ -81,25 +89,23 @@ def unique_prompts(cfg: Config, seen: SeenSet, counts: dict, csv_stats: CsvStats
         yield prompt
 
 
-def write_splits(prompts: Iterator[Prompt], cfg: Config, writers: dict[str, SplitWriter], tokenizer, counts: dict,
-                 chunk: int) -> None:
-    """Assign each prompt its split and append it, tokenising in chunks to count the over-long ones."""
-    p, max_tokens = cfg.prompts, tokenizer.model_max_length
+def read_chunks(prompts: Iterator[Prompt], tokenizer, counts: dict, chunk: int) -> Iterator[list[Prompt]]:
+    """The prompts in lists of `chunk`, each tokenised at once to count the over-long ones."""
+    max_tokens = tokenizer.model_max_length
     pending: list[Prompt] = []
 
-    def flush() -> None:
-        lengths = tokenizer([q.text for q in pending], add_special_tokens=True)["input_ids"] if pending else []
-        for prompt, ids in zip(pending, lengths):
+    def counted() -> list[Prompt]:
+        for ids in tokenizer([q.text for q in pending], add_special_tokens=True)["input_ids"]:
             counts["too_long"] += len(ids) > max_tokens
-            split = split_of(prompt.text, p.val_fraction, p.test_fraction)
-            writers[split].write(record(prompt, split))
-        pending.clear()
+        return pending
 
     for prompt in prompts:
         pending.append(prompt)
         if len(pending) == chunk:
-            flush()
-    flush()
+            yield counted()
+            pending = []
+    if pending:
+        yield counted()
 
 
 class PrepareError(ValueError):
@@ -122,18 +128,20 @@ def check_shards_keep_their_prompts(layout: RunLayout, fingerprint: str) -> None
 
 
 def prepare(cfg: Config, chunk: int = 1024) -> dict:
-    """Write prompts/{split}.jsonl + .idx and prompts/report.json, streaming; return the report (counts).
+    """Write prompts/{split}.jsonl + .idx, prompts/report.json and prompts/stats.json, streaming; return the
+    report (counts).
 
     Memory does not grow with the prompt count: prompts are read, checked and written in chunks of
-    `chunk`, and the texts and ids seen so far live in an SQLite file while this runs. The new set is
-    written into a private folder and swapped in whole, so prompts/ is always one prepared set; a set
-    that shards were generated from is never replaced by another.
+    `chunk`; the texts and ids seen so far live in an SQLite file and the near-duplicate index in files
+    while this runs. The new set is written into a private folder and swapped in whole, so prompts/ is
+    always one prepared set; a set that shards were generated from is never replaced by another.
     """
     layout = RunLayout(cfg.run.dir)
     fingerprint = prepared_fingerprint(cfg)
     if layout.prompts_report.is_file():
         report = json.loads(layout.prompts_report.read_text(encoding="utf-8"))
-        if report.get("fingerprint") == fingerprint and all((layout.prompts / f"{s}.idx").is_file() for s in SPLITS):
+        if (report.get("fingerprint") == fingerprint and all((layout.prompts / f"{s}.idx").is_file() for s in SPLITS)
+                and stats_are_current(layout, cfg)):
             log.info("prompts already prepared (%s), reusing them", layout.prompts_report)
             return report
     check_shards_keep_their_prompts(layout, fingerprint)
@@ -142,7 +150,7 @@ def prepare(cfg: Config, chunk: int = 1024) -> dict:
     out_dir = private_sibling(layout.prompts, "tmp")
     out_dir.mkdir()
     try:
-        report = write_prepared(cfg, out_dir, fingerprint, chunk)
+        report, stats = write_prepared(cfg, out_dir, fingerprint, chunk)
         old = swap_folder(out_dir, layout.prompts)
     except OSError as exc:
         raise exc if isinstance(exc, WriteError) else write_error(layout.prompts, "the prepared prompts", exc) from None
@@ -157,43 +165,98 @@ def prepare(cfg: Config, chunk: int = 1024) -> dict:
     log.info("prepared %d prompts from %s: %s (empty %d, duplicates %d, longer than the text encoder's %d tokens "
              "%d, rows whose name had unquoted commas rejoined %d)", c["kept"], c["source"], c["splits"], c["empty"],
              c["duplicates"], c["max_tokens"], c["too_long"], c["recovered_commas"])
+    log.info(leakage_line(stats))
     return report
 
 
+def stats_are_current(layout: RunLayout, cfg: Config) -> bool:
+    """Whether prompts/stats.json was computed with the near-duplicate settings of `cfg` (under hash splits they
+    are not in the fingerprint: they change the figures, not the split files)."""
+    try:
+        stats = json.loads(layout.prompts_stats.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    p = cfg.prompts
+    return isinstance(stats, dict) and (stats.get("split"), stats.get("near_duplicate_threshold"),
+                                        stats.get("minhash_permutations")) == (
+        p.split, p.near_duplicate_threshold, p.minhash_permutations)
+
+
+def leakage_line(stats: dict) -> str:
+    """One console line: the test prompts with a train near-duplicate under hash and under group splits."""
+    def share(method: str) -> str:
+        leak = stats["leakage"][method]
+        return f"{method} split {leak['leaked']}/{leak['test_prompts']} ({100 * leak['share']:.1f}%)"
+
+    return (f"near-duplicate leakage (test prompts with a train prompt of word-set Jaccard >= "
+            f"{stats['near_duplicate_threshold']}): {share('hash')}, {share('group')}; split by {stats['split']}: "
+            f"{stats['groups']} groups, the largest {stats['largest_group']}, {stats['moved']} prompts moved from "
+            "their hash split (prompts/stats.json)")
+
+
 # what prepare writes into prompts/
-PROMPT_PATTERNS = ("*.jsonl", "*.idx", "report.json", ".*.tmp*", ".seen.sqlite*")
+PROMPT_PATTERNS = ("*.jsonl", "*.idx", "report.json", "stats.json", ".*.tmp*", ".seen.sqlite*")
 
 
-def write_prepared(cfg: Config, out_dir: Path, fingerprint: str, chunk: int) -> dict:
-    """The prepared set in `out_dir`: the split files, then report.json; returns the report."""
+def write_prepared(cfg: Config, out_dir: Path, fingerprint: str, chunk: int) -> tuple[dict, dict]:
+    """The prepared set in `out_dir`: the split files, then report.json and stats.json; returns both records.
+
+    Every temporary file (the SQLite de-duplication set, the near-duplicate index, the prompts staged between
+    the passes) is a private name in `out_dir` matching PROMPT_PATTERNS, removed before this returns.
+    """
+    p = cfg.prompts
     tokenizer = load_tokenizer(cfg.generate.model)
     csv_stats = CsvStats()
     counts = dict(rows=0, empty=0, duplicates=0, too_long=0, kept=0)
+    source = resolve_path(p.path)
     seen = SeenSet(out_dir / f".seen.sqlite{os.getpid()}")
     writers = {s: SplitWriter(out_dir, s) for s in SPLITS}
+    staged_path = out_dir / f".staged.jsonl.tmp{os.getpid()}"
+    near = staged = None
     try:
-        write_splits(unique_prompts(cfg, seen, counts, csv_stats), cfg, writers, tokenizer, counts, chunk)
+        near = NearDuplicates(out_dir, p.near_duplicate_threshold, p.minhash_permutations, p.val_fraction,
+                              p.test_fraction)
+        staged = None if p.split == "hash" else open(staged_path, "w+b")
+        for batch in read_chunks(unique_prompts(cfg, seen, counts, csv_stats), tokenizer, counts, chunk):
+            near.add([q.text for q in batch])
+            for prompt in batch:
+                if staged is None:  # hash splits: written now, as they always were
+                    split = split_of(prompt.text, p.val_fraction, p.test_fraction)
+                    writers[split].write(record(prompt, split))
+                else:
+                    staged.write((record(prompt, "") + "\n").encode("utf-8"))
+        seen.close()
+        if counts["kept"] == 0 or (counts["kept"] == 1 and counts["duplicates"]):
+            what = "no prompt to prepare" if counts["kept"] == 0 else "every row repeats one prompt"
+            raise PromptSourceError(f"{source}: {what} ({counts['rows']} rows: {counts['empty']} empty, "
+                                    f"{counts['duplicates']} duplicates); give prompts.path a file with prompts to "
+                                    "split into train, val and test")
+        grouping = near.build()
+        if staged is not None:  # pass 2: each prompt into its group's split, in source order
+            staged.seek(0)
+            for index, line in enumerate(staged):
+                split = grouping.split(index)
+                writers[split].write(record(parse(line), split))
     except BaseException:
         for writer in writers.values():
             writer.abort()
         raise
     finally:
         seen.close()
-    source = resolve_path(cfg.prompts.path)
-    if counts["kept"] == 0 or (counts["kept"] == 1 and counts["duplicates"]):
-        for writer in writers.values():
-            writer.abort()
-        what = "no prompt to prepare" if counts["kept"] == 0 else "every row repeats one prompt"
-        raise PromptSourceError(f"{source}: {what} ({counts['rows']} rows: {counts['empty']} empty, "
-                                f"{counts['duplicates']} duplicates); give prompts.path a file with prompts to split "
-                                "into train, val and test")
+        if near is not None:
+            near.close()
+        if staged is not None:
+            staged.close()
+        staged_path.unlink(missing_ok=True)
     for writer in writers.values():
         writer.commit()
     report = dict(fingerprint=fingerprint, source=str(source),
                   max_tokens=tokenizer.model_max_length, recovered_commas=csv_stats.recovered_commas,
                   splits={s: w.count for s, w in writers.items()}, **counts)
+    stats = dict(split=p.split, **grouping.stats)
     write_json_atomic(out_dir / "report.json", report)
-    return report
+    write_json_atomic(out_dir / "stats.json", stats)
+    return report, stats
 
 
 def main(argv: list[str] | None = None) -> int:

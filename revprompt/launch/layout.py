@@ -267,13 +267,19 @@ class RunLayout:
     # prepare and generate
     @property
     def prompts(self) -> Path:
-        """prompts/: the prepared prompt set ({split}.jsonl + .idx, report.json)."""
+        """prompts/: the prepared prompt set ({split}.jsonl + .idx, report.json, stats.json)."""
         return self.root / "prompts"
 
     @property
     def prompts_report(self) -> Path:
         """prompts/report.json: what prepare read, kept and dropped, and its fingerprint."""
         return self.prompts / "report.json"
+
+    @property
+    def prompts_stats(self) -> Path:
+        """prompts/stats.json: how the prompts were split, their near-duplicate groups and the leakage under each
+        split method."""
+        return self.prompts / "stats.json"
 
     @property
     def shards(self) -> Path:
@@ -441,8 +447,14 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+# the [prompts] keys of near-duplicate grouping: hash splits do not depend on them
+GROUP_KEYS = ("split", "near_duplicate_threshold", "minhash_permutations")
+
+
 def prepared_fingerprint(cfg: "Config") -> str:
-    """What the prepared prompt set depends on: the [prompts] section and the prompt file's bytes."""
+    """What the prepared split files depend on: the [prompts] section and the prompt file's bytes. Under hash
+    splits the grouping keys are left out, so a set prepared before they existed keeps its fingerprint (and its
+    shards), and a new threshold only recomputes prompts/stats.json."""
     from ..prompts.sources import PromptSourceError, prompt_file
 
     source = prompt_file(cfg.prompts.path)
@@ -450,7 +462,10 @@ def prepared_fingerprint(cfg: "Config") -> str:
         content = file_sha256(source)
     except OSError as exc:
         raise PromptSourceError(f"{source}: cannot read prompt file: {exc.strerror or exc}") from None
-    return hashlib.sha256((section_hash(cfg, "prompts") + content).encode()).hexdigest()[:16]
+    prompts = cfg.to_dict()["prompts"]
+    if prompts["split"] == "hash":
+        prompts = {k: v for k, v in prompts.items() if k not in GROUP_KEYS}
+    return hashlib.sha256((short_hash({"prompts": prompts}, separators=(",", ":")) + content).encode()).hexdigest()[:16]
 
 
 # keys of [generate] that change speed or presentation, never a sample

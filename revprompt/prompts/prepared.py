@@ -4,8 +4,10 @@
 shards need, through the index, so memory does not grow with the prompt count. Functions here take
 that folder (`run.dir/prompts`, which the run layout names).
 
-A prompt's split is a pure function of its normalised text (a hash), so it is stable as prompts are
-added or removed and the same on every rank.
+Under `prompts.split = "hash"` a prompt's split is a pure function of its normalised text (a hash), so it
+is stable as prompts are added or removed and the same on every rank. Under `"group"` (prompts/neardup.py) a
+prompt takes the split of its near-duplicate group: the hash split of the group's representative, so a prompt
+without near-duplicates keeps its hash split.
 """
 
 from __future__ import annotations
@@ -20,18 +22,27 @@ from ..shards.schema import SPLITS
 from .sources import Prompt, normalise
 
 __all__ = ["SPLITS", "SplitWriter", "iter_split", "load_at", "load_range", "load_split", "parse", "record", "split_of",
-           "split_size"]
+           "split_of_digest", "split_size", "text_digest"]
 
 
-def split_of(text: str, val_fraction: float, test_fraction: float) -> str:
-    """train, val or test from a hash of the normalised text: stable as prompts are added or removed."""
-    digest = hashlib.sha256(normalise(text).encode("utf-8")).digest()
-    u = int.from_bytes(digest[:8], "big") / 2**64
+def text_digest(text: str) -> int:
+    """The first 8 bytes of the sha256 of the normalised text, as an unsigned big-endian integer."""
+    return int.from_bytes(hashlib.sha256(normalise(text).encode("utf-8")).digest()[:8], "big")
+
+
+def split_of_digest(digest: int, val_fraction: float, test_fraction: float) -> str:
+    """train, val or test from a text digest (`text_digest`): the digest read as a fraction of 2**64."""
+    u = digest / 2**64
     if u < test_fraction:
         return "test"
     if u < test_fraction + val_fraction:
         return "val"
     return "train"
+
+
+def split_of(text: str, val_fraction: float, test_fraction: float) -> str:
+    """train, val or test from a hash of the normalised text: stable as prompts are added or removed."""
+    return split_of_digest(text_digest(text), val_fraction, test_fraction)
 
 
 class SplitWriter:

@@ -46,6 +46,10 @@ def test_cli_overrides_with_space_and_equals():
     ("--prompts.val_fraction=0.95", "prompts.val_fraction + prompts.test_fraction: must be <= 1"),
     ("--generate.splits=train,holdout", "generate.splits: expected a non-empty subset"),
     ("--generate.compile=maybe", "generate.compile: expected true or false, got 'maybe'"),
+    ("--prompts.split=random", "prompts.split: 'random' is not one of group, hash"),
+    ("--prompts.near_duplicate_threshold=0.3", "prompts.near_duplicate_threshold: must be >= 0.5, got 0.3"),
+    ("--prompts.near_duplicate_threshold=1", "prompts.near_duplicate_threshold: must be <= 0.95, got 1.0"),
+    ("--prompts.minhash_permutations=8", "prompts.minhash_permutations: must be >= 16, got 8"),
 ])
 def test_errors_name_the_field(override, message):
     with pytest.raises(ConfigError) as err:
