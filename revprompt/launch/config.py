@@ -70,7 +70,7 @@ class PromptsConfig:
                                          "are near-duplicates; 0.8 joins names one added word apart ('Jealous 21' / "
                                          "'Jealous', '+ Casual') and keeps apart names of up to 8 words that differ "
                                          "in one word (colour, gender, brand: <= 0.78); measured on the bundled set: "
-                                         "0.7 joins those too (largest group 18), 0.6 chains 1396 of 3000 prompts",
+                                         "0.7 joins those too (largest group 18), 0.6 chains 1399 of 3000 prompts",
                                          min=0.5, max=0.95)
     minhash_permutations: int = _f(128, "MinHash permutations of the LSH that finds near-duplicate candidates (each "
                                    "checked exactly); more find more pairs near the threshold, slower",

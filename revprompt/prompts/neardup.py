@@ -11,17 +11,22 @@ sides, and the fine-tuned score then partly measures memorisation. Here:
 - each candidate pair is checked on the exact word sets, read back from disk by offset, so an LSH false
   positive never joins two groups (an estimate from 128 permutations would let a pair of different
   products at Jaccard 0.75 pass a 0.8 check 9% of the time, and chain groups);
-- the groups are the connected components of the checked pairs (a union-find in a numpy array), and a
-  group takes the hash split of its representative, the member with the smallest `representative_key`:
-  a prompt without near-duplicates keeps exactly its hash split. The key is another part of the same
+- the groups are the connected components of the checked pairs (a union-find in a numpy array; small
+  buckets are checked pair by pair, large ones by sparse products of word incidence), and a group
+  takes the hash split of its representative, the member with the smallest `representative_key`: a
+  prompt without near-duplicates keeps exactly its hash split. The key is another part of the same
   sha256 as the split's hash, independent of it: were the representative the member with the smallest
   split hash, a group of k would land in test with probability 1 - (1 - test_fraction)^k (0.65 for 10
   members at 0.1), and large groups would fill the test split.
 
-Memory: every per-prompt record (band keys, word set, representative key) goes to files while prompts stream in;
-grouping holds a few arrays of one integer per prompt and one band at a time. Nothing depends on the
-order of the prompts or the chunks they arrive in: signatures, candidates and checks are functions of
-the texts alone, and neither the components nor their smallest keys depend on the order of unions.
+Leakage, for the hash and the group assignment alike: the share of test prompts with a train prompt of the
+same word set, or of a word set that shares a bucket with theirs and reaches the threshold.
+
+Memory: every per-prompt record (band keys, word set, representative key) goes to files while prompts
+stream in; grouping holds a few arrays of one integer per prompt and one band at a time. Nothing depends
+on the order of the prompts or the chunks they arrive in: signatures, candidates and checks are
+functions of the texts alone, and neither the components nor their smallest keys depend on the order of
+unions.
 """
 
 from __future__ import annotations
@@ -376,7 +381,7 @@ class _WordSets:
 
     def _blocks(self, rows: np.ndarray, cols: np.ndarray):
         """(row slice, pass matrix) blocks: whether each row node's set reaches the threshold with each column
-        node's, by sparse products of word incidence (C speed for buckets of thousands), about 2**20 cells each."""
+        node's, by sparse products of word incidence (C speed for buckets of thousands), about 2**18 cells each."""
         from scipy.sparse import csr_matrix
 
         nodes = np.unique(np.concatenate((rows, cols)))
@@ -388,7 +393,7 @@ class _WordSets:
                                 np.concatenate(([0], np.cumsum(sizes)))), shape=(len(nodes), len(vocab)))
         r, c = np.searchsorted(nodes, rows), np.searchsorted(nodes, cols)
         right = incidence[c].T.tocsc()
-        step = max(1, (1 << 20) // max(len(cols), 1))
+        step = max(1, (1 << 18) // max(len(cols), 1))
         for start in range(0, len(rows), step):
             block = slice(start, start + step)
             common = (incidence[r[block]] @ right).toarray().astype(np.float64)
