@@ -43,7 +43,7 @@ METHODS = ("zero_shot", "finetuned", "constant", "retrieval", "embedding_head", 
 HEAD_METHODS = ("embedding_head", "reranked")
 # what each method is compared with, sample by sample
 PAIRED = (("finetuned", "zero_shot"), ("finetuned", "constant"), ("finetuned", "retrieval"),
-          ("embedding_head", "finetuned"), ("reranked", "finetuned"))
+          ("embedding_head", "finetuned"), ("reranked", "finetuned"), ("reranked", "retrieval"))
 
 
 def methods(cfg, layout) -> tuple[str, ...]:
