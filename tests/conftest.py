@@ -21,7 +21,9 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 def tiny_args(run_dir: Path, limit: int = 24, **overrides: object) -> list[str]:
     """CLI arguments for a small, fast tiny-preset run in `run_dir`."""
     values = {"run.dir": run_dir, "prompts.limit": limit, "generate.steps": 2, "generate.batch_size": 4,
-              "generate.shard_size": 6, "generate.height": 32, "generate.width": 32, "generate.grid_images": 4}
+              "generate.shard_size": 6, "generate.height": 32, "generate.width": 32, "generate.grid_images": 4,
+              # as in train_args: the tests of the embedding head (and of evaluate's use of it) turn it on
+              "train.embedding_head": "false"}
     values.update({k.replace("__", "."): v for k, v in overrides.items()})
     return ["--config", "tiny"] + [f"--{k}={v}" for k, v in values.items()]
 

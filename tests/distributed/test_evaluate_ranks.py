@@ -17,7 +17,8 @@ from tests.conftest import BIN, ROOT, cli_env, kill_tree, run_cli, tiny_args
 # small shards, so the test split spreads over several shards and both ranks
 ARGS = dict(generate__shard_size=4, generate__height=64, generate__width=64, train__micro_batch_size=8,
             train__max_steps=6, train__log_every=2, train__val_every=0, train__val_captions=0, train__save_every=100,
-            train__num_workers=0, drift__iterations=3, evaluate__examples=2, drift__examples=2)
+            train__num_workers=0, drift__iterations=3, evaluate__examples=2, drift__examples=2,
+            train__embedding_head="true")  # the preset's head: evaluate scores it and reranks with it
 
 
 def args(run_dir: Path, **extra) -> list[str]:

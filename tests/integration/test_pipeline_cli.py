@@ -100,6 +100,7 @@ def check_retrieval(run_dir: Path, rows: list[dict], summary: dict) -> None:
 def test_pipeline_end_to_end(tmp_path: Path):
     run_dir = tmp_path / "run"
     args = tiny_args(run_dir, limit=60, generate__height=64, generate__width=64, train__max_steps=6,
+                     train__embedding_head="true",
                      train__micro_batch_size=8, train__val_every=0, train__val_captions=2, train__num_workers=0,
                      drift__iterations=2)
     proc = run_cli("pipeline", *args, threads=2)
