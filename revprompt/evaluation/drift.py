@@ -184,7 +184,7 @@ def add_population(entries: list[dict], layout, n_shards: int, real_images: str 
     original = read_features(layout, 0, n_shards)
     real = read_features(layout, None, n_shards) if real_images else None
     for entry in entries:
-        drawn = read_features(layout, entry["iteration"], n_shards)
+        drawn = original if entry["iteration"] == 0 else read_features(layout, entry["iteration"], n_shards)
         if entry["iteration"] and (original is None or drawn is None):
             log.warning("drift iteration %d: image embeddings missing (an earlier revprompt drew it): no population "
                         "measures; `revprompt drift` after removing drift/ computes them", entry["iteration"])
@@ -210,10 +210,10 @@ def _log_tb(ctx: StageContext, entries: list[dict]) -> None:
                 scalars[f"drift/attribute_retention/{a}"] = rate
         scalars["drift/caption_clusters"] = entry["caption_clusters"]
         for name in POPULATION:
-            for key, tag in (("population", "population"), ("population_vs_real", "population_vs_real")):
+            for key in ("population", "population_vs_real"):
                 value = (entry.get(key) or {}).get(name)
                 if value is not None:
-                    scalars[f"drift/{tag}/{name}"] = value
+                    scalars[f"drift/{key}/{name}"] = value
         ctx.metrics.log(scalars, entry["iteration"])
 
 

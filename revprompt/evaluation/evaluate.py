@@ -109,11 +109,11 @@ class Baselines:
     head: HeadAnswers | None = None  # the fine-tuned captioner's embedding head, loaded with it
 
 
-def score_shard(items: list[Item], captioners: dict, baselines: Baselines, painter, ctx,
+def score_shard(items: list[Item], names: tuple[str, ...], captioners: dict, baselines: Baselines, painter, ctx,
                 real: dict) -> tuple[list[dict], list]:
-    """Rows for one shard's items (and the redrawn images, or [] when evaluate.regenerate is off)."""
+    """Rows for one shard's items, scored by the methods `names` (and the redrawn images, or [] when
+    evaluate.regenerate is off)."""
     e, seed = ctx.cfg.evaluate, ctx.cfg.run.seed
-    names = methods(ctx.cfg, ctx.layout)
     images_in = [it.image for it in items]
     captions = {name: cap(images_in) for name, cap in captioners.items()}
     captions["constant"] = [baselines.constant] * len(items)
@@ -122,7 +122,7 @@ def score_shard(items: list[Item], captioners: dict, baselines: Baselines, paint
         head_vecs = baselines.head.embeddings(images_in)
         captions["reranked"] = baselines.head.rerank(images_in, captions["finetuned"], head_vecs)
     need_vectors = baselines.retrieval is not None or painter is not None
-    image_vecs = embed_images([it.image for it in items], e.image_model, seed=seed) if need_vectors and items else None
+    image_vecs = embed_images(images_in, e.image_model, seed=seed) if need_vectors and items else None
     if baselines.retrieval is not None:
         captions["retrieval"] = baselines.retrieval(image_vecs) if items else []
     prompt_vecs = embed([it.prompt for it in items], e.text_model)
@@ -213,7 +213,8 @@ def evaluate_shards(ctx: StageContext, shards: list[tuple[str, int]], pending: l
         return
     captioners = {"zero_shot": zero_shot_captioner(cfg, info.device),
                   "finetuned": finetuned_captioner(layout, cfg, info.device)}
-    if "embedding_head" in methods(cfg, layout):
+    names = methods(cfg, layout)  # once: whether the export has a head is read from its folder
+    if "embedding_head" in names:
         baselines.head = HeadAnswers(captioners["finetuned"], layout.captioner, cfg.evaluate.text_model,
                                      cfg.evaluate.num_candidates, info.device)
     painter = Painter(cfg, info.device) if cfg.evaluate.regenerate else None
@@ -222,7 +223,7 @@ def evaluate_shards(ctx: StageContext, shards: list[tuple[str, int]], pending: l
     for index in pending:
         stats = ReadStats()
         items = read_items(shards, index, cfg.evaluate.max_samples, stats)
-        rows, redrawn = score_shard(items, captioners, baselines, painter, ctx,
+        rows, redrawn = score_shard(items, names, captioners, baselines, painter, ctx,
                                     real_photos(cfg.evaluate.real_images, items))
         if painter is not None and items:
             write_image_shard(layout.eval_images(index), items, [r["captions"]["finetuned"] for r in rows], redrawn,
