@@ -61,6 +61,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (write_results, ROOT, fmt, job_batches, loop_clock, measure, median_of, ratio,  # noqa: E402
                      revprompt_command, steady_rate, subprocess_env, timed_run)
 
+from revprompt.launch.layout import RUN_MARKER  # noqa: E402
+
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "generation_overhead.json"
 BARE_MARKER = "BARE_RESULT "
 JOB_LOG_LINE = re.compile(r"generated (\d+) images in ([\d.]+) s")
@@ -111,6 +113,8 @@ def job_calls(run_dir: Path, batch: int) -> int:
 def run_job(args: argparse.Namespace, run_dir: Path, prepared: Path, env: dict[str, str]) -> dict[str, Any]:
     """One `revprompt generate` process on a fresh run dir seeded with the prepared prompts."""
     shutil.copytree(prepared / "prompts", run_dir / "prompts")
+    # the copy is a revprompt run: its marker comes along, or the job refuses prompts it did not write
+    shutil.copy2(prepared / RUN_MARKER, run_dir / RUN_MARKER)
     cmd = revprompt_command() + ["generate", "--config", "tiny"] + config_overrides(args, run_dir)
     proc, timing = timed_run(cmd, env, args.quiet_wait)
     if proc.returncode != 0:

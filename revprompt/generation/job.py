@@ -71,6 +71,48 @@ def plan_shards(counts: dict[str, int], images_per_prompt: int, shard_size: int)
     return tasks
 
 
+# a batch group holds at most this many shards, so that groups stay small enough to spread over ranks
+MAX_GROUP_SHARDS = 4
+
+
+@dataclass(frozen=True)
+class BatchGroup:
+    """Consecutive shards of the plan generated together, their samples cut into batches from the group's start.
+
+    Batches may cross the shard (and split) boundaries inside a group, never the group's edges, and
+    a whole group belongs to one rank: so a batch holds the same samples at any rank count, and the
+    images (which depend a few ulps on what else is in the batch) come out the same bytes.
+    """
+
+    index: int
+    tasks: tuple[ShardTask, ...]
+
+    @property
+    def size(self) -> int:
+        """Samples in the group."""
+        return sum(t.size for t in self.tasks)
+
+    def batches(self, batch_size: int) -> list[tuple[int, int]]:
+        """(start, stop) of each batch, as offsets into the group's samples; only the last may be short."""
+        return [(a, min(a + batch_size, self.size)) for a in range(0, self.size, batch_size)]
+
+
+def group_tasks(tasks: list[ShardTask], batch_size: int, max_shards: int = MAX_GROUP_SHARDS) -> list[BatchGroup]:
+    """Cut the plan's shards, in order, into batch groups: a group closes once its samples fill whole batches or it
+    holds `max_shards` shards. Shards whose size is a multiple of the batch stay alone; a split's short last shard
+    joins the next shards, so the job makes (nearly) as few pipeline calls as a loop over all prompts at once."""
+    groups: list[BatchGroup] = []
+    current: list[ShardTask] = []
+    for task in tasks:
+        current.append(task)
+        if sum(t.size for t in current) % batch_size == 0 or len(current) == max_shards:
+            groups.append(BatchGroup(len(groups), tuple(current)))
+            current = []
+    if current:
+        groups.append(BatchGroup(len(groups), tuple(current)))
+    return groups
+
+
 def task_samples(task: ShardTask, prompts: list[Prompt], images_per_prompt: int, seed: int) -> list[Sample]:
     """The samples of `task`, given prompts task.start // m .. (task.stop - 1) // m of its split."""
     first = task.start // images_per_prompt
@@ -309,19 +351,22 @@ def run_generation(ctx: StageContext) -> dict:
     info, root = ctx.info, ctx.layout.shards
     plan = plan_generation(ctx)
     on_main_first(info, lambda: start_generation(ctx, plan))
-    mine = [t for t in plan.tasks if owner(t.index, info.world_size) == info.rank]
+    groups = group_tasks(plan.tasks, ctx.cfg.generate.batch_size)
+    my_groups = [g for g in groups if owner(g.index, info.world_size) == info.rank]
+    mine = [t for g in my_groups for t in g.tasks]
     # rank 0 checks every shard for the progress bar's total, the other ranks only their own
     checked = plan.tasks if info.is_main else mine
     done = {t.index for t in checked if is_complete(root / shard_name(t.split, t.shard))}
     pending = [t for t in mine if t.index not in done]
-    log.info("plan: %d shards (%s); this rank owns %d, %d still to write", len(plan.tasks), plan.planned, len(mine),
-             len(pending))
+    log.info("plan: %d shards (%s) in %d batch groups; this rank owns %d shards, %d still to write", len(plan.tasks),
+             plan.planned, len(groups), len(mine), len(pending))
     if getattr(ctx.args, "plan_only", False):
         return _plan_only(ctx, pending)
     progress = Progress(ctx.layout.progress, info, sum(t.size for t in plan.tasks if t.index not in done))
     try:
         if pending:
-            _generate_shards(ctx, pending, root, progress)
+            _generate_shards(ctx, [g for g in my_groups if any(t.index not in done for t in g.tasks)], done, root,
+                             progress)
         progress.add(0, force=True)
     finally:
         progress.close()
@@ -357,8 +402,12 @@ def _plan_only(ctx: StageContext, pending: list[ShardTask]) -> dict:
     return {"shards": len(pending), "samples": samples, "peak_rss_mb": peak_mb}
 
 
-def _generate_shards(ctx: StageContext, pending: list[ShardTask], root: Path, progress: Progress) -> None:
-    """This rank's pending shards; the generating thread only runs the model, the writer thread the rest."""
+def _generate_shards(ctx: StageContext, groups: list[BatchGroup], done: set[int], root: Path,
+                     progress: Progress) -> None:
+    """This rank's batch groups with shards still to write; the generating thread only runs the model, the writer
+    thread the rest. A batch that holds samples of a complete shard only is skipped; one that mixes them with a
+    pending shard's is drawn whole (so every image is what an uninterrupted run draws) and the complete shard's
+    images are dropped."""
     cfg, info = ctx.cfg, ctx.info
     g = cfg.generate
     pipe = build_pipeline(g.model, scheduler=g.scheduler, dtype=g.dtype, device=info.device, seed=cfg.run.seed,
@@ -366,32 +415,45 @@ def _generate_shards(ctx: StageContext, pending: list[ShardTask], root: Path, pr
     drawn_with = {"family": family_of(pipe), "scheduler": sampler_name(pipe, g.scheduler)}
     worker = BackgroundWorker(max_pending=4)
     grid_pending = info.is_main and g.grid_images > 0
-    writer = None
+    writers: dict[int, ShardWriter] = {}
     clock = LoopClock()
     try:
-        for task in pending:
-            samples = load_task_samples(ctx.layout.prompts, task, g.images_per_prompt, cfg.run.seed)
-            writer = ShardWriter(root / shard_name(task.split, task.shard), made_with=determinism(info))
-            for start in range(0, len(samples), g.batch_size):
-                batch = samples[start:start + g.batch_size]
+        for group in groups:
+            samples: list[Sample] = []
+            spans: list[tuple[ShardTask, int, int]] = []  # each shard's samples as offsets into the group's
+            for task in group.tasks:
+                spans.append((task, len(samples), len(samples) + task.size))
+                samples += load_task_samples(ctx.layout.prompts, task, g.images_per_prompt, cfg.run.seed)
+            for start, stop in group.batches(g.batch_size):
+                todo = [(t, max(a, start), min(b, stop)) for t, a, b in spans
+                        if t.index not in done and a < stop and b > start]
+                if not todo:
+                    continue
+                batch = samples[start:stop]
                 clock.model_starts()
                 pixels, finite = to_pixels(generate_batch(pipe, batch, cfg))
                 model_s = clock.model_ends()
-                worker.submit(lambda b=batch, p=pixels, f=finite, w=writer: write_samples(b, p, f, cfg, w, drawn_with))
+                for task, a, b in todo:
+                    if task.index not in writers:
+                        writers[task.index] = ShardWriter(root / shard_name(task.split, task.shard),
+                                                          made_with=determinism(info))
+                    worker.submit(lambda b_=samples[a:b], p=pixels[a - start:b - start],
+                                  f=finite[a - start:b - start], w=writers[task.index]:
+                                  write_samples(b_, p, f, cfg, w, drawn_with))
+                    if b == next(end for t, _, end in spans if t is task):
+                        worker.submit(writers.pop(task.index).close)
                 if grid_pending:  # a large PNG: encoded on the writer thread, not while the device waits
-                    worker.submit(lambda b=batch, p=pixels: _log_grid(ctx, b, p))
+                    worker.submit(lambda b_=batch, p=pixels: _log_grid(ctx, b_, p))
                     grid_pending = False
-                done = progress.add(len(batch))
+                done_now = progress.add(sum(b - a for _, a, b in todo))
                 ctx.metrics.log({"perf/images_per_s": progress.rate(), "perf/model_s_per_batch": model_s},
-                                step=done)
-            worker.submit(writer.close)
-            writer = None
+                                step=done_now)
     except BaseException:
         try:
-            worker.close()  # let queued writes finish before the unfinished shard is dropped
+            worker.close()  # let queued writes finish before the unfinished shards are dropped
         except BaseException:
             log.exception("shard writer thread failed too")
-        if writer is not None:
+        for writer in writers.values():
             writer.abort()
         raise
     worker.close()

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from revprompt.generation.job import ShardTask, group_tasks
 from revprompt.shards.reader import build_reader, list_shards
 from tests.conftest import BIN, ROOT, cli_env, kill_tree, run_cli, shard_digests, tiny_args
 
@@ -24,10 +25,15 @@ def test_two_ranks_write_the_same_bytes_as_one(tmp_path: Path):
     assert manifest["complete"] and len(digests) == planned >= 4
     assert shard_digests(two) == digests
     assert shard_digests(again) == digests  # the same config twice: byte-identical shards
+    # the plan's order: the splits as configured (the manifest lists them sorted), shards in order
+    sizes = [shard["count"] for split in manifest["config"]["splits"] for shard in manifest["splits"][split]["shards"]]
+    tasks = [ShardTask("train", i, i, sum(sizes[:i]), sum(sizes[:i + 1])) for i in range(len(sizes))]
+    groups = group_tasks(tasks, 4)  # tiny_args: batches of 4; a rank owns whole batch groups
+    assert len(groups) >= 2
     for rank in (0, 1):  # both ranks worked and logged to their own file
         log = (two / "logs" / f"rank-{rank}.log").read_text()
-        owned = len(range(rank, planned, 2))
-        assert f"rank {rank} of 2" in log and f"this rank owns {owned}, {owned} still to write" in log
+        owned = sum(len(g.tasks) for g in groups[rank::2])
+        assert f"rank {rank} of 2" in log and f"this rank owns {owned} shards, {owned} still to write" in log
 
 
 def test_sigkill_mid_shard_then_rerun_gives_the_uninterrupted_shards(tmp_path: Path):
