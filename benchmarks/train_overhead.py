@@ -98,6 +98,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (write_results, RESULTS, fmt, is_disturbed, measure, median_of, ratio, revprompt_command,  # noqa: E402
                      subprocess_env, timed_run)
 
+from revprompt.launch.layout import RUN_MARKER  # noqa: E402
+
 DEFAULT_OUT = RESULTS / "train_overhead.json"
 BARE_MARKER = "BARE_RESULT "
 TARGET_RATIO = 0.90
@@ -190,6 +192,8 @@ def fresh_copy(generated: Path, run_dir: Path) -> None:
         shutil.copytree(generated / name, run_dir / name)
     if (generated / "config.toml").is_file():
         shutil.copy2(generated / "config.toml", run_dir / "config.toml")
+    # the copy is a revprompt run: its marker comes along, or train refuses shards it did not write
+    shutil.copy2(generated / RUN_MARKER, run_dir / RUN_MARKER)
 
 
 def read_scalars(tb_dir: Path, tag: str) -> list[tuple[int, float, float]]:
@@ -309,7 +313,7 @@ def bare_worker(argv: list[str]) -> None:
 
     from revprompt.prompts.sources import read_prompts
     from revprompt.launch.config import load_config
-    from revprompt.models.captioner import build_captioner, encode_prompts, image_size_of
+    from revprompt.models.captioner import TrainingInputs, build_captioner, encode_prompts, image_size_of
     from revprompt.training.engine import build_optimizer, lr_lambda
 
     if torch.get_num_threads() != threads:
@@ -332,9 +336,9 @@ def bare_worker(argv: list[str]) -> None:
         from revprompt.training.data import TrainStream, build_loader
         from revprompt.training.loop import split_shards
 
-        stream = TrainStream(split_shards(Path(cfg.run.dir), "train"), seed=cfg.run.seed, rank=0,
-                             world_size=1, num_workers=t.num_workers, batch_size=mb, image_size=size,
-                             tokenizer=processor.tokenizer, max_length=t.max_length, shuffle_buffer=t.shuffle_buffer)
+        stream = TrainStream(split_shards(Path(cfg.run.dir) / "shards", "train"), seed=cfg.run.seed, rank=0,
+                             world_size=1, num_workers=t.num_workers, batch_size=mb,
+                             encode=TrainingInputs(model, processor, t.max_length), shuffle_buffer=t.shuffle_buffer)
         feed = iter(build_loader(stream, t.num_workers, pin_memory=False))
     else:
         prompts = [p.text for p in read_prompts(cfg.prompts.path) if p.text][:cfg.prompts.limit]

@@ -30,7 +30,8 @@ from ..shards.writer import write_error, write_json_atomic
 from .data import TrainStream, build_loader, check_deal, smallest_share
 from .checkpoints import (HF_SUBDIR, POSITION, checkpoint_dirs, commit_checkpoint, fsync_files, prune_checkpoints,
                           read_position, resume_point, write_latest)
-from .engine import allow_deepspeed_checkpoint_types, force_weights_only_loads, gathered_state_dict, initialize
+from .engine import (allow_deepspeed_checkpoint_types, force_weights_only_loads, gathered_state_dict, initialize,
+                     clip_gradients, trainer_clips)
 from .export import check_export_target, save_hf_dir
 from .targets import PromptEmbeddings
 
@@ -151,6 +152,8 @@ class Trainer:
         # with the embedding head, the copy holds it too
         self.twin = copy.deepcopy(model).eval() if self.info.is_main else None
         self.engine, self.optimizer, self.scheduler = initialize(model, self.t, self.info.world_size, self.info.device)
+        self.clips = trainer_clips(self.engine.config)
+        self.trained = [p for p in self.engine.module.parameters() if p.requires_grad]
         if self.info.is_main:  # the DeepSpeed config this run passed, as DeepSpeed got it
             self.layout.checkpoints.mkdir(parents=True, exist_ok=True)
             write_json_atomic(self.layout.deepspeed_config, self.engine.config)
@@ -207,18 +210,12 @@ class Trainer:
         """Whether the training scalars are logged after `step` (every log_every steps, and the last)."""
         return step % self.t.log_every == 0 or step == self.t.max_steps
 
-    def own_grad_norm(self) -> float | None:
-        """The global gradient norm before clipping, where DeepSpeed does not record one (ZeRO-0 in fp32).
-
-        Called on logging steps only, before engine.step() clears the gradients.
-        """
-        if self.engine.zero_optimization_stage() != 0 or self.engine.bfloat16_enabled():
-            return None
-        norms = [p.grad.detach().float().norm() for p in self.engine.module.parameters() if p.grad is not None]
-        if not norms:
-            return None
-        # ZeRO-0 all-reduces the gradients in backward: every rank holds the same, full ones
-        return float(torch.linalg.vector_norm(torch.stack(norms)))
+    def clip(self, logs: bool) -> None:
+        """Where the trainer clips (see engine.trainer_clips), before engine.step(); on logging steps keep the norm
+        before clipping, which DeepSpeed does not record there."""
+        norm = clip_gradients(self.trained, self.t.grad_clip, logs)
+        if norm is not None:
+            self.grad_norm = norm
 
     def remove_checkpoints(self) -> None:
         """--overwrite: train from scratch; the step folders and DeepSpeed's `latest` go (the export stays until the
@@ -479,8 +476,8 @@ class Trainer:
         loss = self.forward(batch)
         self.engine.backward(loss.total)
         boundary = self.engine.is_gradient_accumulation_boundary()
-        if boundary and self.logs_at(self.pos.step + 1):
-            self.grad_norm = self.own_grad_norm()
+        if boundary and self.clips:
+            self.clip(self.logs_at(self.pos.step + 1))
         self.engine.step()
         return loss, boundary
 

@@ -1,0 +1,76 @@
+"""training/engine: the one-rank fast path (no all-reduce over one rank, the trainer's foreach clip) takes exactly the
+steps DeepSpeed's own path takes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.conftest import ROOT, cli_env
+
+SCRIPT = r'''
+import json, os, sys
+os.environ["DS_ACCELERATOR"] = "cpu"
+import torch
+from revprompt.launch import dist
+from revprompt.launch.config import load_config
+from revprompt.training.engine import build_optimizer, clip_gradients, initialize, load_ds_config, lr_lambda
+
+dist.ensure_group(dist.DistInfo(0, 1, 0, torch.device("cpu")))
+t = load_config("tiny", ["--train.grad_clip=0.05", "--train.precision=fp32", "--train.zero_stage=2",
+                         "--train.micro_batch_size=4", "--train.grad_accum=2"]).train
+
+
+def run(ours):
+    import deepspeed
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 8))
+    if ours:
+        engine, _, _ = initialize(model, t, 1, torch.device("cpu"))
+        facts = {"allreduce": engine.enable_backward_allreduce, "ds_clip": engine.config["gradient_clipping"],
+                 "stage": engine.zero_optimization_stage()}
+    else:  # DeepSpeed clipping and reducing itself, as before
+        config = load_ds_config(t, 1, torch.device("cpu"))
+        config["gradient_clipping"] = t.grad_clip
+        optimizer = build_optimizer(model, t, torch.device("cpu"))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t))
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config,
+                                               dist_init_required=False)
+        facts = {"allreduce": engine.enable_backward_allreduce, "ds_clip": engine.config["gradient_clipping"]}
+    params = [p for p in model.parameters() if p.requires_grad]
+    data = torch.Generator().manual_seed(1)
+    norms = []
+    for micro in range(8):
+        x = torch.randn(4, 32, generator=data) * 10
+        engine.backward(model(x).pow(2).mean())
+        if engine.is_gradient_accumulation_boundary():
+            before = float(torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in params])))
+            if ours:
+                norms.append((before, clip_gradients(params, t.grad_clip, want_norm=True)))
+            else:
+                norms.append((before, before))
+        engine.step()
+    return facts, [p.detach().flatten().tolist() for p in params], norms
+
+
+ours, theirs = run(True), run(False)
+print(json.dumps({"ours": ours, "theirs": theirs}))
+'''
+
+
+def test_one_rank_fast_path_steps_as_deepspeed_does():
+    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=cli_env(threads=1), cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    (facts, ours, norms), (their_facts, theirs, _) = out["ours"], out["theirs"]
+    # one rank: stage 0, no all-reduce, DeepSpeed's clipping off (the trainer's instead); DeepSpeed's own path reduces
+    assert facts == {"allreduce": False, "ds_clip": 0.0, "stage": 0}
+    assert their_facts == {"allreduce": True, "ds_clip": 0.05}
+    # clipping bound on every step (norms far above 0.05), and the norm handed back is the one before clipping
+    assert len(norms) == 4 and all(before > 1.0 and abs(got - before) <= 1e-5 * before for before, got in norms)
+    flat_ours = [v for p in ours for v in p]
+    flat_theirs = [v for p in theirs for v in p]
+    assert len(flat_ours) == len(flat_theirs) == 32 * 64 + 64 + 64 * 8 + 8
+    assert max(abs(a - b) for a, b in zip(flat_ours, flat_theirs)) < 1e-6
