@@ -189,7 +189,8 @@ class Painter:
         g = cfg.generate
         self.settings = g
         self.pipe = build_pipeline(g.model, scheduler=g.scheduler, dtype=g.dtype, device=device, seed=cfg.run.seed,
-                                   compile=g.compile)
+                                   compile=g.compile, compile_scope=g.compile_scope,
+                                   compile_mode=g.compile_mode, fuse=g.fuse_qkv)
 
     def __call__(self, texts: list[str], seeds: list[int]) -> list[Image.Image | None]:
         """Images in chunks of generate.batch_size."""

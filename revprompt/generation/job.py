@@ -411,7 +411,8 @@ def _generate_shards(ctx: StageContext, groups: list[BatchGroup], done: set[int]
     cfg, info = ctx.cfg, ctx.info
     g = cfg.generate
     pipe = build_pipeline(g.model, scheduler=g.scheduler, dtype=g.dtype, device=info.device, seed=cfg.run.seed,
-                          compile=g.compile)
+                          compile=g.compile, compile_scope=g.compile_scope,
+                          compile_mode=g.compile_mode, fuse=g.fuse_qkv)
     drawn_with = {"family": family_of(pipe), "scheduler": sampler_name(pipe, g.scheduler)}
     worker = BackgroundWorker(max_pending=4)
     grid_pending = info.is_main and g.grid_images > 0

@@ -97,7 +97,12 @@ class GenerateConfig:
     jpeg_quality: int = _f(95, "JPEG/WebP quality", min=1, max=100)
     splits: list = _f(["train", "val", "test"], "splits to generate")
     compile: bool = _f(False, "torch.compile the UNet (CUDA only: ignored on a CPU; pays off from a few hundred "
-                       "batches)")
+                       "batches); a short last batch is padded, so nothing compiles twice")
+    compile_scope: str = _f("whole", "what generate.compile compiles: the whole UNet, or only its repeated "
+                            "transformer blocks (compiles several times faster)", choices=("whole", "blocks"))
+    compile_mode: str = _f("default", "torch.compile mode for generate.compile (reduce-overhead: CUDA graphs)",
+                           choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
+    fuse_qkv: bool = _f(False, "fuse each attention's query/key/value projections into one matmul (same weights)")
     grid_images: int = _f(16, "images in the TensorBoard sample grid (0 = none)", min=0, max=256)
 
 
@@ -124,7 +129,9 @@ class TrainConfig:
     deepspeed_config: str = _f("", "a DeepSpeed JSON of your own instead of the shipped zero{N}.json (its stage must "
                                "equal train.zero_stage; batch, clipping and precision come from [train]); the "
                                "config a run used is written to checkpoints/deepspeed.json")
-    precision: str = _f("auto", "auto = bf16 on CUDA, fp32 on CPU", choices=("auto", "bf16", "fp32"))
+    precision: str = _f("auto", "auto = bf16 on CUDA, fp32 on CPU; bf16 = bf16 weights under DeepSpeed's bf16 "
+                        "optimizer; bf16-autocast = fp32 weights and optimizer, forward under bf16 autocast "
+                        "(DeepSpeed's torch_autocast)", choices=("auto", "bf16", "fp32", "bf16-autocast"))
     micro_batch_size: int = _f(8, "samples per rank per forward pass", min=1, max=4096)
     grad_accum: int = _f(1, "micro-batches per optimizer step", min=1, max=1024)
     lr: float = _f(1e-4, "peak learning rate (AdamW)", min=0.0, max=1.0)

@@ -469,7 +469,8 @@ def prepared_fingerprint(cfg: "Config") -> str:
 
 
 # keys of [generate] that change speed or presentation, never a sample
-GENERATE_SPEED_KEYS = ("batch_size", "compile", "grid_images")
+GENERATE_SPEED_KEYS = ("batch_size", "compile", "compile_scope", "compile_mode", "fuse_qkv",
+                       "grid_images")
 
 
 def generation_fingerprint(prepared: str, cfg: "Config") -> str:

@@ -143,11 +143,43 @@ def load_pretrained(model: str, torch_dtype: torch.dtype):
         raise load_failure("generate.model", model, f"{family}", exc) from None
 
 
+def fuse_qkv(pipe) -> bool:
+    """Fuse each attention's query, key and value projections into one matmul (diffusers' fuse_qkv_projections:
+    the same weights, concatenated); True when the pipeline could."""
+    if not hasattr(pipe, "fuse_qkv_projections"):
+        return False
+    pipe.fuse_qkv_projections()
+    return True
+
+
+def compile_denoiser(pipe, scope: str = "whole", mode: str = "default") -> str:
+    """torch.compile the pipeline's denoiser in place: `whole` compiles the model as one graph, `blocks` compiles
+    only its repeated blocks (diffusers' compile_repeated_blocks: one block's graph reused for all of them, so the
+    compile takes a fraction of the time). A model without declared repeated blocks is compiled whole. Returns
+    the scope used. Batches of another size would recompile: `generate_images` pads a short batch instead."""
+    denoiser = getattr(pipe, FAMILIES[family_of(pipe)]["denoiser"])
+    options = {"fullgraph": True, "mode": None if mode == "default" else mode}
+    if scope == "blocks" and getattr(denoiser, "_repeated_blocks", None):
+        denoiser.compile_repeated_blocks(**options)
+        return "blocks"
+    denoiser.compile(fullgraph=False, mode=options["mode"])
+    return "whole"
+
+
+def is_compiled(pipe) -> bool:
+    """Whether any part of the pipeline's denoiser runs compiled (see compile_denoiser)."""
+    denoiser = getattr(pipe, FAMILIES.get(family_of(pipe), {}).get("denoiser", "unet"), None)
+    return denoiser is not None and any(getattr(m, "_compiled_call_impl", None) is not None
+                                        for m in denoiser.modules())
+
+
 def build_pipeline(model: str = MINIATURE, *, scheduler: str = "dpmsolver++", dtype: str = "auto",
-                   device: torch.device | str = "cpu", seed: int = 0, compile: bool = False):
+                   device: torch.device | str = "cpu", seed: int = 0, compile: bool = False,
+                   compile_scope: str = "whole", compile_mode: str = "default", fuse: bool = False):
     """A text-to-image pipeline on `device` (see FAMILIES): no safety checker, SDPA attention, and for the
     DDPM-trained families the chosen sampler on the model's own noise schedule (its prediction type kept);
-    flow-matching families keep their own sampler."""
+    flow-matching families keep their own sampler. `fuse` fuses the attention projections (fuse_qkv); `compile`
+    compiles the denoiser on CUDA (compile_denoiser with `compile_scope` and `compile_mode`)."""
     from diffusers import StableDiffusionPipeline
     from diffusers.models.attention_processor import AttnProcessor2_0
 
@@ -170,14 +202,16 @@ def build_pipeline(model: str = MINIATURE, *, scheduler: str = "dpmsolver++", dt
         else:
             log.info("generate.scheduler=%s does not apply to %s (flow matching): it samples with its %s",
                      scheduler, family_of(pipe), type(pipe.scheduler).__name__)
-    denoiser = getattr(pipe, FAMILIES[family_of(pipe)]["denoiser"])
     if hasattr(pipe, "unet"):
         pipe.unet.set_attn_processor(AttnProcessor2_0())
     pipe.vae.set_attn_processor(AttnProcessor2_0())
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
+    if fuse and not fuse_qkv(pipe):
+        log.info("generate.fuse_qkv is on, but %s has no fused projections: left as it is", family_of(pipe))
     if compile and device.type == "cuda":
-        setattr(pipe, FAMILIES[family_of(pipe)]["denoiser"], torch.compile(denoiser, fullgraph=False))
+        log.info("compiled the %s (%s)", FAMILIES[family_of(pipe)]["denoiser"],
+                 compile_denoiser(pipe, compile_scope, compile_mode))
     elif compile:  # on a CPU the compile costs minutes and buys nothing at these sizes
         log.info("generate.compile is on, but the device is %s: running eagerly", device)
     return pipe
@@ -195,6 +229,12 @@ def generate_images(pipe, texts: list[str], seeds: list[int], settings) -> torch
     The generators live on the CPU so that the same key draws the same noise on any device.
     """
     g = settings
+    count = len(texts)
+    if is_compiled(pipe) and count < g.batch_size:
+        # a compiled denoiser would compile again for a new batch size: fill the batch with copies of the last
+        # sample and drop their images (each image depends on its own seed and prompt only, as in any batch)
+        texts, seeds = list(texts) + [texts[-1]] * (g.batch_size - count), list(seeds) + [seeds[-1]] * (
+            g.batch_size - count)
     generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
     options = {}
     if g.negative_prompt and FAMILIES.get(family_of(pipe), {}).get("negative", True):
@@ -202,7 +242,7 @@ def generate_images(pipe, texts: list[str], seeds: list[int], settings) -> torch
     with torch.inference_mode():
         out = pipe(prompt=list(texts), num_inference_steps=g.steps, guidance_scale=g.guidance_scale, height=g.height,
                    width=g.width, generator=generators, output_type="pt", **options)
-    return out.images
+    return out.images[:count]
 
 
 def to_pixels(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:

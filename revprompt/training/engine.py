@@ -72,6 +72,8 @@ def load_ds_config(train: TrainConfig, world_size: int, device: torch.device) ->
     config["train_batch_size"] = train.micro_batch_size * train.grad_accum * world_size
     config["gradient_clipping"] = train.grad_clip
     config["bf16"] = {"enabled": resolve_precision(train.precision, device) == torch.bfloat16}
+    if train.precision == "bf16-autocast":  # fp32 weights and optimizer, the forward under bf16 autocast
+        config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     if trainer_clips(config):
         config["gradient_clipping"] = 0.0  # the trainer clips at train.grad_clip (see trainer_clips)
     return config
@@ -82,7 +84,7 @@ def trainer_clips(config: dict) -> bool:
     (stage 0), where every rank holds the full, reduced gradients after backward. There DeepSpeed clips with a loop
     of one norm per parameter plus an all-reduce of the total (1.8 % of a tiny-model step on the CPU); torch's
     foreach clip_grad_norm_ does the same arithmetic in a few kernels and hands back the norm the logs show."""
-    reduced_precision = any(config.get(k, {}).get("enabled") is True for k in ("bf16", "fp16", "torch_autocast"))
+    reduced_precision = any(config.get(k, {}).get("enabled") is True for k in ("bf16", "fp16"))  # not autocast
     return config.get("zero_optimization", {}).get("stage", 0) == 0 and not reduced_precision
 
 
@@ -97,7 +99,10 @@ def clip_gradients(params: list[torch.Tensor], max_norm: float, want_norm: bool)
 
 
 def resolve_precision(name: str, device: torch.device) -> torch.dtype:
-    """`auto` is bf16 on CUDA and fp32 on CPU."""
+    """The dtype of the trained weights: `auto` is bf16 on CUDA and fp32 on CPU; `bf16-autocast` keeps them in fp32
+    (only the forward's matmuls run in bf16)."""
+    if name == "bf16-autocast":
+        return torch.float32
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return {"bf16": torch.bfloat16, "fp32": torch.float32}[name]

@@ -422,7 +422,9 @@ class Trainer:
         loader = build_loader(stream, self.t.num_workers, pin_memory=self.info.device.type == "cuda")
         log.info("training from step %d to %d: %d train shards, %d micro-batches per epoch per rank, ZeRO-%d, %s",
                  self.pos.step, self.t.max_steps, len(self.train_shards), epoch_batches[self.pos.epoch],
-                 self.engine.zero_optimization_stage(), "bf16" if self.engine.bfloat16_enabled() else "fp32")
+                 self.engine.zero_optimization_stage(),
+                 "bf16" if self.engine.bfloat16_enabled() else
+                 "fp32 under bf16 autocast" if self.engine.torch_autocast_enabled() else "fp32")
         bar = None
         if self.info.is_main:
             from tqdm import tqdm

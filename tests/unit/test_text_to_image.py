@@ -93,3 +93,32 @@ def test_a_non_finite_image_is_drawn_as_none(pipe):
     # the same pixels as the generate job's path for the same seeds, chunked or not
     pixels, _ = to_pixels(generate_batch(pipe, samples(1), cfg_for()))
     assert draw(pipe, [samples(1)[0].prompt.text], [samples(1)[0].seed], settings)[0].tobytes() == pixels[0].tobytes()
+
+
+def test_fused_projections_draw_what_separate_ones_draw():
+    cfg = cfg_for()
+    batch = samples(3)
+    plain = build_pipeline("random-tiny")
+    fused = build_pipeline("random-tiny", fuse=True)
+    from diffusers.models.attention_processor import FusedAttnProcessor2_0
+
+    assert all(isinstance(p, FusedAttnProcessor2_0) for p in fused.unet.attn_processors.values())
+    torch.testing.assert_close(generate_batch(fused, batch, cfg), generate_batch(plain, batch, cfg), atol=1e-5, rtol=0)
+
+
+def test_compiled_blocks_draw_what_eager_draws_and_a_short_batch_compiles_nothing_new():
+    from revprompt.models.text_to_image import compile_denoiser, is_compiled
+
+    cfg = cfg_for(generate__batch_size=4)
+    pipe = build_pipeline("random-tiny")
+    batch = samples(7)  # a full batch of 4, then a short one of 3
+    eager = [generate_batch(pipe, batch[:4], cfg), generate_batch(pipe, batch[4:], cfg)]
+    assert not is_compiled(pipe)
+    # the CLI compiles on CUDA only; the same function runs here on the CPU
+    assert compile_denoiser(pipe, "blocks") == "blocks" and is_compiled(pipe)
+    full = generate_batch(pipe, batch[:4], cfg)
+    with torch._dynamo.config.patch(error_on_recompile=True):  # a recompile would raise
+        short = generate_batch(pipe, batch[4:], cfg)  # padded to 4 with copies of the last sample
+    assert short.shape[0] == 3
+    torch.testing.assert_close(full, eager[0], atol=1e-4, rtol=0)
+    torch.testing.assert_close(short, eager[1], atol=1e-4, rtol=0)

@@ -1,11 +1,13 @@
 """training/engine: the one-rank fast path (no all-reduce over one rank, the trainer's foreach clip) takes exactly the
-steps DeepSpeed's own path takes."""
+steps DeepSpeed's own path takes, and bf16-autocast the steps of a bare torch.autocast loop."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+
+import pytest
 
 from tests.conftest import ROOT, cli_env
 
@@ -55,15 +57,58 @@ def run(ours):
 
 
 ours, theirs = run(True), run(False)
-print(json.dumps({"ours": ours, "theirs": theirs}))
+
+# bf16-autocast: DeepSpeed's torch_autocast against a bare torch loop under torch.autocast, same weights after 4 steps
+auto = load_config("tiny", ["--train.grad_clip=0.05", "--train.precision=bf16-autocast", "--train.zero_stage=0",
+                            "--train.micro_batch_size=4"]).train
+
+
+def autocast_run(engine_side):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 8))
+    params = [p for p in model.parameters()]
+    data = torch.Generator().manual_seed(2)
+    if engine_side:
+        engine, _, _ = initialize(model, auto, 1, torch.device("cpu"))
+        facts = {"autocast": engine.torch_autocast_enabled(), "bf16": engine.bfloat16_enabled(),
+                 "ds_clip": engine.config["gradient_clipping"]}
+    else:
+        optimizer = build_optimizer(model, auto, torch.device("cpu"))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(auto))
+        facts = {}
+    for step in range(4):
+        x = torch.randn(4, 32, generator=data) * 10
+        if engine_side:
+            loss = engine(x).pow(2).mean()
+            engine.backward(loss)
+            clip_gradients(params, auto.grad_clip, want_norm=False)
+            engine.step()
+        else:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = model(x).pow(2).mean()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, auto.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+    return facts, str(loss.dtype), [p.dtype == torch.float32 for p in params], \
+        [p.detach().flatten().tolist() for p in params]
+
+
+print(json.dumps({"ours": ours, "theirs": theirs, "autocast": autocast_run(True), "bare_autocast": autocast_run(False)}))
 '''
 
 
-def test_one_rank_fast_path_steps_as_deepspeed_does():
+@pytest.fixture(scope="module")
+def out():
+    """Both comparisons, in one fresh process (DeepSpeed's process group stays out of the test process)."""
     proc = subprocess.run([sys.executable, "-c", SCRIPT], env=cli_env(threads=1), cwd=ROOT, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_one_rank_fast_path_steps_as_deepspeed_does(out):
     (facts, ours, norms), (their_facts, theirs, _) = out["ours"], out["theirs"]
     # one rank: stage 0, no all-reduce, DeepSpeed's clipping off (the trainer's instead); DeepSpeed's own path reduces
     assert facts == {"allreduce": False, "ds_clip": 0.0, "stage": 0}
@@ -74,3 +119,12 @@ def test_one_rank_fast_path_steps_as_deepspeed_does():
     flat_theirs = [v for p in theirs for v in p]
     assert len(flat_ours) == len(flat_theirs) == 32 * 64 + 64 + 64 * 8 + 8
     assert max(abs(a - b) for a, b in zip(flat_ours, flat_theirs)) < 1e-6
+
+
+def test_bf16_autocast_steps_as_a_bare_torch_autocast_loop_does(out):
+    (facts, loss_dtype, fp32, ours), (_, bare_dtype, _, bare) = out["autocast"], out["bare_autocast"]
+    # DeepSpeed runs torch_autocast, not its bf16 optimizer; the weights stay fp32 and the trainer clips
+    assert facts == {"autocast": True, "bf16": False, "ds_clip": 0.0} and all(fp32)
+    assert loss_dtype == bare_dtype == "torch.bfloat16"  # both forwards ran under bf16 autocast
+    flat_ours, flat_bare = [v for p in ours for v in p], [v for p in bare for v in p]
+    assert max(abs(a - b) for a, b in zip(flat_ours, flat_bare)) < 1e-6
