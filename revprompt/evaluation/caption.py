@@ -130,7 +130,7 @@ def caption_all(ctx: StageContext) -> dict:
 
     cfg, device = ctx.cfg, ctx.info.device
     folder = cfg.caption.captioner or ctx.layout.captioner
-    model, processor = load_exported(folder, device)
+    model, processor = load_exported(folder, device, attention=cfg.evaluate.attention)
     captioner = captioner_for(cfg, model, processor, device)
     head = None
     if cfg.caption.rerank and Path(folder).is_dir() and head_fits(Path(folder), cfg.evaluate.text_model):
@@ -180,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", dest="evaluate.max_new_tokens", help="longest caption")
     parser.add_argument("--num-beams", dest="evaluate.num_beams", help="beam width (1 = greedy)")
     parser.add_argument("--repetition-penalty", dest="evaluate.repetition_penalty")
+    parser.add_argument("--attention", dest="evaluate.attention",
+                        help="a BLIP captioner's attention: sdpa (fused, the default) or eager")
     parser.add_argument("--num-candidates", dest="evaluate.num_candidates",
                         help="with an embedding head: beams besides the greedy caption for the head to choose from")
     parser.add_argument("--no-rerank", dest="caption.rerank", action="store_const", const="false",

@@ -167,7 +167,8 @@ def captioner_for(cfg, model, processor, device: torch.device) -> Captioner:
 
 def zero_shot_captioner(cfg, device: torch.device) -> Captioner:
     """The captioner before fine-tuning: train.captioner as built for training (same seed, same instruction)."""
-    model, processor = build_captioner(cfg.train.captioner, cfg.run.seed)
+    model, processor = build_captioner(cfg.train.captioner, cfg.run.seed, attention=cfg.evaluate.attention,
+                                       key="evaluate.attention")
     if cfg.train.instruction:
         try:
             set_instruction(model, cfg.train.instruction)
@@ -178,7 +179,8 @@ def zero_shot_captioner(cfg, device: torch.device) -> Captioner:
 
 def finetuned_captioner(layout: RunLayout, cfg, device: torch.device) -> Captioner:
     """The exported captioner in run_dir/captioner, through plain from_pretrained."""
-    model, processor = load_exported(layout.captioner, device, key="the run's captioner/")
+    model, processor = load_exported(layout.captioner, device, key="the run's captioner/",
+                                     attention=cfg.evaluate.attention)
     return captioner_for(cfg, model, processor, device)
 
 

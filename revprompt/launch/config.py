@@ -160,6 +160,9 @@ class TrainConfig:
     save_every: int = _f(50, "steps between checkpoints (the end always saves)", min=1)
     keep_checkpoints: int = _f(2, "checkpoints kept; older ones are deleted", min=1)
     compile: bool = _f(False, "torch.compile the captioner (CUDA only: ignored on a CPU; pays off on long runs)")
+    attention: str = _f("sdpa", "a BLIP captioner's attention: sdpa (torch's fused scaled_dot_product_attention, the "
+                        "same numbers as eager) or eager (transformers' matmul + softmax); other kinds always run "
+                        "SDPA", choices=("sdpa", "eager"))
     record_samples: bool = _f(False, "append each step's sample keys to logs/samples-rank-N.jsonl (data audit)")
 
 
@@ -173,6 +176,9 @@ class EvaluateConfig:
     num_beams: int = _f(1, "beam search width (1 = greedy)", min=1, max=32)
     repetition_penalty: float = _f(1.0, "repetition penalty during decoding", min=0.5, max=5.0)
     batch_size: int = _f(32, "images per captioning forward pass", min=1, max=4096)
+    attention: str = _f("sdpa", "a BLIP captioner's attention in evaluate, drift and caption: sdpa (torch's fused "
+                        "scaled_dot_product_attention, the same numbers as eager) or eager (transformers' matmul + "
+                        "softmax); other kinds always run SDPA", choices=("sdpa", "eager"))
     regenerate: bool = _f(True, "redraw each image from its fine-tuned caption (original seed) and compare images")
     image_model: str = _f("random-tiny", "image embedding model for image similarity and the retrieval baseline: "
                           "CLIP hub id or folder, 'miniature' (the shipped captioner's vision tower, warm-started "

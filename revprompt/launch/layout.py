@@ -482,7 +482,9 @@ def generation_fingerprint(prepared: str, cfg: "Config") -> str:
 def evaluation_fingerprint(layout: RunLayout, cfg: "Config") -> str:
     """What the evaluation depends on: the shards, the fine-tuned captioner, and the settings that score."""
     full = cfg.to_dict()
-    e = {k: v for k, v in full["evaluate"].items() if k != "examples"}
+    # evaluate.attention changes the speed, not the numbers (SDPA equals eager): an evaluation done before the key
+    # existed, or under the other choice, stays done
+    e = {k: v for k, v in full["evaluate"].items() if k not in ("examples", "attention")}
     manifest = _read_json(layout.manifest) or {}
     zero_shot = {"zero_shot": cfg.train.captioner}
     if cfg.train.instruction:  # the zero-shot captions read it (recorded only when set: older fingerprints hold)

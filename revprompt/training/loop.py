@@ -75,7 +75,7 @@ def build_model(cfg, embedding_width: int | None = None):
     and an embedding head as one module (CaptionerWithHead), `embedding_width` outputs wide (None: evaluate.text_model's
     width). A setting that cannot apply is a StageError naming its key."""
     t = cfg.train
-    model, processor = build_captioner(t.captioner, cfg.run.seed)
+    model, processor = build_captioner(t.captioner, cfg.run.seed, attention=t.attention)
     kind = kind_of(model)
     try:
         instruction = set_instruction(model, t.instruction)

@@ -50,6 +50,8 @@ def test_cli_overrides_with_space_and_equals():
     ("--prompts.near_duplicate_threshold=0.3", "prompts.near_duplicate_threshold: must be >= 0.5, got 0.3"),
     ("--prompts.near_duplicate_threshold=1", "prompts.near_duplicate_threshold: must be <= 0.95, got 1.0"),
     ("--prompts.minhash_permutations=8", "prompts.minhash_permutations: must be >= 16, got 8"),
+    ("--train.attention=flash", "train.attention: 'flash' is not one of sdpa, eager"),
+    ("--evaluate.attention=SDPA", "evaluate.attention: 'SDPA' is not one of sdpa, eager"),
 ])
 def test_errors_name_the_field(override, message):
     with pytest.raises(ConfigError) as err:

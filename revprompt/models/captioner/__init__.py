@@ -7,6 +7,8 @@
   processor with the image in the text, trained on the prompt's tokens only, after a fixed
   instruction where the model needs one. BLIP-2's vision tower is always frozen.
 - LoRA adapters (peft) for every kind (lora.py); an export merges them, or keeps the adapter alone.
+- Attention: the others load with transformers' SDPA; BLIP, which transformers runs only eager, is switched to
+  SDPA after loading (attention.py) unless `attention = "eager"` (train.attention, evaluate.attention).
 
 The kind comes from the model's config (`model_type`), for a hub id, a folder or an export alike.
 """
@@ -34,13 +36,15 @@ __all__ = ["BOS", "IMAGE_MEAN", "IMAGE_STD", "TextBatch", "build_tiny_captioner"
            "image_size_of", "offline_blip_tokenizer", "preprocess_images", "BLIP", "BLIP2", "IMAGE_TEXT_TO_TEXT",
            "KINDS", "add_lora", "base_model", "is_adapter_dir", "kind_of", "kind_for_type", "build_captioner",
            "load_exported", "Captioner", "TrainingInputs", "freeze_vision", "caption_budget", "limit_generation",
-           "caption_batch", "instruction_of", "set_instruction", "base_name"]
+           "caption_batch", "instruction_of", "set_instruction", "base_name", "ATTENTIONS", "set_attention"]
 
 log = logging.getLogger(__name__)
 
 BLIP, BLIP2, IMAGE_TEXT_TO_TEXT = "blip", "blip-2", "image-text-to-text"
 KINDS = (BLIP, BLIP2, IMAGE_TEXT_TO_TEXT)
 WHAT = "captioner (BLIP, BLIP-2 or an image-text-to-text model of transformers)"
+SDPA, EAGER = "sdpa", "eager"
+ATTENTIONS = (SDPA, EAGER)
 
 
 def kind_for_type(model_type: str, key: str, value: str) -> str:
@@ -82,7 +86,7 @@ def _from_pretrained(name: str, key: str, dtype: torch.dtype | None = None):
         raise load_failure(key, name, WHAT, exc) from None
     model_class, processor_class = _classes(kind)
     options = {} if dtype is None else {"dtype": dtype}
-    if kind != BLIP:  # BLIP's attention is transformers' eager one; the others run SDPA
+    if kind != BLIP:  # transformers runs BLIP's attention eager only: set_attention switches it afterwards
         options["attn_implementation"] = "sdpa"
     try:
         model = model_class.from_pretrained(name, **options)
@@ -94,9 +98,26 @@ def _from_pretrained(name: str, key: str, dtype: torch.dtype | None = None):
     return model, processor
 
 
-def build_captioner(name: str = MINIATURE, seed: int = 0):
+def set_attention(model, attention: str, key: str = "train.attention") -> int:
+    """Run a BLIP captioner's attention as `attention` says ('sdpa': torch's fused kernel, the same numbers;
+    'eager': transformers' matmul + softmax, as loaded); other kinds load with SDPA and keep it. Returns the
+    number of attention modules switched to SDPA; `key` is the setting that asked, for errors."""
+    if attention not in ATTENTIONS:
+        raise ValueError(f"{key}: {attention!r} is not one of {', '.join(ATTENTIONS)}")
+    if attention == EAGER or kind_of(model) != BLIP:
+        return 0
+    from .attention import use_sdpa
+
+    switched = use_sdpa(model)
+    log.info("BLIP attention: %d modules run SDPA (%s = %r)", switched, key, attention)
+    return switched
+
+
+def build_captioner(name: str = MINIATURE, seed: int = 0, attention: str = SDPA,
+                    key: str = "train.attention"):
     """(model, processor) from a hub id, a local directory, `random-tiny` (a random BLIP from `seed`) or
-    `miniature` (models/miniature/captioner: the same model, its vision tower trained on product renders)."""
+    `miniature` (models/miniature/captioner: the same model, its vision tower trained on product renders);
+    BLIP's attention as `attention` (the setting `key`) says."""
     name = builtin_name("captioner", name)
     if name == MINIATURE:
         name = str(MINIATURE_CAPTIONER)
@@ -106,6 +127,7 @@ def build_captioner(name: str = MINIATURE, seed: int = 0):
         model, processor = _from_pretrained(name, "train.captioner")
     if kind_of(model) == BLIP:
         check_special_tokens(model, processor.tokenizer)
+    set_attention(model, attention, key)
     return model, processor
 
 
@@ -119,10 +141,10 @@ def base_name(name: str) -> str:
     return str(path.resolve()) if path.exists() else name
 
 
-def load_exported(path: str | Path, device: torch.device, key: str = "caption.captioner"):
+def load_exported(path: str | Path, device: torch.device, key: str = "caption.captioner", attention: str = SDPA):
     """(model, processor) of an exported captioner (or any captioner folder or hub id; an adapter-only export is
-    put on its base model), through plain from_pretrained, on `device` in its captioning dtype; `key` is the
-    setting that named it, for errors."""
+    put on its base model), through plain from_pretrained, on `device` in its captioning dtype, BLIP's attention
+    as `attention` (evaluate.attention) says; `key` is the setting that named it, for errors."""
     dtype = caption_dtype(device)
     if is_adapter_dir(path):
         base = json.loads((Path(path) / ADAPTER_CONFIG).read_text(encoding="utf-8")).get("base_model_name_or_path")
@@ -139,6 +161,7 @@ def load_exported(path: str | Path, device: torch.device, key: str = "caption.ca
                 set_instruction(model, json.loads(info.read_text(encoding="utf-8")).get("instruction", ""))
     else:
         model, processor = _from_pretrained(str(path), key, dtype)
+    set_attention(model, attention, "evaluate.attention")
     return model.to(device).eval(), processor
 
 
