@@ -143,6 +143,9 @@ def run_stage(stage: str, argv: list[str], parser: argparse.ArgumentParser,
         logging.basicConfig(level=logging.INFO)
         log.error("%s: %s", stage, exc)
         return 2
+    reused = None
+    if cfg.run.reuse_host_memory and info.device.type == "cpu":  # on CUDA the host allocates little: left as it is
+        reused = dist.reuse_freed_host_memory()
     held: list[StageLock] = []
     try:
         if uses_run_dir:
@@ -162,6 +165,9 @@ def run_stage(stage: str, argv: list[str], parser: argparse.ArgumentParser,
     try:
         log.info("revprompt %s: rank %d of %d on %s%s", stage, info.rank, info.world_size, info.device,
                  f", run dir {cfg.run.dir}" if uses_run_dir else "")
+        if reused is not None:
+            log.info("run.reuse_host_memory: freed buffers up to 1 GiB are %s", "kept for reuse" if reused else
+                     "returned to the kernel as before (this C library has no mallopt)")
         warning = dist.restart_store_warning()
         if warning and info.is_main:
             log.warning("%s", warning)

@@ -147,7 +147,9 @@ class Trainer:
         self.targets = PromptEmbeddings(self.cfg.evaluate.text_model, self.info.device) \
             if self.t.embedding_head else None
         model, self.processor = build_model(self.cfg, self.targets.width if self.targets else None)
-        self.inputs = TrainingInputs(captioner_of(model), self.processor, self.t.max_length)
+        # a compiled model sees one text shape, so that it compiles once (CUDA only: see train.compile)
+        self.compiled = self.t.compile and self.info.device.type == "cuda"
+        self.inputs = TrainingInputs(captioner_of(model), self.processor, self.t.max_length, static=self.compiled)
         # rank 0 keeps a plain copy for captioning during validation and for export (ZeRO-3 partitions the original);
         # with the embedding head, the copy holds it too
         self.twin = copy.deepcopy(model).eval() if self.info.is_main else None
@@ -162,7 +164,7 @@ class Trainer:
         if self.zero_layout["zero_stage"] != self.t.zero_stage:
             log.info("train.zero_stage=%d on one rank has nothing to partition: running as ZeRO-%d",
                      self.t.zero_stage, self.zero_layout["zero_stage"])
-        if self.t.compile and self.info.device.type == "cuda":
+        if self.compiled:
             self.engine.compile()
         elif self.t.compile:  # on a CPU the compile costs minutes and buys nothing at these sizes
             log.info("train.compile is on, but the device is %s: training eagerly", self.info.device)

@@ -43,3 +43,44 @@ def test_slurm_script_gives_each_restart_its_own_store():
     script = (Path(revprompt.launch.__file__).parent / "slurm" / "stage.sbatch").read_text()
     export = script.index("export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}")
     assert export < script.index("srun ")
+
+
+def test_freed_host_memory_is_kept_for_reuse_only_when_asked():
+    """A 256 MiB tensor is its own mmap by default (mallinfo2's hblkhd counts it); after reuse_freed_host_memory the
+    heap serves it, and it stays there for the next one once freed."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT, cli_env
+
+    script = r"""
+import ctypes, json, sys
+import torch
+from revprompt.launch import dist
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+if sys.argv[1] == "reuse":
+    assert dist.reuse_freed_host_memory()
+before = libc.mallinfo2().hblkhd
+x = torch.ones(64 << 20)  # 256 MiB
+mapped = libc.mallinfo2().hblkhd - before
+del x
+arena_after_free = libc.mallinfo2().arena
+print(json.dumps({"mapped": mapped, "arena": arena_after_free}))
+"""
+    out = {}
+    for mode in ("default", "reuse"):
+        proc = subprocess.run([sys.executable, "-c", script, mode], env=cli_env(), cwd=ROOT, capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        out[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["default"]["mapped"] >= 256 << 20  # its own mapping, unmapped on free
+    assert out["reuse"]["mapped"] == 0  # from the heap ...
+    assert out["reuse"]["arena"] >= 256 << 20  # ... which keeps it after the free

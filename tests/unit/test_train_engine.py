@@ -128,3 +128,62 @@ def test_bf16_autocast_steps_as_a_bare_torch_autocast_loop_does(out):
     assert loss_dtype == bare_dtype == "torch.bfloat16"  # both forwards ran under bf16 autocast
     flat_ours, flat_bare = [v for p in ours for v in p], [v for p in bare for v in p]
     assert max(abs(a - b) for a, b in zip(flat_ours, flat_bare)) < 1e-6
+
+
+COMPILE_SCRIPT = r'''
+import contextlib, json, os
+os.environ["DS_ACCELERATOR"] = "cpu"
+import numpy as np
+import torch
+from PIL import Image
+from revprompt.launch import dist
+from revprompt.launch.config import load_config
+from revprompt.models.captioner import TrainingInputs, build_captioner
+from revprompt.training.engine import clip_gradients, initialize
+
+dist.ensure_group(dist.DistInfo(0, 1, 0, torch.device("cpu")))
+t = load_config("tiny", ["--train.captioner=random-tiny", "--train.precision=fp32", "--train.micro_batch_size=4"]).train
+prompts = [["Nike Men Red T-shirt", "Puma Women Black Running Shoes With A Long Name", "Titan Watch", "Jeans"],
+           ["Peter England Men Party Blue Jeans", "Socks", "Fossil Women Brown Leather Strap Watch", "Red Cap"],
+           ["Bag", "Adidas Unisex White Cap", "Turtle Check Men Navy Blue Shirt With Pocket", "Lotto Sports Shoes"]]
+rng = np.random.default_rng(0)
+images = [[Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)) for _ in range(4)] for _ in prompts]
+
+
+def run(compiled):
+    torch.manual_seed(0)
+    model, processor = build_captioner("random-tiny", 0)
+    model.eval()  # no dropout: eager and compiled draw their random masks differently
+    inputs = TrainingInputs(model, processor, t.max_length, static=True)
+    engine, _, _ = initialize(model, t, 1, torch.device("cpu"))
+    if compiled:
+        engine.compile()  # what Trainer does with train.compile on CUDA
+    params = [p for p in model.parameters() if p.requires_grad]
+    losses, shapes = [], []
+    for i, (pics, texts) in enumerate(zip(images, prompts)):
+        batch = inputs(pics, texts)
+        shapes.append(list(batch["input_ids"].shape))
+        # after the first step a recompile raises: prompts of other lengths give the same padded shape
+        guard = torch._dynamo.config.patch(error_on_recompile=True) if compiled and i else contextlib.nullcontext()
+        with guard:
+            loss = engine(**batch).loss
+            engine.backward(loss)
+        clip_gradients(params, t.grad_clip, want_norm=False)
+        engine.step()
+        losses.append(loss.item())
+    return losses, shapes
+
+
+print(json.dumps({"eager": run(False), "compiled": run(True)}))
+'''
+
+
+def test_compiled_engine_trains_as_eager_does_and_compiles_once():
+    proc = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], env=cli_env(threads=2), cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    (eager, shapes), (compiled, compiled_shapes) = out["eager"], out["compiled"]
+    assert shapes == compiled_shapes == [[4, 40]] * 3  # train.max_length: one shape whatever the prompts' lengths
+    assert len(compiled) == 3 and all(abs(a - b) <= 1e-4 * abs(b) for a, b in zip(compiled, eager))
+    assert eager[2] != eager[0]  # three different batches, the weights moving between them

@@ -170,15 +170,17 @@ class TrainingInputs:
     """Images and prompts to a micro-batch's model inputs (with labels) for one captioner; picklable, so DataLoader
     workers run it."""
 
-    def __init__(self, model, processor, max_length: int):
-        self.kind, self.processor, self.max_length = kind_of(model), processor, max_length
+    def __init__(self, model, processor, max_length: int, static: bool = False):
+        """`static` pads BLIP's text to max_length rather than to the batch's longest prompt: every micro-batch has
+        one shape, so a compiled model compiles once (train.compile)."""
+        self.kind, self.processor, self.max_length, self.static = kind_of(model), processor, max_length, static
         self.image_size = image_size_of(base_model(model)) if self.kind == BLIP else None
         self.instruction = instruction_of(model)
         self.seq2seq = self.kind != BLIP and prompted.is_seq2seq(base_model(model))
 
     def __call__(self, images: list[Image.Image], prompts: list[str]) -> dict[str, torch.Tensor]:
         if self.kind == BLIP:
-            text = encode_prompts(self.processor.tokenizer, prompts, self.max_length)
+            text = encode_prompts(self.processor.tokenizer, prompts, self.max_length, static=self.static)
             return {"pixel_values": preprocess_images(images, self.image_size), "input_ids": text.input_ids,
                     "attention_mask": text.attention_mask, "labels": text.labels}
         return prompted.training_inputs(self.processor, images, prompts, self.max_length, self.instruction,

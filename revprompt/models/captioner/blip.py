@@ -130,9 +130,11 @@ class TextBatch:
     labels: torch.Tensor
 
 
-def encode_prompts(tokenizer, prompts: list[str], max_length: int) -> TextBatch:
-    """Tokenise with bos in position 0 and padding masked out of the labels with -100."""
-    enc = tokenizer(prompts, padding="longest", truncation=True, max_length=max_length, return_tensors="pt")
+def encode_prompts(tokenizer, prompts: list[str], max_length: int, static: bool = False) -> TextBatch:
+    """Tokenise with bos in position 0 and padding masked out of the labels with -100; padded to the longest prompt,
+    or with `static` to max_length (one shape for every batch)."""
+    enc = tokenizer(prompts, padding="max_length" if static else "longest", truncation=True, max_length=max_length,
+                    return_tensors="pt")
     input_ids = enc["input_ids"].clone()
     input_ids[:, 0] = tokenizer.bos_token_id
     labels = input_ids.masked_fill(enc["attention_mask"] == 0, -100)
