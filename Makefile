@@ -27,7 +27,7 @@ demo: install
 
 test: install slurm
 	$(BIN)/lint-imports --no-cache   # the layering contract in pyproject.toml
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=25 tests
 
 # Debian's Slurm and munge for tests/slurm, when missing and when we may install them
 slurm:
