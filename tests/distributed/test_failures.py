@@ -14,8 +14,15 @@ def test_a_rank_that_fails_ends_the_job_within_the_timeout(tmp_path: Path):
     run_dir = tmp_path / "run"
     args = tiny_args(run_dir, limit=48, run__timeout_s=60)
     run_cli("prepare", *args)  # the run directory is revprompt's from here on
-    # plant a failure only rank 1 meets: the final name of train shard 1 (global index 1 -> rank 1) is a folder
-    blocker = run_dir / "shards" / "train" / "000001.tar"
+    # plant a failure only rank 1 meets: the final name of the first train shard of batch group 1 (group g -> rank
+    # g % 2) is a folder
+    from revprompt.generation.job import group_tasks, plan_shards
+
+    counts = json.loads((run_dir / "prompts" / "report.json").read_text())["splits"]
+    groups = group_tasks(plan_shards({s: counts[s] for s in ("train", "val", "test")}, 1, 6), 4)
+    task = groups[1].tasks[0]
+    assert task.split == "train"
+    blocker = run_dir / "shards" / "train" / f"{task.shard:06d}.tar"
     blocker.mkdir(parents=True)
     start = time.monotonic()
     proc = run_cli("generate", *args, nproc=2, check=False, timeout=300)
@@ -31,7 +38,7 @@ def test_a_rank_that_fails_ends_the_job_within_the_timeout(tmp_path: Path):
         tar = stats.with_name(stats.name.replace(".stats.json", ".tar"))
         with tarfile.open(tar) as t:
             assert len([m for m in t.getmembers() if m.name.endswith(".jpg")]) == json.loads(stats.read_text())["count"]
-    assert blocker.is_dir() and not (blocker.parent / "000001.stats.json").exists()
+    assert blocker.is_dir() and not blocker.with_name(blocker.name.replace(".tar", ".stats.json")).exists()
 
     # with the obstacle gone, the same command finishes the job without redoing rank 0's shards
     before = {p: p.stat().st_mtime_ns for p in done}
