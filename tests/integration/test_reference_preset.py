@@ -1,7 +1,7 @@
 """The `sd2-blip` preset, end to end on the real architectures (random weights), through `revprompt download`'s config.
 
 Stable Diffusion 2-base (865M UNet, OpenCLIP-ViT-H text encoder, CLIP's BPE tokenizer with its 77-token
-truncation), BLIP-base with its 384 px processor under DeepSpeed in bf16, CLIP ViT-B/32 and the real
+truncation), BLIP-base with its 384 px processor under DeepSpeed with bf16 autocast, CLIP ViT-B/32 and the real
 all-MiniLM-L6-v2: nothing differs from what the preset runs on a GPU but the model paths and the sizes
 (12 prompts, 64 px, 2 sampler steps, 2 training steps at micro-batch 2, 12-token captions, 1 drift iteration).
 """
@@ -46,7 +46,8 @@ def test_the_reference_preset_runs_end_to_end_on_the_real_architectures(models: 
     assert cfg.generate.model == str((models / folder_name("stabilityai/stable-diffusion-2-base")).resolve())
     assert cfg.train.captioner.endswith("Salesforce--blip-image-captioning-base")
     assert cfg.evaluate.image_model.endswith("openai--clip-vit-base-patch32")
-    assert (cfg.generate.dtype, cfg.train.precision, cfg.train.zero_stage) == ("bf16", "bf16", 2)
+    assert (cfg.generate.dtype, cfg.train.precision, cfg.train.zero_stage) == ("bf16", "bf16-autocast", 2)
+    assert (cfg.generate.fuse_qkv, cfg.generate.compile, cfg.train.compile) == (True, True, True)  # CUDA: on
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
@@ -63,7 +64,7 @@ def test_the_reference_preset_runs_end_to_end_on_the_real_architectures(models: 
     assert manifest["complete"] and manifest["config"]["model"] == cfg.generate.model
     log = (run_dir / "logs" / "rank-0.log").read_text()
     stage = 3 if "--train.zero_stage=3" in extra else 0  # one rank runs ZeRO-2 as stage 0
-    assert f"ZeRO-{stage}, bf16" in log
+    assert f"ZeRO-{stage}, fp32 under bf16 autocast" in log  # fp32 weights, the forward in bf16
 
     from transformers import BlipForConditionalGeneration, BlipProcessor
 
