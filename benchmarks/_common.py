@@ -196,6 +196,35 @@ def stop_tree(pid: int, grace_s: float = 10.0) -> None:
             proc.kill()
 
 
+class ChildTimeout(RuntimeError):
+    """A child process ran past its time limit and was stopped (with its descendants)."""
+
+
+def run_bounded(cmd: list[str], env: dict[str, str], timeout_s: float, what: str, stdout=None,
+                stderr_path: Path | None = None) -> None:
+    """Run `cmd` to completion within `timeout_s`; on timeout stop its whole process tree (DataLoader and compile
+    workers included) and raise ChildTimeout naming `what`; on failure raise RuntimeError with its stderr's tail.
+
+    stdout goes to `stdout` (None: this process's, so the child's progress shows live); stderr to `stderr_path`
+    (None: captured), whose tail is quoted on failure."""
+    errors = open(stderr_path, "w", encoding="utf-8") if stderr_path is not None else subprocess.PIPE
+    try:
+        with subprocess.Popen(cmd, env=env, stdout=stdout, stderr=errors, text=True) as popen:
+            try:
+                _, captured = popen.communicate(timeout=max(timeout_s, 1.0))
+            except subprocess.TimeoutExpired:
+                stop_tree(popen.pid, grace_s=5.0)
+                popen.communicate()
+                raise ChildTimeout(f"{what}: stopped after {timeout_s:.0f} s, its time limit (see --budget-s); "
+                                   f"command: {' '.join(cmd)}") from None
+    finally:
+        if stderr_path is not None:
+            errors.close()
+    if popen.returncode != 0:
+        tail = stderr_path.read_text(encoding="utf-8", errors="replace") if stderr_path is not None else captured
+        raise RuntimeError(f"{what} failed (exit {popen.returncode}): {' '.join(cmd)}\n{(tail or '')[-4000:]}")
+
+
 def timed_run(cmd: list[str], env: dict[str, str], quiet_wait_s: float, monitor: bool = False,
               timeout_s: float | None = None,
               abort: Callable[[CpuMonitor], bool] | None = None) -> tuple[subprocess.CompletedProcess, dict[str, Any]]:
@@ -299,11 +328,11 @@ def steady_rate(stamps: list[tuple[int, float]]) -> float | None:
     return (n1 - n0) / (t1 - t0) if t1 > t0 else None
 
 
-def read_job_scalars(run_dir: Path, tag: str) -> list[tuple[int, float, float]]:
-    """(step, wall time, value) of each event of one of the generate job's TensorBoard scalars."""
+def read_job_scalars(run_dir: Path, tag: str, stage: str = "generate") -> list[tuple[int, float, float]]:
+    """(step, wall time, value) of each event of one of a stage's TensorBoard scalars (the generate job's)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(run_dir / "tb" / "generate"), size_guidance={"scalars": 0})
+    acc = EventAccumulator(str(run_dir / "tb" / stage), size_guidance={"scalars": 0})
     acc.Reload()
     if tag not in acc.Tags().get("scalars", []):
         return []

@@ -45,7 +45,6 @@ import platform
 import re
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -55,7 +54,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (fmt, job_batches, loop_clock, median_of, read_job_scalars, revprompt_command,  # noqa: E402
-                     steady_rate)
+                     run_bounded, steady_rate)
 
 JOB_LOG_LINE = re.compile(r"generated (\d+) images in ([\d.]+) s \(([\d.]+) images/s")
 JOB_TIMEOUT_S = 1800
@@ -152,35 +151,69 @@ def save_random_pipeline(model_dir: Path, tiny: bool, dtype: str, device: str) -
 # --- the two sides --------------------------------------------------------------------------------
 
 
+def generation_overrides(model_dir: Path, run_dir: Path, *, device: str, dtype: str, batch: int, steps: int,
+                         size: int, guidance: float, shard_size: int, prompts: int,
+                         preset_fast_paths: bool = False) -> list[str]:
+    """Overrides of the sd2-blip preset for a benchmark run: the model, the shapes, all prompts in the train split
+    (every batch full). The preset's fast paths (generate.compile, compile_scope, compile_mode, fuse_qkv) stay as
+    the preset sets them with `preset_fast_paths`, else compilation is turned off (this script's comparison)."""
+    overrides = [f"--run.dir={run_dir}", f"--run.device={device}", f"--generate.model={model_dir}",
+                 f"--generate.dtype={dtype}", f"--generate.batch_size={batch}", f"--generate.steps={steps}",
+                 f"--generate.height={size}", f"--generate.width={size}", f"--generate.guidance_scale={guidance}",
+                 "--generate.scheduler=dpmsolver++", f"--generate.shard_size={shard_size}",
+                 f"--prompts.limit={prompts}", "--prompts.val_fraction=0", "--prompts.test_fraction=0"]
+    return overrides if preset_fast_paths else overrides + ["--generate.compile=false"]
+
+
 def job_overrides(args: argparse.Namespace, model_dir: Path, run_dir: Path) -> list[str]:
     """Overrides of the sd2-blip preset shared by the job and by `prepare` (and so by the bare loop)."""
-    return [f"--run.dir={run_dir}", f"--run.device={args.device}", f"--generate.model={model_dir}",
-            f"--generate.dtype={args.dtype}", f"--generate.batch_size={args.batch}", f"--generate.steps={args.steps}",
-            f"--generate.height={args.size}", f"--generate.width={args.size}",
-            f"--generate.guidance_scale={args.guidance}", "--generate.scheduler=dpmsolver++",
-            "--generate.compile=false", f"--generate.shard_size={args.shard_size}",
-            f"--prompts.limit={args.prompts}", "--prompts.val_fraction=0", "--prompts.test_fraction=0"]
+    return generation_overrides(model_dir, run_dir, device=args.device, dtype=args.dtype, batch=args.batch,
+                                steps=args.steps, size=args.size, guidance=args.guidance, shard_size=args.shard_size,
+                                prompts=args.prompts)
 
 
-def run_bare(args: argparse.Namespace, model_dir: Path, prepared: Path) -> dict[str, Any]:
-    """Load the saved pipeline here and generate the prepared prompts in batches; per-batch timestamps."""
+def prepare_prompts(overrides: list[str]) -> dict[str, Any]:
+    """`prepare` into the run.dir of `overrides`, claimed as a revprompt run first (as `revprompt prepare` does), so
+    that a job's run dir seeded with a copy of it accepts the prompts."""
+    from revprompt.generation.prepare import prepare
+    from revprompt.launch.config import load_config
+    from revprompt.launch.layout import claim_run_dir
+
+    cfg = load_config("sd2-blip", overrides)
+    claim_run_dir(cfg.run.dir)
+    return prepare(cfg)
+
+
+def prepared_texts(prepared: Path) -> list[str]:
+    """The prompts a prepared run dir holds, splits in order."""
+    from revprompt.prompts.prepared import load_split
+    from revprompt.shards.schema import SPLITS
+
+    folder = prepared / "prompts"
+    return [p.text for split in SPLITS if (folder / f"{split}.idx").is_file() for p in load_split(folder, split)]
+
+
+def bare_loop(g, device: str, texts: list[str], *, fuse: bool = False, compile: bool = False,
+              scope: str = "whole", mode: str = "default", seed: int = 0) -> dict[str, Any]:
+    """Build the pipeline of the [generate] settings `g` here (with the given fast paths) and generate `texts` in
+    batches of g.batch_size with plain `pipe(...)` calls; per-batch timestamps.
+
+    A compiled denoiser compiles inside the first call, so that call's excess over a steady one is reported as
+    `first_batch_excess_s` (the compile time, for a compiled side; cuDNN and allocator warm-up for an eager one).
+    """
     import torch
 
     from revprompt.models.text_to_image import build_pipeline
-    from revprompt.prompts.prepared import load_split
-    from revprompt.launch.config import load_config
 
-    cfg = load_config("sd2-blip", job_overrides(args, model_dir, prepared))
-    g = cfg.generate
-    texts = [p.text for split in g.splits for p in load_split(Path(cfg.run.dir) / "prompts", split)]
-    cuda = args.device == "cuda"
+    cuda = device == "cuda"
 
     def sync() -> None:
         if cuda:
             torch.cuda.synchronize()
 
     start = time.perf_counter()
-    pipe = build_pipeline(g.model, scheduler=g.scheduler, dtype=g.dtype, device=args.device, seed=cfg.run.seed)
+    pipe = build_pipeline(g.model, scheduler=g.scheduler, dtype=g.dtype, device=device, seed=seed, fuse=fuse,
+                          compile=compile, compile_scope=scope, compile_mode=mode)
     sync()
     built = time.perf_counter()
     if cuda:
@@ -202,36 +235,60 @@ def run_bare(args: argparse.Namespace, model_dir: Path, prepared: Path) -> dict[
     if cuda:
         torch.cuda.empty_cache()
     generate_s = stamps[-1][1] - built
+    steady_call = statistics.median(calls[1:]) if len(calls) > 1 else None
     return {"images": len(texts), "pipeline_calls": len(stamps), "load_s": built - start,
             "first_batch_s": stamps[0][1] - built, "generate_s": generate_s,
+            "first_batch_excess_s": calls[0] - steady_call if steady_call is not None else None,
             "all_batches_images_per_s": len(texts) / generate_s, "steady_images_per_s": steady_rate(stamps),
-            "steady_model_s_per_batch": statistics.median(calls[1:]) if len(calls) > 1 else None,
+            "steady_model_s_per_batch": steady_call, "model_s_per_batch": calls,
             "peak_gpu_memory_gib": peak / 2**30 if peak is not None else None}
 
 
-def run_job(args: argparse.Namespace, model_dir: Path, run_dir: Path, prepared: Path) -> dict[str, Any]:
-    """One `revprompt generate` process on a fresh run dir seeded with the prepared prompts."""
-    shutil.copytree(prepared / "prompts", run_dir / "prompts")
-    cmd = revprompt_command() + ["generate", "--config", "sd2-blip"] + job_overrides(args, model_dir, run_dir)
+def run_bare(args: argparse.Namespace, model_dir: Path, prepared: Path) -> dict[str, Any]:
+    """Load the saved pipeline here and generate the prepared prompts in batches; per-batch timestamps."""
+    from revprompt.launch.config import load_config
+
+    cfg = load_config("sd2-blip", job_overrides(args, model_dir, prepared))
+    return bare_loop(cfg.generate, args.device, prepared_texts(prepared), seed=cfg.run.seed)
+
+
+def generate_job(overrides: list[str], run_dir: Path, prepared: Path | None = None,
+                 timeout_s: float = JOB_TIMEOUT_S) -> dict[str, Any]:
+    """One `revprompt generate --config sd2-blip` process with `overrides` on a fresh `run_dir` (seeded with the
+    prompts of `prepared`, else the job prepares them itself); its rates from its log and TensorBoard events.
+
+    The job's first `perf/model_s_per_batch` includes the denoiser's compilation when it compiles, so its excess
+    over a steady call is reported as `first_batch_excess_s`, as for the bare loop."""
+    if prepared is not None:
+        shutil.copytree(prepared / "prompts", run_dir / "prompts")
+        # the copy is a revprompt run: its marker comes along, or the job refuses prompts it did not write
+        from revprompt.launch.layout import RUN_MARKER
+
+        shutil.copy2(prepared / RUN_MARKER, run_dir / RUN_MARKER)
+    cmd = revprompt_command() + ["generate", "--config", "sd2-blip"] + overrides
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     start = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
+    run_bounded(cmd, env, timeout_s, "revprompt generate")
     wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise RuntimeError(f"job failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-4000:]}")
-    match = JOB_LOG_LINE.search((run_dir / "logs" / "rank-0.log").read_text(encoding="utf-8"))
+    log_text = (run_dir / "logs" / "rank-0.log").read_text(encoding="utf-8")
+    match = JOB_LOG_LINE.search(log_text)
     if match is None:
         raise RuntimeError(f"{run_dir}/logs/rank-0.log: no 'generated N images' line")
     manifest = json.loads((run_dir / "shards" / "manifest.json").read_text())
     failures = sum(json.loads(m.read_text())["failures"] for m in (run_dir / "shards").glob("*/*.stats.json"))
-    log_text = (run_dir / "logs" / "rank-0.log").read_text(encoding="utf-8")
     batches = job_batches(run_dir)
     calls = [value for _, _, value in read_job_scalars(run_dir, "perf/model_s_per_batch")]
+    steady_call = statistics.median(calls[1:]) if len(calls) > 1 else None
     return {"images": int(match.group(1)), "pipeline_calls": len(batches), "process_wall_s": wall,
             "logged_s": float(match.group(2)), "logged_images_per_s": float(match.group(3)),
-            "steady_images_per_s": steady_rate(batches),
-            "steady_model_s_per_batch": statistics.median(calls[1:]) if len(calls) > 1 else None,
+            "steady_images_per_s": steady_rate(batches), "steady_model_s_per_batch": steady_call,
+            "first_batch_excess_s": calls[0] - steady_call if steady_call is not None else None,
             **loop_clock(log_text), "complete": manifest["complete"], "non_finite_images": failures}
+
+
+def run_job(args: argparse.Namespace, model_dir: Path, run_dir: Path, prepared: Path) -> dict[str, Any]:
+    """One `revprompt generate` process on a fresh run dir seeded with the prepared prompts."""
+    return generate_job(job_overrides(args, model_dir, run_dir), run_dir, prepared)
 
 
 # --- report ---------------------------------------------------------------------------------------
@@ -303,9 +360,6 @@ def print_table(result: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Save the random pipeline, prepare the prompts, alternate bare and job; print and write the results."""
     args = parse_args(argv)
-    from revprompt.generation.prepare import prepare
-    from revprompt.launch.config import load_config
-
     if args.device == "cuda":
         import torch
 
@@ -320,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"saved {model['kind']} pipeline ({model['bytes_on_disk'] / 2**30:.2f} GiB, "
               f"{model['build_and_save_s']:.1f} s) to {model_dir}", flush=True)
         prepared = workdir / "prepared"
-        report = prepare(load_config("sd2-blip", job_overrides(args, model_dir, prepared)))
+        report = prepare_prompts(job_overrides(args, model_dir, prepared))
         print(f"prepared {report['kept']} prompts", flush=True)
         bare: list[dict[str, Any]] = []
         job: list[dict[str, Any]] = []

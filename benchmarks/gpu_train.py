@@ -9,25 +9,36 @@ What is measured
     images + bundled prompts tokenised with `encode_prompts`, max_length 40), so neither measures
     the data loader (benchmarks/loader_throughput.py does that):
 
+    Both sides run BLIP's attention as `--attention` says (default: the preset's train.attention,
+    "sdpa": revprompt's switch of BLIP's attention modules to torch's fused SDPA).
+
     engine  revprompt's path, in this process: `dist.init` + `dist.ensure_group` (a one-rank NCCL
             group, as `revprompt train` makes), the TrainConfig of the sd2-blip preset with
-            precision bf16, zero_stage `--zero-stage` (2), micro batch `--batch` (32), then
+            precision `--precision` (bf16), zero_stage `--zero-stage` (2; one rank runs it as
+            ZeRO-0, see engine.effective_stage), micro batch `--batch` (32), then
             `revprompt.training.engine.initialize` (DeepSpeed with a torch AdamW(fused=True) and
-            the warm-up + cosine LambdaLR). Per step, as the trainer does: `loss =
-            engine(**batch).loss` (pixels cast to the module's bf16), `engine.backward(loss)`,
-            `engine.step()` (clipping at 1.0, optimizer, scheduler, zero_grad inside).
-    bare    a plain loop over a fresh copy of the same model in fp32 under `torch.autocast(bf16)`:
-            forward, backward, `clip_grad_norm_(1.0)`, AdamW(fused=True) with the same parameter
-            groups, lr and weight decay (`build_optimizer`), `scheduler.step()`,
-            `zero_grad(set_to_none=True)`. `--compile` wraps the bare model in `torch.compile`.
+            the warm-up + cosine LambdaLR). Per step, as Trainer._micro_step does: `loss =
+            engine(**batch).loss` (pixels cast to the module's dtype), `engine.backward(loss)`,
+            at the accumulation boundary `clip_gradients` when `trainer_clips(engine.config)`
+            (fp32 weights at stage 0: precision fp32 or bf16-autocast; the norm read back on the
+            preset's log_every steps, as the trainer logs it), `engine.step()` (DeepSpeed's own
+            clipping where the trainer does not clip, optimizer, scheduler, zero_grad inside).
+            `--compile-engine`: `engine.compile()` as train.compile does (on CUDA only, as the
+            trainer).
+    bare    a plain loop over a fresh copy of the same model in fp32 under `torch.autocast(bf16)`
+            (plain fp32 with --precision fp32): forward, backward, `clip_grad_norm_(1.0)`,
+            AdamW(fused=True) with the same parameter groups, lr and weight decay
+            (`build_optimizer`), `scheduler.step()`, `zero_grad(set_to_none=True)`. `--compile`
+            wraps the bare model in `torch.compile`.
 
     Both sides call `loss.item()` after every step, as the trainer does (`--no-sync` drops it).
     Each side: `--warmup` steps (5; a compiled side at least two passes over the 4 batches, whose
     padded text lengths differ, so that no compilation falls into the timed steps),
     `torch.cuda.synchronize()`, `--steps` timed steps (30), synchronize. Metric: samples/s =
-    steps x batch / elapsed. The sides run one after the other in one process (`--order`,
-    default engine then bare; `--repeats` alternates more rounds), each on a freshly built model,
-    the previous side's memory freed. Also reported: peak memory per side, and (`--breakdown`, on
+    steps x batch / elapsed. A compiled side also reports `compile_s`: its warm-up time less
+    what its warm-up steps take at the timed rate. The sides run one after the other in one
+    process (`--order`, default engine then bare; `--repeats` alternates more rounds), each on a
+    freshly built model, the previous side's memory (and compiled graphs) freed. Also reported: peak memory per side, and (`--breakdown`, on
     by default) ms per phase (forward / backward / step) over a few extra steps with a synchronize
     after each phase, to show where the engine's extra time goes.
 
@@ -70,8 +81,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps per side")
     parser.add_argument("--steps", type=int, default=30, help="timed steps per side")
     parser.add_argument("--zero-stage", type=int, default=2, choices=(0, 1, 2), help="engine's ZeRO stage")
-    parser.add_argument("--precision", default=None, choices=("bf16", "fp32"),
-                        help="engine precision / bare autocast dtype (default bf16; --tiny: fp32)")
+    parser.add_argument("--precision", default=None, choices=("bf16", "bf16-autocast", "fp32"),
+                        help="engine precision (train.precision) / bare autocast dtype (default bf16; --tiny: fp32)")
+    parser.add_argument("--attention", default=None, choices=("sdpa", "eager"),
+                        help="BLIP attention on both sides (default: the preset's train.attention)")
     parser.add_argument("--order", default="engine,bare", help="sides per round, comma-separated")
     parser.add_argument("--repeats", type=int, default=1, help="rounds of --order")
     parser.add_argument("--compile", action="store_true", help="torch.compile the bare model")
@@ -87,6 +100,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.image_size = args.image_size or (64 if args.tiny else 384)
     args.precision = args.precision or ("fp32" if args.tiny else "bf16")
+    if args.attention is None:
+        from revprompt.launch.config import load_config
+
+        args.attention = load_config("sd2-blip").train.attention
     args.order = [s.strip() for s in args.order.split(",") if s.strip()]
     if not args.order or set(args.order) - {"engine", "bare"}:
         parser.error("--order: a comma-separated list of engine and bare")
@@ -96,11 +113,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def build_model(args: argparse.Namespace, tokenizer, device):
-    """Random BLIP captioner: blip-image-captioning-base's shapes, or tiny ones with --tiny."""
+    """Random BLIP captioner: blip-image-captioning-base's shapes, or tiny ones with --tiny; attention as
+    --attention says (revprompt's SDPA switch, or transformers' eager)."""
     import torch
     from transformers import BlipConfig, BlipForConditionalGeneration
 
-    from revprompt.models.captioner import check_special_tokens
+    from revprompt.models.captioner import check_special_tokens, set_attention
 
     text = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, sep_token_id=tokenizer.sep_token_id,
                 eos_token_id=tokenizer.sep_token_id, pad_token_id=tokenizer.pad_token_id)
@@ -118,7 +136,39 @@ def build_model(args: argparse.Namespace, tokenizer, device):
     with torch.device(device):
         model = BlipForConditionalGeneration(config)
     check_special_tokens(model, tokenizer)
+    set_attention(model, args.attention)
     return model.train()
+
+
+def save_random_captioner(args: argparse.Namespace, directory: Path) -> dict[str, Any]:
+    """The random captioner of `build_model` (fp32, initialised on --device: seconds instead of a minute of CPU init)
+    with a BLIP processor at its image size, saved with save_pretrained: a folder that `revprompt train
+    --train.captioner=DIR`, revprompt's captioning and plain transformers all load, without a download."""
+    import torch
+    from transformers import BlipProcessor
+
+    from revprompt.models.captioner import IMAGE_MEAN, IMAGE_STD, offline_blip_tokenizer
+
+    try:  # transformers 5 without torchvision: the PIL image processor (what revprompt's tiny captioner uses)
+        from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil as ImageProcessor
+    except ImportError:
+        from transformers import BlipImageProcessor as ImageProcessor
+
+    start = time.perf_counter()
+    tokenizer = offline_blip_tokenizer()
+    model = build_model(args, tokenizer, torch.device(args.device))
+    processor = BlipProcessor(image_processor=ImageProcessor(size={"height": args.image_size,
+                                                                   "width": args.image_size},
+                                                             image_mean=list(IMAGE_MEAN), image_std=list(IMAGE_STD)),
+                              tokenizer=tokenizer)
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    params = sum(p.numel() for p in model.parameters())
+    del model
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
+    return {"kind": "tiny BLIP" if args.tiny else "BLIP-base shapes (random weights)", "params": params,
+            "image_size": args.image_size, "save_s": time.perf_counter() - start}
 
 
 def build_batches(args: argparse.Namespace, tokenizer, device, n: int = 4) -> list[dict]:
@@ -142,14 +192,22 @@ def build_batches(args: argparse.Namespace, tokenizer, device, n: int = 4) -> li
     return batches
 
 
-def train_config(args: argparse.Namespace):
-    """The sd2-blip preset's [train] with this benchmark's stage, precision and batch."""
+def train_config(args: argparse.Namespace, extra: list[str] | tuple[str, ...] = ()):
+    """The sd2-blip preset's [train] (with `extra` overrides) with this benchmark's stage, precision and batch."""
     from revprompt.launch.config import load_config
 
-    cfg = load_config("sd2-blip", [f"--train.zero_stage={args.zero_stage}", f"--train.precision={args.precision}",
+    cfg = load_config("sd2-blip", [*extra, f"--train.zero_stage={args.zero_stage}",
+                                   f"--train.precision={args.precision}",
                                    f"--train.micro_batch_size={args.batch}", "--train.grad_accum=1",
                                    "--train.max_steps=100000"])
     return cfg.train
+
+
+def autocast_dtype(precision: str):
+    """The bare side's autocast dtype for a train.precision: bf16 for bf16 and bf16-autocast, none (fp32) else."""
+    import torch
+
+    return torch.bfloat16 if precision in ("bf16", "bf16-autocast") else torch.float32
 
 
 def synchronize(device) -> None:
@@ -174,21 +232,30 @@ class Side:
 
 
 class EngineSide(Side):
-    """revprompt.training.engine.initialize on the model; the trainer's forward/backward/step."""
+    """revprompt.training.engine.initialize on the model; Trainer._micro_step's forward, backward, clip and step."""
 
     def __init__(self, model, train, info):
-        from revprompt.training.engine import initialize
+        from revprompt.training.engine import initialize, trainer_clips
 
         self.engine, self.optimizer, self.scheduler = initialize(model, train, info.world_size, info.device)
-        if train.compile:
+        # as the trainer: compiled on CUDA only (on a CPU the compile costs minutes and buys nothing)
+        self.compiled = train.compile and info.device.type == "cuda"
+        if self.compiled:
             self.engine.compile()
         self.dtype = next(p for p in self.engine.module.parameters()).dtype
+        # as Trainer.__init__: at stage 0 with fp32 weights the trainer clips (torch's foreach clip), not DeepSpeed
+        self.clips = trainer_clips(self.engine.config)
+        self.trained = [p for p in self.engine.module.parameters() if p.requires_grad]
+        self.grad_clip, self.log_every, self.steps = train.grad_clip, train.log_every, 0
         wrapper = self.engine.optimizer
         inner = getattr(wrapper, "optimizer", wrapper)
         fused = inner.defaults.get("fused") if hasattr(inner, "defaults") else None
-        self.description = (f"DeepSpeed ZeRO-{self.engine.zero_optimization_stage()}, "
-                            f"{'bf16' if self.engine.bfloat16_enabled() else 'fp32'} engine, "
-                            f"{type(wrapper).__name__} over {type(inner).__name__}(fused={fused})")
+        weights = ("bf16" if self.engine.bfloat16_enabled() else
+                   "fp32 under bf16 autocast" if self.engine.torch_autocast_enabled() else "fp32")
+        self.description = (f"DeepSpeed ZeRO-{self.engine.zero_optimization_stage()}, {weights} engine, "
+                            f"{type(wrapper).__name__} over {type(inner).__name__}(fused={fused}), "
+                            f"{'trainer clips' if self.clips else 'DeepSpeed clips'}"
+                            f"{', engine.compile()' if self.compiled else ''}")
 
     def forward(self, batch: dict):
         batch = dict(batch, pixel_values=batch["pixel_values"].to(self.dtype))
@@ -198,6 +265,12 @@ class EngineSide(Side):
         self.engine.backward(loss)
 
     def step(self) -> None:
+        from revprompt.training.engine import clip_gradients
+
+        self.steps += 1
+        if self.clips and self.engine.is_gradient_accumulation_boundary():
+            # the trainer reads the norm back (a device sync) on the steps it logs: Trainer.logs_at
+            clip_gradients(self.trained, self.grad_clip, want_norm=self.steps % self.log_every == 0)
         self.engine.step()
 
     def close(self) -> None:
@@ -219,6 +292,7 @@ class BareSide(Side):
         self.optimizer = build_optimizer(model, train, device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(train))
         self.call = torch.compile(model) if compile_model else model
+        self.compiled = compile_model
         self.description = (f"eager{' + torch.compile' if compile_model else ''}, fp32 weights, "
                             f"{'autocast ' + str(dtype).replace('torch.', '') if dtype != torch.float32 else 'fp32'}, "
                             f"AdamW(fused={self.optimizer.defaults.get('fused')})")
@@ -293,12 +367,11 @@ def measure_side(name: str, args: argparse.Namespace, tokenizer, batches, info, 
         train.compile = args.compile_engine
         side: Side = EngineSide(model, train, info)
     else:
-        dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
-        side = BareSide(model, train, device, dtype, args.compile)
+        side = BareSide(model, train, device, autocast_dtype(args.precision), args.compile)
     built = time.perf_counter()
     # batches differ in padded text length: a compiled model must have seen every shape (and recompiled
     # for dynamic shapes) before the timed steps, or they include compilations
-    compiled = args.compile if name == "bare" else args.compile_engine
+    compiled = side.compiled
     warmup = max(args.warmup, 2 * len(batches)) if compiled else args.warmup
     warm = run_steps(side, batches, warmup, sync_loss=True)
     synchronize(device)
@@ -309,19 +382,24 @@ def measure_side(name: str, args: argparse.Namespace, tokenizer, batches, info, 
     result = {"side": name, "description": side.description, "samples_per_s": args.steps * args.batch / (end - warmed),
               "step_ms": (end - warmed) / args.steps * 1000, "timed_s": end - warmed, "build_s": built - t_build,
               "warmup_steps": warmup, "warmup_s": warmed - built, "first_loss": (warm or losses)[0],
-              "last_loss": losses[-1]}
+              "last_loss": losses[-1], "compiled": compiled,
+              # the warm-up beyond what its steps take at the timed rate: the compilation (and recompilations)
+              "compile_s": max(0.0, (warmed - built) - warmup * (end - warmed) / args.steps) if compiled else None}
     if args.breakdown:
         result["breakdown"] = breakdown(side, batches, args.breakdown, device)
     if device.type == "cuda":
         result["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     side.close()
     del side, model
+    if compiled:  # the compiled graphs (and their guards on this model) go too: the next side starts clean
+        torch._dynamo.reset()
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    compiling = "" if result["compile_s"] is None else f" (compile {result['compile_s']:.1f} s)"
     print(f"{name:<7} {result['samples_per_s']:8.2f} samples/s ({result['step_ms']:.1f} ms/step), "
-          f"build {result['build_s']:.1f} s, warm-up {result['warmup_s']:.1f} s, loss {result['first_loss']:.3f} -> "
-          f"{result['last_loss']:.3f}; {result['description']}", flush=True)
+          f"build {result['build_s']:.1f} s, warm-up {result['warmup_s']:.1f} s{compiling}, "
+          f"loss {result['first_loss']:.3f} -> {result['last_loss']:.3f}; {result['description']}", flush=True)
     return result
 
 

@@ -437,7 +437,9 @@ class Trainer:
         try:
             data = iter(loader)
             while self.pos.step < self.t.max_steps:
+                asked = time.monotonic()
                 batch = next(data)
+                window["data_wait"] += time.monotonic() - asked
                 read_stats[batch["worker"]] = batch["read_stats"]
                 losses, boundary = self._micro_step(batch)
                 loss, lm, head = losses.values()
@@ -469,7 +471,7 @@ class Trainer:
     @staticmethod
     def _new_window() -> dict:
         """The sums one logging window collects."""
-        return {"loss": 0.0, "loss_lm": 0.0, "loss_embedding": 0.0, "micro": 0, "samples": 0,
+        return {"loss": 0.0, "loss_lm": 0.0, "loss_embedding": 0.0, "micro": 0, "samples": 0, "data_wait": 0.0,
                 "start": time.monotonic()}
 
     def _micro_step(self, batch: dict) -> tuple[Losses, bool]:
@@ -509,10 +511,12 @@ class Trainer:
         # every rank reaches this step, so the all-reduce is matched everywhere
         stats = torch.tensor([window["loss"], window["micro"], window["samples"]], dtype=torch.float64)
         reads = sum(read_stats.values()) if read_stats else torch.zeros(5, dtype=torch.long)
-        parts = torch.tensor([window["loss_lm"], window["loss_embedding"]], dtype=torch.float64)
+        parts = torch.tensor([window["loss_lm"], window["loss_embedding"], window["data_wait"]], dtype=torch.float64)
         stats = torch.cat([stats, reads.to(torch.float64), parts])
+        ranks = 1
         if torch.distributed.is_initialized():
             torch.distributed.all_reduce(stats)
+            ranks = torch.distributed.get_world_size()
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is None:
             grad_norm = self.grad_norm
@@ -520,6 +524,9 @@ class Trainer:
             "train/loss": float(stats[0] / max(stats[1], 1)),
             "train/lr": self.scheduler.get_last_lr()[0],
             "perf/samples_per_s": float(stats[2]) / max(seconds, 1e-9),
+            # the share of the window spent in next() on the loader (mean over ranks): well above zero, the DataLoader
+            # workers (train.num_workers) do not keep up with the model and the device waits for data
+            "perf/data_wait_fraction": float(stats[10]) / ranks / max(seconds, 1e-9),
             "data/corrupt": float(stats[4]), "data/rejected": float(stats[5]), "data/incomplete": float(stats[6]),
             "data/resampled": float(stats[7]),
         }
