@@ -157,6 +157,10 @@ def bare_worker(argv: list[str]) -> None:
         raise RuntimeError(f"torch uses {torch.get_num_threads()} threads, OMP_NUM_THREADS asked for {threads}")
     start = time.perf_counter()
     cfg = load_config("tiny", overrides)
+    if cfg.run.reuse_host_memory:  # the CLI's allocator setting on a CPU device (run.reuse_host_memory): same on both
+        from revprompt.launch.dist import reuse_freed_host_memory
+
+        reuse_freed_host_memory()
     g = cfg.generate
     texts = [p.text for split in g.splits for p in load_split(Path(cfg.run.dir) / "prompts", split)]
     pipe = build_pipeline(g.model, scheduler=g.scheduler, dtype=g.dtype, device="cpu", seed=cfg.run.seed)

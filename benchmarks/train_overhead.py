@@ -320,6 +320,10 @@ def bare_worker(argv: list[str]) -> None:
         raise RuntimeError(f"torch uses {torch.get_num_threads()} threads, OMP_NUM_THREADS asked for {threads}")
     start = time.perf_counter()
     cfg = load_config("tiny", overrides)
+    if cfg.run.reuse_host_memory:  # the CLI's allocator setting on a CPU device (run.reuse_host_memory): same on both
+        from revprompt.launch.dist import reuse_freed_host_memory
+
+        reuse_freed_host_memory()
     t = cfg.train
     model, processor = build_captioner(t.captioner, cfg.run.seed)
     model.config.text_config.label_smoothing = t.label_smoothing
