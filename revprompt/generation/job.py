@@ -426,7 +426,8 @@ def _generate_shards(ctx: StageContext, groups: list[BatchGroup], done: set[int]
                 spans.append((task, len(samples), len(samples) + task.size))
                 samples += load_task_samples(ctx.layout.prompts, task, g.images_per_prompt, cfg.run.seed)
             for start, stop in group.batches(g.batch_size):
-                todo = [(t, max(a, start), min(b, stop)) for t, a, b in spans
+                # (shard, its first and last+1 sample in this batch, whether the batch ends the shard)
+                todo = [(t, max(a, start), min(b, stop), b <= stop) for t, a, b in spans
                         if t.index not in done and a < stop and b > start]
                 if not todo:
                     continue
@@ -434,19 +435,19 @@ def _generate_shards(ctx: StageContext, groups: list[BatchGroup], done: set[int]
                 clock.model_starts()
                 pixels, finite = to_pixels(generate_batch(pipe, batch, cfg))
                 model_s = clock.model_ends()
-                for task, a, b in todo:
+                for task, a, b, last in todo:
                     if task.index not in writers:
                         writers[task.index] = ShardWriter(root / shard_name(task.split, task.shard),
                                                           made_with=determinism(info))
                     worker.submit(lambda b_=samples[a:b], p=pixels[a - start:b - start],
                                   f=finite[a - start:b - start], w=writers[task.index]:
                                   write_samples(b_, p, f, cfg, w, drawn_with))
-                    if b == next(end for t, _, end in spans if t is task):
+                    if last:
                         worker.submit(writers.pop(task.index).close)
                 if grid_pending:  # a large PNG: encoded on the writer thread, not while the device waits
                     worker.submit(lambda b_=batch, p=pixels: _log_grid(ctx, b_, p))
                     grid_pending = False
-                done_now = progress.add(sum(b - a for _, a, b in todo))
+                done_now = progress.add(sum(b - a for _, a, b, _ in todo))
                 ctx.metrics.log({"perf/images_per_s": progress.rate(), "perf/model_s_per_batch": model_s},
                                 step=done_now)
     except BaseException:

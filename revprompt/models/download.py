@@ -121,7 +121,9 @@ def download(cfg: Config, to: Path) -> Path:
     """Fetch what `cfg` needs into `to`, then write `to/config.toml` pointing at it; returns that config's path."""
     to.mkdir(parents=True, exist_ok=True)
     wanted = wanted_models(cfg)
-    dtype_of = {"generate.model": cfg.generate.dtype, "train.captioner": "fp32" if cfg.train.precision == "bf16-autocast" else cfg.train.precision,
+    # bf16-autocast trains fp32 weights: it fetches the fp32 files
+    captioner_dtype = "fp32" if cfg.train.precision == "bf16-autocast" else cfg.train.precision
+    dtype_of = {"generate.model": cfg.generate.dtype, "train.captioner": captioner_dtype,
                 "evaluate.text_model": "fp32", "evaluate.image_model": "fp32"}
     missing = [(key, repo) for key, repo in wanted if not is_complete(to / folder_name(repo))]
     for key, repo in wanted:

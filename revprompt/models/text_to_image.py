@@ -230,11 +230,11 @@ def generate_images(pipe, texts: list[str], seeds: list[int], settings) -> torch
     """
     g = settings
     count = len(texts)
-    if is_compiled(pipe) and count < g.batch_size:
+    pad = g.batch_size - count if is_compiled(pipe) else 0
+    if pad > 0:
         # a compiled denoiser would compile again for a new batch size: fill the batch with copies of the last
         # sample and drop their images (each image depends on its own seed and prompt only, as in any batch)
-        texts, seeds = list(texts) + [texts[-1]] * (g.batch_size - count), list(seeds) + [seeds[-1]] * (
-            g.batch_size - count)
+        texts, seeds = [*texts, *[texts[-1]] * pad], [*seeds, *[seeds[-1]] * pad]
     generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
     options = {}
     if g.negative_prompt and FAMILIES.get(family_of(pipe), {}).get("negative", True):
