@@ -17,6 +17,7 @@ from PIL import Image
 
 from ..launch.runner import StageContext, build_parser, run_stage
 from ..models.captioner import load_exported
+from ..shards import storage
 from ..shards.manifest import MANIFEST, listed_shards
 from ..shards.images import ImageRefused, ImageTooLarge, open_image, readable_suffixes
 from ..shards.reader import ReadStats, build_reader, list_shards
@@ -44,9 +45,32 @@ def shards_of(path: Path) -> list[str] | None:
     return None
 
 
+def url_shards(url: str) -> list[str]:
+    """The shards a URL stands for: one shard (.tar), a shard root or one of its split folders (through the
+    manifest), or a prefix of marked tars; CaptionInputError when it holds none."""
+    if url.endswith(".tar"):
+        if storage.size(url) is None:
+            raise CaptionInputError(f"{url}: no such shard")
+        return [url]
+    root = storage.as_root(url)
+    if storage.read_bytes(storage.join(root, MANIFEST)) is not None:
+        return listed_shards(root)
+    parent = storage.parent_of(root)
+    if storage.read_bytes(storage.join(parent, MANIFEST)) is not None:
+        return listed_shards(parent, (storage.name_of(root),))
+    shards = list_shards(parent, storage.name_of(root))
+    if not shards:
+        raise CaptionInputError(f"{url}: holds no complete shard (marked [0-9]*.tar) and no manifest.json")
+    return shards
+
+
 def iter_inputs(inputs: list[str], stats: ReadStats) -> Iterator[tuple[str, str, Image.Image]]:
-    """("path" or "key", its value, image) for each image file, image in a folder, or sample in shards."""
+    """("path" or "key", its value, image) for each image file, image in a folder, or sample in shards (local, or
+    at an fsspec URL: s3://bucket/prefix)."""
     for item in inputs:
+        if storage.is_url(item):
+            yield from _shard_samples(url_shards(item), stats)
+            continue
         path = Path(item)
         shards = shards_of(path) if path.is_dir() else None
         if shards is not None:
@@ -104,9 +128,12 @@ def count_inputs(inputs: list[str]) -> int | None:
     suffixes = readable_suffixes()
     for item in inputs:
         path = Path(item)
-        shards = shards_of(path) if path.is_dir() else ([str(path)] if path.suffix == ".tar" else None)
+        if storage.is_url(item):
+            shards = url_shards(item)
+        else:
+            shards = shards_of(path) if path.is_dir() else ([str(path)] if path.suffix == ".tar" else None)
         if shards is not None:
-            counts = [_marked_count(Path(s)) for s in shards]
+            counts = [_marked_count(s) for s in shards]
             if None in counts:
                 return None
             total += sum(counts)
@@ -117,9 +144,11 @@ def count_inputs(inputs: list[str]) -> int | None:
     return total
 
 
-def _marked_count(tar: Path) -> int | None:
+def _marked_count(tar: str) -> int | None:
     try:
-        return json.loads(stats_path(tar).read_text(encoding="utf-8"))["count"]
+        return storage.read_json(stats_path(tar if storage.is_url(tar) else Path(tar)))["count"]
+    except storage.StorageError:
+        raise
     except (OSError, ValueError, KeyError, TypeError):
         return None
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import logging
 import math
@@ -20,11 +21,13 @@ from ..launch.runner import StageContext, StageError, build_parser, on_main_firs
 from ..models.text_to_image import build_pipeline, family_of, generate_images, sampler_name, to_pixels
 from ..prompts.prepared import load_range, split_size
 from ..prompts.sources import Prompt
+from ..shards import storage
 from ..shards.keys import sample_key, sample_seed
-from ..shards.manifest import MANIFEST, ManifestError, read_manifest, scan_manifest, write_manifest
+from ..shards.manifest import (MANIFEST, ManifestError, complete_markers, read_manifest, scan_manifest,
+                               write_manifest)
 from ..shards.schema import SPLITS, SampleMeta, owner
 from ..shards.writer import (PARTIAL_PATTERNS, SHARD_PATTERNS, BackgroundWorker, ShardWriter, encode_image,
-                             encode_json, is_complete, shard_name, write_json_atomic)
+                             encode_json, shard_name, write_json_atomic)
 from .prepare import prepare
 
 log = logging.getLogger(__name__)
@@ -244,9 +247,11 @@ class LoopClock:
                 f"({100 * self.host_s / max(total, 1e-9):.1f}% of the loop) over {self.batches} batches")
 
 
-def check_or_reset(root: Path, fingerprint: str, overwrite: bool) -> None:
+def check_or_reset(root: Path | str, fingerprint: str, overwrite: bool, own_root: bool = True) -> None:
     """Refuse shards made under another config unless `overwrite`, which removes them (revprompt's shard
-    files only: anything else in the shard folders stays). Runs before anything of this launch is written."""
+    files only: anything else in the shard folders stays). Runs before anything of this launch is written.
+    A root that is not run.dir's own (shards.url) and has no manifest yet must not hold files under the names
+    revprompt would write (run.dir's shards/ has the run marker for that)."""
     try:
         manifest = read_manifest(root)
         recorded = manifest.get("fingerprint") if manifest else None
@@ -255,7 +260,18 @@ def check_or_reset(root: Path, fingerprint: str, overwrite: bool) -> None:
             raise StageError(f"{exc}; the config that made the shards there cannot be checked: rerun with "
                              "--overwrite to write them again, or restore the manifest") from None
         manifest, recorded = {}, "a damaged manifest"
-    if manifest is None or recorded == fingerprint:
+    if manifest is None:
+        if own_root:
+            return
+        foreign = [str(storage.join(root, n)) for n in storage.sizes(root) if n == MANIFEST] + \
+            [str(storage.join(root, split, n)) for split in SPLITS for n in storage.sizes(storage.join(root, split))
+             if any(fnmatch.fnmatchcase(n, p) for p in ("[0-9]*.tar", "[0-9]*.stats.json"))]
+        if foreign:
+            raise StageError(f"shards.url {root}: holds {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''} "
+                             "but no revprompt manifest: files revprompt did not write stand where it would write "
+                             "shards; choose another shards.url")
+        return
+    if recorded == fingerprint:
         return
     if not overwrite:
         raise StageError(f"{root} holds shards from a different generation config (fingerprint {recorded}, now "
@@ -263,9 +279,9 @@ def check_or_reset(root: Path, fingerprint: str, overwrite: bool) -> None:
                          "to replace them, or choose another run.dir")
     log.warning("--overwrite: removing shards made under %s", recorded)
     for split in SPLITS:
-        remove_owned(root / split, SHARD_PATTERNS)
-        remove_if_empty(root / split)
-    (root / MANIFEST).unlink()
+        remove_owned(storage.join(root, split), SHARD_PATTERNS)
+        remove_if_empty(storage.join(root, split))
+    remove_owned(root, (MANIFEST,))
 
 
 def write_samples(samples: list[Sample], pixels: np.ndarray, finite: np.ndarray, cfg, writer: ShardWriter,
@@ -293,7 +309,7 @@ class GenerationPlan:
     fingerprint: str
     extra: dict
 
-    def scan(self, root: Path) -> dict:
+    def scan(self, root: Path | str) -> dict:
         """The manifest of what is on disk now."""
         return scan_manifest(root, self.fingerprint, self.planned, self.extra)
 
@@ -303,7 +319,8 @@ def prepare_for_generation(ctx: StageContext) -> dict:
     then prepare the prompts; returns the prepared set's report."""
     cfg = ctx.cfg
     fingerprint = generation_fingerprint(prepared_fingerprint(cfg), cfg)
-    check_or_reset(ctx.layout.shards, fingerprint, getattr(ctx.args, "overwrite", False))
+    check_or_reset(ctx.layout.shards, fingerprint, getattr(ctx.args, "overwrite", False),
+                   own_root=not cfg.shards.url)
     return prepare(cfg)
 
 
@@ -340,7 +357,8 @@ def start_generation(ctx: StageContext, plan: GenerationPlan) -> None:
     # a killed writer leaves a hidden partial file: this launch holds the generate lock, so every
     # partial file is a dead writer's, and its shard starts again
     for split in ctx.cfg.generate.splits:
-        remove_owned(root / split, PARTIAL_PATTERNS)
+        remove_owned(storage.join(root, split) if not ctx.layout.shards_remote else ctx.layout.staging / split,
+                     PARTIAL_PATTERNS)
     shutil.rmtree(ctx.layout.progress, ignore_errors=True)
     ctx.layout.progress.mkdir(parents=True)
     write_manifest(root, plan.scan(root))
@@ -356,7 +374,8 @@ def run_generation(ctx: StageContext) -> dict:
     mine = [t for g in my_groups for t in g.tasks]
     # rank 0 checks every shard for the progress bar's total, the other ranks only their own
     checked = plan.tasks if info.is_main else mine
-    done = {t.index for t in checked if is_complete(root / shard_name(t.split, t.shard))}
+    complete = complete_markers(root, [shard_name(t.split, t.shard) for t in checked])
+    done = {t.index for t in checked if shard_name(t.split, t.shard) in complete}
     pending = [t for t in mine if t.index not in done]
     log.info("plan: %d shards (%s) in %d batch groups; this rank owns %d shards, %d still to write", len(plan.tasks),
              plan.planned, len(groups), len(mine), len(pending))
@@ -377,6 +396,10 @@ def run_generation(ctx: StageContext) -> dict:
         manifest = plan.scan(root)
         write_manifest(root, manifest)
         shutil.rmtree(ctx.layout.progress, ignore_errors=True)
+        if ctx.layout.shards_remote:  # the staging folders, once empty (a user's file keeps them)
+            for split in ctx.cfg.generate.splits:
+                remove_if_empty(ctx.layout.staging / split)
+            remove_if_empty(ctx.layout.staging)
         return manifest
 
     manifest = on_main_first(info, finish)
@@ -402,7 +425,7 @@ def _plan_only(ctx: StageContext, pending: list[ShardTask]) -> dict:
     return {"shards": len(pending), "samples": samples, "peak_rss_mb": peak_mb}
 
 
-def _generate_shards(ctx: StageContext, groups: list[BatchGroup], done: set[int], root: Path,
+def _generate_shards(ctx: StageContext, groups: list[BatchGroup], done: set[int], root: Path | str,
                      progress: Progress) -> None:
     """This rank's batch groups with shards still to write; the generating thread only runs the model, the writer
     thread the rest. A batch that holds samples of a complete shard only is skipped; one that mixes them with a
@@ -437,8 +460,8 @@ def _generate_shards(ctx: StageContext, groups: list[BatchGroup], done: set[int]
                 model_s = clock.model_ends()
                 for task, a, b, last in todo:
                     if task.index not in writers:
-                        writers[task.index] = ShardWriter(root / shard_name(task.split, task.shard),
-                                                          made_with=determinism(info))
+                        writers[task.index] = ShardWriter(storage.join(root, shard_name(task.split, task.shard)),
+                                                          made_with=determinism(info), staging=ctx.layout.staging)
                     worker.submit(lambda b_=samples[a:b], p=pixels[a - start:b - start],
                                   f=finite[a - start:b - start], w=writers[task.index]:
                                   write_samples(b_, p, f, cfg, w, drawn_with))

@@ -136,7 +136,7 @@ def prepare(cfg: Config, chunk: int = 1024) -> dict:
     while this runs. The new set is written into a private folder and swapped in whole, so prompts/ is
     always one prepared set; a set that shards were generated from is never replaced by another.
     """
-    layout = RunLayout(cfg.run.dir)
+    layout = RunLayout.of(cfg)
     fingerprint = prepared_fingerprint(cfg)
     if layout.prompts_report.is_file():
         report = json.loads(layout.prompts_report.read_text(encoding="utf-8"))

@@ -12,6 +12,7 @@ from typing import Any, get_type_hints
 
 import tomli_w
 
+from ..shards import storage
 from ..shards.schema import SPLITS
 
 if sys.version_info >= (3, 11):
@@ -77,6 +78,16 @@ class PromptsConfig:
     minhash_permutations: int = _f(128, "MinHash permutations of the LSH that finds near-duplicate candidates (each "
                                    "checked exactly); more find more pairs near the threshold, slower",
                                    min=16, max=1024)
+
+
+@dataclass
+class ShardsConfig:
+    url: str = _f("", "where the shards live: '' = run.dir/shards, a local folder, or any fsspec URL (s3://bucket/"
+              "prefix, gs://, file://); credentials from the backend's standard places, never in the URL. "
+              "Checkpoints, logs and reports stay in run.dir")
+    retry_s: int = _f(120, "how long one read, listing or upload against a shard URL retries a failing store "
+                      "(refused or dropped connections, timeouts, 5xx) before the job fails naming the URL",
+                      min=0, max=86_400)
 
 
 @dataclass
@@ -230,6 +241,7 @@ class ExportConfig:
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    shards: ShardsConfig = field(default_factory=ShardsConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
@@ -326,7 +338,26 @@ def validate(cfg: Config) -> Config:
                           "untrained; give it a weight > 0, or turn the head off")
     if not cfg.run.dir:
         raise ConfigError("run.dir: must not be empty")
+    if cfg.shards.url:
+        check_shard_url(cfg.shards.url)
     return cfg
+
+
+def check_shard_url(url: str) -> None:
+    """ConfigError naming shards.url when it carries credentials, names no bucket, or needs an fsspec backend that
+    is not installed."""
+    try:
+        root = storage.as_root(url)
+    except ValueError as exc:
+        raise ConfigError(f"shards.url: {exc}") from None
+    if storage.is_url(root):
+        import fsspec
+
+        scheme = str(root).split("://", 1)[0]
+        try:
+            fsspec.get_filesystem_class(scheme)
+        except (ImportError, ValueError) as exc:
+            raise ConfigError(f"shards.url: {scheme}:// is not usable here ({exc})") from None
 
 
 def preset_path(name: str) -> Path:

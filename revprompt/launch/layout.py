@@ -34,6 +34,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..shards import storage
 from ..shards.manifest import MANIFEST
 
 if TYPE_CHECKING:
@@ -163,9 +164,15 @@ class StageLock:
         self._handles = []
 
 
-def remove_owned(folder: str | Path, patterns: tuple[str, ...]) -> list[Path]:
-    """Delete the files of `folder` whose names match `patterns` (fnmatch, e.g. '[0-9]*.tar'): the names of
-    revprompt's own outputs. Anything else, folders included, stays. Returns what was removed."""
+def remove_owned(folder: str | Path, patterns: tuple[str, ...]) -> list[Path | str]:
+    """Delete the files of `folder` (or the objects directly under a URL prefix) whose names match `patterns`
+    (fnmatch, e.g. '[0-9]*.tar'): the names of revprompt's own outputs. Anything else, folders included, stays.
+    Returns what was removed."""
+    if storage.is_url(folder):
+        names = [n for n in sorted(storage.sizes(folder)) if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+        for name in names:
+            storage.remove(storage.join(folder, name))
+        return [storage.join(folder, name) for name in names]
     folder = Path(folder)
     removed: list[Path] = []
     if not folder.is_dir():
@@ -223,7 +230,9 @@ def swap_folder(new: Path, final: Path) -> Path | None:
 
 
 def remove_if_empty(folder: str | Path) -> None:
-    """Remove `folder` when nothing is left in it (a user's file keeps it)."""
+    """Remove `folder` when nothing is left in it (a user's file keeps it); an object store has no folders."""
+    if storage.is_url(folder):
+        return
     try:
         Path(folder).rmdir()
     except OSError:
@@ -237,8 +246,15 @@ class RunLayout:
     No other module joins a path under the run directory by hand: they ask this one.
     """
 
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, shards: str = ""):
+        """`shards`: shards.url ('' = run.dir/shards)."""
         self.root = Path(root)
+        self._shards = storage.as_root(shards) if shards else self.root / "shards"
+
+    @classmethod
+    def of(cls, cfg: "Config") -> "RunLayout":
+        """The layout of a config's run: run.dir and shards.url."""
+        return cls(cfg.run.dir, cfg.shards.url)
 
     # files of the whole run
     @property
@@ -282,19 +298,31 @@ class RunLayout:
         return self.prompts / "stats.json"
 
     @property
-    def shards(self) -> Path:
-        """shards/: the shard root (manifest.json, {split}/{shard:06d}.tar)."""
-        return self.root / "shards"
+    def shards(self) -> Path | str:
+        """The shard root (manifest.json, {split}/{shard:06d}.tar): shards/, or shards.url (a folder, or a URL
+        string such as s3://bucket/prefix)."""
+        return self._shards
 
     @property
-    def manifest(self) -> Path:
-        """shards/manifest.json: what generation planned and wrote, and its fingerprint."""
-        return self.shards / MANIFEST
+    def shards_remote(self) -> bool:
+        """Whether the shard root is an object store URL (not a local folder)."""
+        return storage.is_url(self._shards)
+
+    @property
+    def manifest(self) -> Path | str:
+        """The shard root's manifest.json: what generation planned and wrote, and its fingerprint."""
+        return storage.join(self.shards, MANIFEST)
 
     @property
     def progress(self) -> Path:
-        """shards/.progress/: each generating rank's count while generate runs."""
-        return self.shards / ".progress"
+        """shards/.progress/ under run.dir (local even when the shards are not): each generating rank's count
+        while generate runs."""
+        return self.root / "shards" / ".progress"
+
+    @property
+    def staging(self) -> Path:
+        """shards/.uploads/ under run.dir: where generation writes a shard before uploading it to a shard URL."""
+        return self.root / "shards" / ".uploads"
 
     # train
     @property
@@ -414,9 +442,11 @@ def read_export_info(folder: str | Path) -> dict | None:
     return info
 
 
-def _read_json(path: Path) -> dict | None:
+def _read_json(path: Path | str) -> dict | None:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = storage.read_json(path)
+    except storage.StorageError:
+        raise  # an unreachable store is not a missing record: it fails naming the URL
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None

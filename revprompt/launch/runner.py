@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from ..shards import storage
 from . import dist
 from .dist import FILE_ONLY
 from .config import Config, ConfigError, load_config, save_config
@@ -20,6 +21,17 @@ log = logging.getLogger(__name__)
 
 class StageError(RuntimeError):
     """A failure that every rank must see, so none of them waits in a collective for the others."""
+
+
+def user_message(exc: BaseException) -> str:
+    """The message of one of revprompt's own errors; one raised in a DataLoader worker arrives wrapped by torch
+    ("Caught X in DataLoader worker process N. Original Traceback ..."): its own last line is the message."""
+    text = str(exc)
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        prefix = f"{type(exc).__module__}.{type(exc).__name__}: "
+        return last[len(prefix):] if last.startswith(prefix) else last
+    return text
 
 
 def is_user_error(exc: BaseException) -> bool:
@@ -45,7 +57,7 @@ class StageContext:
     @property
     def layout(self) -> RunLayout:
         """Every path under the run directory."""
-        return RunLayout(self.cfg.run.dir)
+        return RunLayout.of(self.cfg)
 
 
 def build_parser(stage: str, description: str) -> argparse.ArgumentParser:
@@ -93,7 +105,7 @@ def on_main_first(info: dist.DistInfo, fn: Callable[[], Any]) -> Any:
         try:
             result = fn()
         except Exception as exc:  # shared with every rank below, so none waits for rank 0 in vain
-            error = str(exc) if is_user_error(exc) else f"{type(exc).__name__}: {exc}"
+            error = user_message(exc) if is_user_error(exc) else f"{type(exc).__name__}: {exc}"
             log.debug("%s", traceback.format_exc())
     result, error = dist.broadcast_object((result, error))
     if error:
@@ -126,6 +138,19 @@ def _open_run(stage: str, cfg: Config, info: dist.DistInfo) -> Metrics:
     return metrics
 
 
+# the stages that read shards, and those that write them
+SHARD_STAGES = {"generate": True, "pipeline": True, "train": False, "evaluate": False, "drift": False}
+
+
+def _check_shard_store(stage: str, cfg: Config, info: dist.DistInfo) -> None:
+    """With shards on an object store: fail now, in one line naming the URL and the operation, when this rank cannot
+    list it (or, for a stage that writes shards, rank 0 cannot write there), not after the model is loaded."""
+    if stage not in SHARD_STAGES or not storage.is_url(storage.as_root(cfg.shards.url or cfg.run.dir)):
+        return
+    storage.check_access(str(storage.as_root(cfg.shards.url)), write=SHARD_STAGES[stage] and info.is_main)
+    log.info("shards at %s (reads and uploads retry for up to %d s)", cfg.shards.url, cfg.shards.retry_s)
+
+
 def run_stage(stage: str, argv: list[str], parser: argparse.ArgumentParser,
               body: Callable[[StageContext], None], *, uses_run_dir: bool = True) -> int:
     """Parse, init the runtime, claim and lock the run directory, log per rank, save the resolved config (rank 0),
@@ -146,17 +171,19 @@ def run_stage(stage: str, argv: list[str], parser: argparse.ArgumentParser,
     reused = None
     if cfg.run.reuse_host_memory and info.device.type == "cpu":  # on CUDA the host allocates little: left as it is
         reused = dist.reuse_freed_host_memory()
+    storage.configure(cfg.shards.retry_s)
     held: list[StageLock] = []
     try:
         if uses_run_dir:
             held = _claim(stage, cfg, info)
             metrics = _open_run(stage, cfg, info)
+            _check_shard_store(stage, cfg, info)
         else:
             dist.setup_logging(None, info.rank, cfg.run.log_level)
             metrics = Metrics("", enabled=False)
     except (StageError, OSError) as exc:  # an unwritable, foreign or busy run directory: one line, no traceback
         logging.basicConfig(level=logging.INFO)
-        log.error("%s: %s", stage, str(exc) if isinstance(exc, StageError) else
+        log.error("%s: %s", stage, str(exc) if isinstance(exc, (StageError, storage.StorageError)) else
                   f"cannot write the run directory {cfg.run.dir}: {exc}")
         for lock in held:
             lock.release()
@@ -182,7 +209,7 @@ def run_stage(stage: str, argv: list[str], parser: argparse.ArgumentParser,
         return 130
     except Exception as exc:
         if is_user_error(exc):  # a message for the user on the console; the traceback in the rank's log file only
-            log.error("%s failed on rank %d: %s", stage, info.rank, exc)
+            log.error("%s failed on rank %d: %s", stage, info.rank, user_message(exc))
             log.error("%s", traceback.format_exc().rstrip(), extra={FILE_ONLY: True})
         else:
             log.exception("%s failed on rank %d", stage, info.rank)

@@ -7,8 +7,9 @@ import logging
 import re
 from pathlib import Path
 
+from . import storage
 from .schema import SPLITS
-from .writer import is_complete, shard_name, stats_path, write_json_atomic
+from .writer import is_complete, marker_matches, shard_name, stats_path, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -49,28 +50,63 @@ def validate_manifest(manifest, path: Path) -> dict:
 
 
 def read_manifest(root: str | Path) -> dict | None:
-    """The manifest under `root`, checked (`validate_manifest`), or None when there is none yet."""
-    path = Path(root) / MANIFEST
-    if not path.is_file():
+    """The manifest under `root` (a folder or a URL), checked (`validate_manifest`), or None when there is none
+    yet."""
+    root = storage.as_root(root)
+    path = storage.join(root, MANIFEST)
+    if not storage.is_url(root) and not Path(path).is_file():
         return None
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
+        data = storage.read_bytes(path)
+        if data is None:
+            return None
+        manifest = json.loads(data.decode("utf-8"))
     except (OSError, ValueError) as exc:
+        if isinstance(exc, storage.StorageError):
+            raise
         raise ManifestError(f"{path}: unreadable manifest: {exc}") from None
     return validate_manifest(manifest, path)
 
 
+def complete_markers(root: str | Path, names: list[str]) -> dict[str, dict]:
+    """{shard name: its parsed stats marker} for the shards of `names` ('{split}/{index:06d}.tar') that are
+    complete under `root`. A URL root costs one listing per split and one batched read of the markers, not a
+    request per shard."""
+    root = storage.as_root(root)
+    if not storage.is_url(root):
+        out = {}
+        for name in names:
+            tar = Path(root) / name
+            if is_complete(tar):
+                out[name] = json.loads(Path(stats_path(tar)).read_text(encoding="utf-8"))
+        return out
+    listed: dict[str, dict[str, int]] = {}
+    for split in sorted({name.split("/", 1)[0] for name in names}):
+        listed[split] = storage.sizes(storage.join(root, split))
+    present = [n for n in names if storage.name_of(stats_path(n)) in listed[n.split("/", 1)[0]]]
+    markers = storage.read_many([stats_path(storage.join(root, n)) for n in present])
+    out = {}
+    for name in present:
+        split, tar = name.split("/", 1)
+        try:
+            marker = json.loads(markers.get(str(stats_path(storage.join(root, name))), b"").decode("utf-8"))
+        except ValueError:
+            continue
+        if marker_matches(marker, listed[split].get(tar)):
+            out[name] = marker
+    return out
+
+
 def scan_manifest(root: str | Path, fingerprint: str, planned: dict[str, int], extra: dict | None = None) -> dict:
-    """Describe what is on disk for a plan of `planned[split]` shards, from the stats markers."""
-    root = Path(root)
+    """Describe what is on disk (or in the store) for a plan of `planned[split]` shards, from the stats markers."""
     splits = {}
     made_with: list = []  # the distinct settings the shards were written with (their markers say)
+    complete = complete_markers(root, [shard_name(split, index) for split, n in planned.items() for index in range(n)])
     for split, n_shards in planned.items():
         shards = []
         for index in range(n_shards):
-            tar = root / shard_name(split, index)
-            if is_complete(tar):
-                stats = json.loads(stats_path(tar).read_text(encoding="utf-8"))
+            stats = complete.get(shard_name(split, index))
+            if stats is not None:
                 shards.append({"name": shard_name(split, index), "count": stats["count"],
                                "bytes": stats["bytes"], "failures": stats["failures"]})
                 if stats.get("made_with") not in made_with + [None]:
@@ -83,7 +119,12 @@ def scan_manifest(root: str | Path, fingerprint: str, planned: dict[str, int], e
 
 
 def write_manifest(root: str | Path, manifest: dict) -> None:
-    """Write the manifest atomically."""
+    """Write the manifest atomically (one PUT on an object store)."""
+    root = storage.as_root(root)
+    if storage.is_url(root):
+        data = json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+        storage.write_bytes(storage.join(root, MANIFEST), data.encode("utf-8"))
+        return
     Path(root).mkdir(parents=True, exist_ok=True)
     write_json_atomic(Path(root) / MANIFEST, manifest)
 
@@ -94,36 +135,41 @@ def split_shards(root: str | Path, split: str) -> list[tuple[str, int]]:
     A listed shard whose tar no longer matches its completion marker (damaged since) is named in a
     warning; its readable samples are still used, and the next `revprompt generate` writes it again.
     """
-    root = Path(root)
+    root = storage.as_root(root)
     manifest = read_manifest(root)
     if manifest is None or split not in manifest["splits"]:
         raise ManifestError(f"{root}: no {split} shards; run `revprompt generate` first")
     if not manifest["complete"]:
         raise ManifestError(f"{root}/manifest.json: generation is incomplete; rerun `revprompt generate` to finish it")
-    shards = [(root / s["name"], s["count"]) for s in manifest["splits"][split]["shards"]]
-    for path, count in shards:
-        marked = _marked_count(path)
+    listed = [(s["name"], s["count"]) for s in manifest["splits"][split]["shards"]]
+    complete = complete_markers(root, [name for name, _ in listed])
+    markers = complete if storage.is_url(root) else {}
+    for name, count in listed:
+        path = storage.join(root, name)
+        marker = markers.get(name) if storage.is_url(root) else _marker(Path(path))
+        marked = marker.get("count") if isinstance(marker, dict) else None
         if marked is not None and marked != count:
-            raise ManifestError(f"{root / MANIFEST}: lists {count} samples in {path.name} of {split}, its marker "
-                                f"{marked}; rerun `revprompt generate` to rewrite the manifest")
-        if not is_complete(path):
+            raise ManifestError(f"{storage.join(root, MANIFEST)}: lists {count} samples in {storage.name_of(path)} of "
+                                f"{split}, its marker {marked}; rerun `revprompt generate` to rewrite the manifest")
+        if name not in complete:
             log.warning("%s does not match its completion marker (damaged or replaced since it was written): its "
                         "readable samples are used; rerun `revprompt generate` to write it again", path)
-    return [(str(path), count) for path, count in shards]
+    return [(str(storage.join(root, name)), count) for name, count in listed]
 
 
-def _marked_count(tar: Path) -> int | None:
+def _marker(tar: Path) -> dict | None:
     try:
-        return json.loads(stats_path(tar).read_text(encoding="utf-8"))["count"]
-    except (OSError, ValueError, KeyError, TypeError):
+        marker = json.loads(Path(stats_path(tar)).read_text(encoding="utf-8"))
+        return marker if isinstance(marker, dict) else None
+    except (OSError, ValueError):
         return None
 
 
 def listed_shards(root: str | Path, splits: tuple[str, ...] | None = None) -> list[str]:
     """Paths of the shards the manifest under `root` lists (complete ones), split by split; all splits by default."""
-    root = Path(root)
+    root = storage.as_root(root)
     manifest = read_manifest(root)
     if manifest is None:
         raise ManifestError(f"{root}: no {MANIFEST}; not a shard root written by `revprompt generate`")
-    return [str(root / s["name"]) for split, body in manifest["splits"].items() if splits is None or split in splits
+    return [str(storage.join(root, s["name"])) for split, body in manifest["splits"].items() if splits is None or split in splits
             for s in body["shards"]]

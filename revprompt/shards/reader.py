@@ -20,6 +20,7 @@ import webdataset as wds
 from webdataset.tariterators import group_by_keys
 from PIL import Image
 
+from . import storage
 from .keys import is_safe_key
 from .images import ImageTooLarge, open_image
 from .schema import owner
@@ -48,7 +49,19 @@ class ReadStats:
 
 
 def list_shards(root: str | Path, split: str) -> list[str]:
-    """Paths of the complete shards of `split` under `root`, sorted; unmarked tars do not exist here."""
+    """Paths (or URLs) of the complete shards of `split` under `root`, sorted; unmarked tars do not exist here."""
+    root = storage.as_root(root)
+    if storage.is_url(root):
+        from .manifest import complete_markers
+
+        names = sorted(f"{split}/{name}" for name in storage.sizes(storage.join(root, split))
+                       if name.endswith(".tar") and name[:1].isdigit())
+        complete = complete_markers(root, names)
+        for name in names:
+            if name not in complete:
+                log.warning("%s has no completion marker matching it (unfinished, damaged or replaced): left out; "
+                            "rerun `revprompt generate` to write it again", storage.join(root, name))
+        return [str(storage.join(root, name)) for name in names if name in complete]
     folder = Path(root) / split
     tars = sorted(folder.glob("[0-9]*.tar")) if folder.is_dir() else []
     complete = []
@@ -186,16 +199,19 @@ def local_tar_members(stats: ReadStats, max_member_bytes: int = MAX_MEMBER_BYTES
     """Pipeline stage: {"url": path} -> the regular members of each tar as {"fname", "data", "__url__"}, then an
     end-of-shard marker ({}).
 
-    Shard paths are opened as local files, never handed to a URL opener (webdataset's `pipe:` would run a
-    shell command for a run.dir that starts with it). Sparse and oversized members are skipped and counted
-    as rejected without being read; a damaged tar is counted as corrupt from where it breaks.
+    Shard paths are opened as local files, and shard URLs (s3://, gs://, ...) through fsspec with retries
+    (`storage.open_read`), never handed to webdataset's URL opener (its `pipe:` would run a shell command for a
+    run.dir that starts with it). Sparse and oversized members are skipped and counted as rejected without
+    being read; a damaged tar is counted as corrupt from where it breaks. An object store that stays
+    unreachable past shards.retry_s raises `storage.StorageError` naming the URL: a shard cut short by the
+    network is never read as a shorter one.
     """
 
     def stage(src: Iterable[dict]) -> Iterator[dict]:
         for item in src:
             path = item["url"]
             try:
-                with open(path, "rb") as handle, tarfile.open(fileobj=handle, mode="r|") as tar:
+                with storage.open_read(path) as handle, tarfile.open(fileobj=handle, mode="r|") as tar:
                     for info in tar:
                         if not info.isreg():
                             if info.issparse():
@@ -209,6 +225,8 @@ def local_tar_members(stats: ReadStats, max_member_bytes: int = MAX_MEMBER_BYTES
                             continue
                         yield {"fname": info.name, "data": tar.extractfile(info).read(), "__url__": path}
                         tar.members = []
+            except storage.StorageError:
+                raise
             except (OSError, EOFError, tarfile.TarError, ValueError) as exc:
                 stats.corrupt += 1
                 log.warning("skipping corrupt shard data in %s: %s", path, exc)

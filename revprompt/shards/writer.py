@@ -18,6 +18,7 @@ from typing import Any, Callable
 import numpy as np
 from PIL import Image
 
+from . import storage
 from .keys import is_safe_key
 
 log = logging.getLogger(__name__)
@@ -32,9 +33,12 @@ def shard_name(split: str, index: int) -> str:
     return f"{split}/{index:06d}.tar"
 
 
-def stats_path(tar_path: Path) -> Path:
-    """The completion marker beside a shard: '{index:06d}.stats.json'."""
-    return tar_path.with_name(tar_path.name.removesuffix(".tar") + ".stats.json")
+def stats_path(tar_path: Path | str) -> Path | str:
+    """The completion marker beside a shard (a path or a URL): '{index:06d}.stats.json'."""
+    name = storage.name_of(tar_path).removesuffix(".tar") + ".stats.json"
+    if storage.is_url(tar_path):
+        return storage.join(storage.parent_of(tar_path), name)
+    return Path(tar_path).with_name(name)
 
 
 def partial_path(tar_path: Path) -> Path:
@@ -71,9 +75,25 @@ def count_members(tar_path: Path) -> int | None:
     return None
 
 
-def is_complete(tar_path: Path) -> bool:
+def marker_matches(marker, tar_bytes: int | None) -> bool:
+    """Whether a parsed stats marker describes a tar of `tar_bytes` bytes (None: the tar is missing)."""
+    try:
+        return tar_bytes is not None and tar_bytes == marker["bytes"]
+    except (KeyError, TypeError):
+        return False
+
+
+def is_complete(tar_path: Path | str) -> bool:
     """A shard exists for readers only once its stats marker does and the tar matches it: the size, and the
-    member count where the marker records one (a tar damaged or replaced after it was marked is not complete)."""
+    member count where the marker records one (a tar damaged or replaced after it was marked is not complete).
+
+    On an object store the size alone is checked: counting members would take one ranged read per member, and
+    an object, unlike a file, is never seen half written (the marker is written only after the upload ends)."""
+    if storage.is_url(tar_path):
+        try:
+            return marker_matches(storage.read_json(stats_path(tar_path)), storage.size(tar_path))
+        except ValueError:
+            return False
     tar_path = Path(tar_path)
     try:
         marker = json.loads(stats_path(tar_path).read_text(encoding="utf-8"))
@@ -140,18 +160,34 @@ def write_json_atomic(path: Path, obj: Any) -> None:
         raise write_error(path, "a JSON record", exc) from None
 
 
-class ShardWriter:
-    """Writes one shard: members go to a hidden partial file, `close()` renames it and writes the marker."""
+def marker_bytes(stats: dict) -> bytes:
+    """A stats marker's bytes (the same on a disk and in an object store)."""
+    return (json.dumps(stats, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
 
-    def __init__(self, tar_path: str | Path, made_with: dict | None = None):
-        self.path = Path(tar_path)
+
+class ShardWriter:
+    """Writes one shard: members go to a hidden partial file, `close()` renames it and writes the marker.
+
+    For a shard URL (an object store) the partial file lives in `staging` (a local folder); `close()` uploads
+    the finished tar, then writes the marker object: a shard is complete exactly when its marker exists, and a
+    writer killed during the upload leaves no marker (nor, the store's uploads being all or nothing, a tar)."""
+
+    def __init__(self, tar_path: str | Path, made_with: dict | None = None, staging: Path | None = None):
+        self.remote = storage.is_url(tar_path)
+        self.path = tar_path if self.remote else Path(tar_path)
         self.made_with = made_with  # recorded in the marker: what else equal bytes depend on (device, threads)
-        self._partial = partial_path(self.path)
+        if self.remote:
+            if staging is None:
+                raise ValueError(f"{tar_path}: a shard URL needs a local staging folder")
+            split = storage.name_of(storage.parent_of(tar_path))
+            self._partial = partial_path(Path(staging) / split / storage.name_of(tar_path))
+        else:
+            self._partial = partial_path(self.path)
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._partial.parent.mkdir(parents=True, exist_ok=True)
             self._file = open(self._partial, "wb")
         except OSError as exc:
-            raise write_error(self.path, "the shard", exc) from None
+            raise write_error(self._partial if self.remote else self.path, "the shard", exc) from None
         self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
         self._start = time.monotonic()
         self.count = 0
@@ -165,7 +201,7 @@ class ShardWriter:
         try:
             self._add(key, members)
         except OSError as exc:
-            raise write_error(self.path, f"shard sample {key}", exc) from None
+            raise write_error(self._partial if self.remote else self.path, f"shard sample {key}", exc) from None
 
     def _add(self, key: str, members: dict[str, bytes]) -> None:
         for ext in sorted(members):
@@ -180,25 +216,44 @@ class ShardWriter:
         self.count += 1
 
     def close(self) -> dict:
-        """Finish the tar, fsync, rename into place, then write the stats marker; returns the stats."""
+        """Finish the tar, fsync, rename into place (or upload it), then write the stats marker; returns the stats."""
         try:
             self._tar.close()
             self._file.flush()
             os.fsync(self._file.fileno())
             self._file.close()
-            os.replace(self._partial, self.path)
+            if not self.remote:
+                os.replace(self._partial, self.path)
         except OSError as exc:
-            raise write_error(self.path, "the shard", exc) from None
+            raise write_error(self._partial if self.remote else self.path, "the shard", exc) from None
+        if self.remote:
+            return self._publish()
+        return self._mark(self.path.stat().st_size)
+
+    def _publish(self) -> dict:
+        """Upload the finished tar, write its marker object last, then drop the local copy."""
+        size = self._partial.stat().st_size
+        storage.upload(self._partial, self.path)
+        stats = self._stats(size)
+        storage.write_bytes(stats_path(self.path), marker_bytes(stats))
+        self._partial.unlink(missing_ok=True)
+        return stats
+
+    def _mark(self, size: int) -> dict:
+        stats = self._stats(size)
+        write_json_atomic(stats_path(self.path), stats)
+        return stats
+
+    def _stats(self, size: int) -> dict:
         stats = {
             "count": self.count,
             "members": self.members,
-            "bytes": self.path.stat().st_size,
+            "bytes": size,
             "seconds": round(time.monotonic() - self._start, 3),
             "failures": self.failures,
         }
         if self.made_with is not None:
             stats["made_with"] = self.made_with
-        write_json_atomic(stats_path(self.path), stats)
         return stats
 
     def abort(self) -> None:
