@@ -36,8 +36,8 @@ def cli_env(threads: int = 1) -> dict[str, str]:
 
 
 def run_cli(*args: str, nproc: int = 0, timeout: int = 600, check: bool = True, threads: int = 1,
-            extra: list[str] | None = None) -> subprocess.CompletedProcess:
-    """`revprompt ARGS` directly (nproc=0) or under `torchrun --nproc_per_node nproc`."""
+            extra: list[str] | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`revprompt ARGS` directly (nproc=0) or under `torchrun --nproc_per_node nproc`; `env` adds variables."""
     script = BIN / "revprompt"
     if nproc:  # torchrun; the installed console script, or the module where revprompt is only on PYTHONPATH
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
@@ -45,7 +45,8 @@ def run_cli(*args: str, nproc: int = 0, timeout: int = 600, check: bool = True, 
     else:
         cmd = [str(script)] if script.exists() else [sys.executable, "-m", "revprompt.launch.cli"]
     cmd += list(args)
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=cli_env(threads), cwd=ROOT)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**cli_env(threads), **(env or {})},
+                          cwd=ROOT)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
     return proc
@@ -70,6 +71,22 @@ def generated_run(tmp_path_factory) -> Path:
     run_cli("generate", *tiny_args(run_dir, limit=120, generate__shard_size=12, generate__height=64,
                                    generate__width=64), threads=2)
     return run_dir
+
+
+# the pipeline test's run: 60 prompts at 64 px, 6 steps of training with the embedding head, 2 drift rounds
+PIPELINE_OVERRIDES = dict(limit=60, generate__height=64, generate__width=64, train__max_steps=6,
+                          train__embedding_head="true", train__micro_batch_size=8, train__val_every=0,
+                          train__val_captions=2, train__num_workers=0, drift__iterations=2)
+
+
+@pytest.fixture(scope="session")
+def pipeline_run(tmp_path_factory) -> tuple[Path, list[str], subprocess.CompletedProcess]:
+    """One `revprompt pipeline` on the tiny preset with shards under run.dir (PIPELINE_OVERRIDES): its run
+    directory, arguments and process. The pipeline test checks it; the object-store test compares a run on s3://
+    with it. Nothing may write into it but the pipeline test's relaunch."""
+    run_dir = tmp_path_factory.mktemp("pipeline") / "run"
+    args = tiny_args(run_dir, **PIPELINE_OVERRIDES)
+    return run_dir, args, run_cli("pipeline", *args, threads=2)
 
 
 def copy_run(src: Path, dst: Path) -> Path:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from tests.conftest import run_cli, tiny_args
+from tests.conftest import run_cli
 
 
 def tags(tb_dir: Path) -> dict[str, set[str]]:
@@ -97,13 +97,8 @@ def check_retrieval(run_dir: Path, rows: list[dict], summary: dict) -> None:
     np.testing.assert_allclose([r["similarity"]["embedding_head"] for r in rows], direct, atol=1e-5)
 
 
-def test_pipeline_end_to_end(tmp_path: Path):
-    run_dir = tmp_path / "run"
-    args = tiny_args(run_dir, limit=60, generate__height=64, generate__width=64, train__max_steps=6,
-                     train__embedding_head="true",
-                     train__micro_batch_size=8, train__val_every=0, train__val_captions=2, train__num_workers=0,
-                     drift__iterations=2)
-    proc = run_cli("pipeline", *args, threads=2)
+def test_pipeline_end_to_end(pipeline_run):
+    run_dir, args, proc = pipeline_run
     stderr = proc.stderr
     assert "similarity to prompt (mean)" in stderr and f"report: {run_dir / 'eval' / 'report.md'}" in stderr
     # one bar per stage: no library bars, no DeepSpeed build chatter, no compiler probes in the rank log
