@@ -37,6 +37,7 @@ bench: install
 	$(BIN)/python benchmarks/generation_overhead.py
 	$(BIN)/python benchmarks/train_overhead.py
 	$(BIN)/python benchmarks/loader_throughput.py
+	$(BIN)/python benchmarks/loader_s3.py --batches 30
 
 clean:
 	rm -rf runs/tiny
