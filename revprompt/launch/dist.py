@@ -262,14 +262,54 @@ def setup_logging(log_dir: str | Path | None, rank: int, level: str = "INFO") ->
 
 def quiet_library_progress_bars() -> None:
     """The libraries' own bars ("Loading weights", "Loading pipeline components", "Writing model shards") would
-    interleave with revprompt's; revprompt shows one bar per stage."""
-    import diffusers.utils.logging as diffusers_logging
+    interleave with revprompt's; revprompt shows one bar per stage. diffusers is switched off when something
+    imports it: importing it here would cost every stage that never draws an image 1.5 s (torch._dynamo)."""
     import huggingface_hub.utils as hub_utils
     import transformers.utils.logging as transformers_logging
 
     transformers_logging.disable_progress_bar()
-    diffusers_logging.disable_progress_bar()
     hub_utils.disable_progress_bars()
+    after_import("diffusers.utils.logging", lambda module: module.disable_progress_bar())
+
+
+class _AfterImport:
+    """A meta-path finder that runs `action(module)` once `name` has been imported (by whoever imports it)."""
+
+    def __init__(self, name: str, action):
+        self.name, self.action = name, action
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != self.name:
+            return None
+        import importlib.util
+
+        sys.meta_path.remove(self)  # once; and the real finders give the spec
+        spec = importlib.util.find_spec(fullname)
+        if spec is None or spec.loader is None:
+            return spec
+        loader, action = spec.loader, self.action
+
+        class Loader:
+            def __getattr__(self, attr):  # everything else (get_code, is_package, resources) is the real loader's
+                return getattr(loader, attr)
+
+            def create_module(self, spec):
+                return loader.create_module(spec)
+
+            def exec_module(self, module):
+                loader.exec_module(module)
+                action(module)
+
+        spec.loader = Loader()
+        return spec
+
+
+def after_import(name: str, action) -> None:
+    """`action(module)` now if `name` is imported already, else right after its import."""
+    if name in sys.modules:
+        action(sys.modules[name])
+    elif not any(isinstance(f, _AfterImport) and f.name == name for f in sys.meta_path):
+        sys.meta_path.insert(0, _AfterImport(name, action))
 
 
 def _drop_torchvision_fallback(record: logging.LogRecord) -> bool:

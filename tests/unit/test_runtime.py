@@ -84,3 +84,26 @@ print(json.dumps({"mapped": mapped, "arena": arena_after_free}))
     assert out["default"]["mapped"] >= 256 << 20  # its own mapping, unmapped on free
     assert out["reuse"]["mapped"] == 0  # from the heap ...
     assert out["reuse"]["arena"] >= 256 << 20  # ... which keeps it after the free
+
+
+def test_library_bars_are_off_without_importing_diffusers_until_something_does():
+    """A stage that never draws an image does not pay diffusers' import (1.5 s); once anything imports it, its
+    bars are off as transformers' are."""
+    import subprocess
+    import sys
+
+    script = """
+import sys
+from revprompt.launch import dist
+dist.quiet_library_progress_bars()
+dist.quiet_library_progress_bars()  # twice: one hook
+assert "diffusers" not in sys.modules, "imported early"
+import transformers.utils.logging as t
+assert not t.is_progress_bar_enabled()
+from diffusers import DiffusionPipeline
+import diffusers.utils.logging as d
+print(d.is_progress_bar_enabled(), d.__loader__.get_filename("diffusers.utils.logging").endswith("logging.py"))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["False", "True"]
