@@ -86,7 +86,8 @@ class ShardsConfig:
               "prefix, gs://, file://); credentials from the backend's standard places, never in the URL. "
               "Checkpoints, logs and reports stay in run.dir")
     retry_s: int = _f(120, "how long one read, listing or upload against a shard URL retries a failing store "
-                      "(refused or dropped connections, timeouts, 5xx) before the job fails naming the URL",
+                      "(refused or dropped connections, timeouts, 5xx) before the job fails naming the URL; at most "
+                      "half of run.timeout_s, so the other ranks never take a retrying rank for a hung one",
                       min=0, max=86_400)
 
 

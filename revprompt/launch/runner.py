@@ -138,6 +138,11 @@ def _open_run(stage: str, cfg: Config, info: dist.DistInfo) -> Metrics:
     return metrics
 
 
+def shard_retry_s(cfg: Config) -> float:
+    """shards.retry_s, at most half of run.timeout_s: a rank retrying longer would be taken for a hung one."""
+    return min(float(cfg.shards.retry_s), cfg.run.timeout_s / 2)
+
+
 # the stages that read shards, and those that write them
 SHARD_STAGES = {"generate": True, "pipeline": True, "train": False, "evaluate": False, "drift": False}
 
@@ -148,7 +153,8 @@ def _check_shard_store(stage: str, cfg: Config, info: dist.DistInfo) -> None:
     if stage not in SHARD_STAGES or not storage.is_url(storage.as_root(cfg.shards.url or cfg.run.dir)):
         return
     storage.check_access(str(storage.as_root(cfg.shards.url)), write=SHARD_STAGES[stage] and info.is_main)
-    log.info("shards at %s (reads and uploads retry for up to %d s)", cfg.shards.url, cfg.shards.retry_s)
+    log.info("shards at %s (reads and uploads retry for up to %.0f s%s)", cfg.shards.url, shard_retry_s(cfg),
+             "" if shard_retry_s(cfg) == cfg.shards.retry_s else ": shards.retry_s, capped at half of run.timeout_s")
 
 
 def run_stage(stage: str, argv: list[str], parser: argparse.ArgumentParser,
@@ -171,7 +177,7 @@ def run_stage(stage: str, argv: list[str], parser: argparse.ArgumentParser,
     reused = None
     if cfg.run.reuse_host_memory and info.device.type == "cpu":  # on CUDA the host allocates little: left as it is
         reused = dist.reuse_freed_host_memory()
-    storage.configure(cfg.shards.retry_s)
+    storage.configure(shard_retry_s(cfg))
     held: list[StageLock] = []
     try:
         if uses_run_dir:
