@@ -8,11 +8,13 @@ subprocesses, against `AWS_ENDPOINT_URL`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
 import threading
 import time
+from typing import Iterator
 
 from moto.server import ThreadedMotoServer
 from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
@@ -117,6 +119,23 @@ class S3Server(ThreadedMotoServer):
         return out
 
 
-def s3_env(server: S3Server) -> dict[str, str]:
-    """os.environ plus the server's variables (for in-process fsspec use)."""
-    return {**os.environ, **server.env()}
+@contextlib.contextmanager
+def serving(bucket: str, in_environ: bool = False) -> Iterator[S3Server]:
+    """A started server with `bucket`; with `in_environ`, this process's environment points at it meanwhile (for
+    in-process fsspec use). Stopped, and the environment restored, afterwards."""
+    server = S3Server()
+    server.start()
+    server.make_bucket(bucket)
+    saved = {k: os.environ.get(k) for k in server.env()}
+    if in_environ:
+        os.environ.update(server.env())
+    try:
+        yield server
+    finally:
+        server.hold(None)
+        server.stop()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

@@ -33,7 +33,10 @@ def load_text_encoder(name: str = MINILM, device: str = "cpu"):
 
 def embedding_width(name: str = MINILM, device: str = "cpu") -> int:
     """The width of the sentence model's embeddings (384 for all-MiniLM-L6-v2)."""
-    return int(load_text_encoder(name, device).get_sentence_embedding_dimension())
+    model = load_text_encoder(name, device)
+    # renamed in sentence-transformers 5 (the old name warns on every launch); older versions have only the old one
+    width = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
+    return int(width())
 
 
 def embed(texts: list[str], name: str = MINILM, device: str = "cpu", batch_size: int = 64) -> np.ndarray:

@@ -60,7 +60,10 @@ def test_devices_and_caption_options_are_checked_like_config_keys(tmp_path: Path
 def test_ctrl_c_is_one_line_that_says_how_to_resume(tmp_path: Path):
     run_dir = tmp_path / "run"
     cmd = [str(BIN / "revprompt"), "generate", *tiny_args(run_dir, limit=60, generate__steps=300)]
-    proc = subprocess.Popen(cmd, env=cli_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Ctrl-C as a terminal delivers it, whatever the suite inherited (a shell that starts it in the background
+    # without job control hands SIGINT down ignored, and Python keeps it ignored)
+    proc = subprocess.Popen(cmd, env=cli_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not list((run_dir / "shards").rglob("*.partial")):
         assert proc.poll() is None and time.monotonic() < deadline

@@ -18,25 +18,15 @@ from revprompt.shards import storage
 from revprompt.shards.manifest import complete_markers, read_manifest, write_manifest
 from revprompt.shards.reader import build_reader, list_shards
 from revprompt.shards.writer import SHARD_PATTERNS, ShardWriter, encode_json, is_complete
-from tests.objectstore import S3Server
+from tests.objectstore import serving
 
 BUCKET = "revprompt-unit"
 
 
 @pytest.fixture(scope="module")
 def s3():
-    server = S3Server()
-    server.start()
-    server.make_bucket(BUCKET)
-    saved = {k: os.environ.get(k) for k in server.env()}
-    os.environ.update(server.env())
-    yield server
-    server.stop()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    with serving(BUCKET, in_environ=True) as server:
+        yield server
 
 
 @pytest.fixture
