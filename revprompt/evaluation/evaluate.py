@@ -238,6 +238,10 @@ def run_evaluation(ctx: StageContext) -> dict:
     """Evaluate this rank's test shards, gather, and report on rank 0; returns the summary."""
     cfg, info, layout = ctx.cfg, ctx.info, ctx.layout
     shards = test_shards(layout, cfg)
+    if not layout.prompts_report.is_file():  # shards on a URL can be read from another run.dir; these cannot
+        raise StageError(f"{layout.prompts}: no prepared prompts in this run.dir, and evaluate reads the train prompts "
+                         f"(its constant-caption baseline) that `revprompt generate` prepared beside the shards at "
+                         f"{layout.shards}: run it with the run.dir that generated them, or copy that prompts/ here")
     current = evaluation_fingerprint(layout, cfg)
 
     def setup() -> str:

@@ -254,13 +254,12 @@ class RetryingReader(io.RawIOBase):
     the same offset (a ranged GET), with backoff, for up to retry_s seconds; then StorageError names the URL.
     Bytes are only ever returned from a successful read, so a reader never sees a partial or shifted stream."""
 
-    def __init__(self, url: str, expected_size: int | None = None):
+    def __init__(self, url: str):
         super().__init__()
         self.url = url
         self._fs, self._path = _fs(url)
         self._pos = 0
         self._handle = None
-        self._size = expected_size
 
     def readable(self) -> bool:
         return True
@@ -301,8 +300,8 @@ class RetryingReader(io.RawIOBase):
         super().close()
 
 
-def open_read(location: str | Path, expected_size: int | None = None):
+def open_read(location: str | Path):
     """A binary file object to stream `location` from: the local file, or a `RetryingReader` over the URL."""
     if not is_url(location):
         return open(location, "rb")
-    return io.BufferedReader(RetryingReader(str(location), expected_size), buffer_size=1 << 20)
+    return io.BufferedReader(RetryingReader(str(location)), buffer_size=1 << 20)
