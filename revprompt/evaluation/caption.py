@@ -48,11 +48,14 @@ def shards_of(path: Path) -> list[str] | None:
 def url_shards(url: str) -> list[str]:
     """The shards a URL stands for: one shard (.tar), a shard root or one of its split folders (through the
     manifest), or a prefix of marked tars; CaptionInputError when it holds none."""
-    if url.endswith(".tar"):
-        if storage.size(url) is None:
-            raise CaptionInputError(f"{url}: no such shard")
-        return [url]
-    root = storage.as_root(url)
+    try:
+        root = storage.as_root(url)
+    except ValueError as exc:
+        raise CaptionInputError(str(exc)) from None
+    if str(root).endswith(".tar"):
+        if storage.size(root) is None:
+            raise CaptionInputError(f"{root}: no such shard")
+        return [str(root)]
     if storage.read_bytes(storage.join(root, MANIFEST)) is not None:
         return listed_shards(root)
     parent = storage.parent_of(root)

@@ -16,6 +16,7 @@ config.toml.
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import logging
@@ -70,15 +71,21 @@ def as_root(root: str | Path) -> str | Path:
     if not is_url(text):
         return Path(text[len("file://"):]) if text.startswith("file://") else Path(text)
     parts = urlsplit(text)
-    if parts.username or parts.password or "@" in parts.netloc:
+    # 'container@account' is how Azure names a container (abfs://, az://); in an S3 or GCS URL an @ means a key
+    if parts.password or ("@" in parts.netloc and parts.scheme not in AT_SIGN_SCHEMES):
         raise ValueError(f"{parts.scheme}://{parts.hostname or ''}...: a shard URL must not carry credentials (a user "
-                         "name or password before @); give them through the backend's standard places (for S3: AWS_* environment "
-                         "variables, ~/.aws/credentials, an instance role)")
+                         "name or password before @); give them through the backend's standard places (for S3: AWS_* "
+                         "environment variables, ~/.aws/credentials, an instance role)")
     if not parts.netloc:
         raise ValueError(f"{text}: names no bucket or host (expected e.g. s3://bucket/prefix)")
-    if parts.query or parts.fragment:
-        raise ValueError(f"{text}: a shard URL takes no ?query or #fragment")
+    if parts.query or parts.fragment:  # a signed URL's token would be logged and saved: named without it
+        raise ValueError(f"{parts.scheme}://{parts.netloc}{parts.path}?...: a shard URL takes no ?query or #fragment "
+                         "(give a token through the backend's standard places)")
     return text.rstrip("/")
+
+
+# schemes whose bucket part may hold an @ (Azure: container@account.dfs.core.windows.net)
+AT_SIGN_SCHEMES = frozenset({"abfs", "abfss", "az", "adl"})
 
 
 def join(root: str | Path, *names: str) -> str | Path:
@@ -103,22 +110,43 @@ def parent_of(location: str | Path) -> str | Path:
 # S3 (s3fs/botocore) settings unless the user's fsspec config sets its own: a stopped server that keeps its port
 # open fails a try in seconds, not after botocore's 60 s connect timeout, and botocore does not retry on its own:
 # `retrying` is the one policy, bounded by shards.retry_s
-S3_CONFIG = {"connect_timeout": 10, "read_timeout": 60, "retries": {"max_attempts": 1}}
+S3_CONFIG = {"connect_timeout": 10, "read_timeout": 30, "retries": {"max_attempts": 1}}
 
 
 def _fs(url: str):
+    """The fsspec file system and path of `url`; a backend that fails to start (missing credentials or package,
+    a bad option) is one StorageError naming the URL."""
     import fsspec
 
     options = {}
-    if url.startswith(("s3://", "s3a://")):
+    s3 = url.startswith(("s3://", "s3a://"))
+    if s3:
         user = fsspec.config.conf.get("s3", {}).get("config_kwargs", {})
         options["config_kwargs"] = {**S3_CONFIG, **user}
-    fs, path = fsspec.core.url_to_fs(url, **options)
+    try:
+        fs, path = fsspec.core.url_to_fs(url, **options)
+    except Exception as exc:
+        raise StorageError(f"{url}: opening the store failed: {type(exc).__name__}: {exc}") from None
+    if s3:
+        # s3fs retries timeouts 5 times on its own (5 x read_timeout per call): one try, then `retrying` decides
+        fs.retries = 1
     return fs, path
 
 
 # answers that no retry changes
 PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, ValueError, TypeError)
+# errors of a backend's own classes that no retry changes either: no or half credentials, a bad config
+PERMANENT_NAMES = frozenset({"NoCredentialsError", "PartialCredentialsError", "InvalidConfigError",
+                             "ProfileNotFound", "ParamValidationError", "DefaultCredentialsError", "RefreshError"})
+# what s3fs makes of S3's permanent answers (an invalid bucket name, a bucket in another region, a malformed key)
+PERMANENT_ERRNOS = frozenset({errno.EINVAL, errno.ENAMETOOLONG, getattr(errno, "EREMCHG", errno.EINVAL),
+                              errno.EACCES, errno.EPERM})
+
+
+def is_permanent(exc: BaseException) -> bool:
+    """Whether retrying `exc` cannot help (refused connections, timeouts and 5xx answers can be retried)."""
+    return (isinstance(exc, PERMANENT) or type(exc).__name__ in PERMANENT_NAMES
+            or (type(exc) is OSError and exc.errno in PERMANENT_ERRNOS))
 
 
 def retrying(url: str, operation: str, call: Callable[[], T], *, missing_ok: bool = False) -> T | None:
@@ -135,9 +163,11 @@ def retrying(url: str, operation: str, call: Callable[[], T], *, missing_ok: boo
             if missing_ok:
                 return None
             raise StorageError(f"{url}: {operation} failed: no such object or bucket") from None
-        except PERMANENT as exc:
-            raise StorageError(f"{url}: {operation} failed: {type(exc).__name__}: {exc}") from None
+        except StorageError:
+            raise
         except Exception as exc:  # connection refused or dropped, timeouts, throttling, server errors
+            if is_permanent(exc):
+                raise StorageError(f"{url}: {operation} failed: {type(exc).__name__}: {exc}") from None
             left = deadline - time.monotonic()
             if left <= 0:
                 raise StorageError(f"{url}: {operation} failed after {tries} tries over {_RETRY_S:.0f} s "
@@ -180,11 +210,21 @@ def read_many(locations: list[str | Path]) -> dict[str, bytes]:
         return out
     fs, _ = _fs(str(locations[0]))
     paths = {fs._strip_protocol(str(u)): str(u) for u in locations}
-    got = retrying(str(parent_of(locations[0])), f"read {len(paths)} objects",
-                   lambda: fs.cat(list(paths), on_error="omit"))
-    if isinstance(got, bytes):  # fsspec returns the bytes alone for a single path
-        got = {next(iter(paths)): got}
-    return {paths[fs._strip_protocol(k)]: v for k, v in got.items() if isinstance(v, bytes)}
+
+    def batch() -> dict[str, bytes]:
+        got = fs.cat(list(paths), on_error="return")
+        if isinstance(got, bytes):  # fsspec returns the bytes alone for a single path
+            got = {next(iter(paths)): got}
+        out = {}
+        for key, value in got.items():
+            if isinstance(value, FileNotFoundError):
+                continue  # missing: not there, as for a local file
+            if isinstance(value, BaseException):
+                raise value  # a failed read is not a missing object: retried, then named
+            out[paths[fs._strip_protocol(key)]] = value
+        return out
+
+    return retrying(str(parent_of(locations[0])), f"read {len(paths)} objects", batch)
 
 
 def sizes(folder: str | Path) -> dict[str, int]:
@@ -241,12 +281,21 @@ def check_access(root: str, write: bool) -> None:
     with `write`, written: a probe object is put and deleted)."""
     fs, path = _fs(root)
     bucket = path.split("/", 1)[0]
-    retrying(root, f"open the bucket {bucket}", lambda: fs.info(bucket))
-    retrying(root, "list", lambda: fs.ls(path, detail=False, refresh=True), missing_ok=True)
+    # the prefix alone is listed (a policy may allow no more); an empty listing is told from a missing bucket by
+    # asking for the bucket only then, and a bucket that may not be asked about counts as present
+    if retrying(root, "list", lambda: fs.ls(path, detail=False, refresh=True), missing_ok=True) is None:
+        try:
+            retrying(root, f"open the bucket {bucket}", lambda: fs.info(bucket))
+        except StorageError as exc:
+            if "PermissionError" not in str(exc):
+                raise
     if write:
         probe = f"{path.rstrip('/')}/.revprompt-probe-{os.uname().nodename}-{os.getpid()}"
         retrying(root, "write (a probe object)", lambda: fs.pipe_file(probe, b""))
-        retrying(root, "delete (the probe object)", lambda: fs.rm_file(probe), missing_ok=True)
+        try:
+            retrying(root, "delete (the probe object)", lambda: fs.rm_file(probe), missing_ok=True)
+        except StorageError as exc:  # writing is what generation needs; a left probe is only untidy
+            log.warning("%s; the empty probe object %s stays", exc, probe)
 
 
 class RetryingReader(io.RawIOBase):

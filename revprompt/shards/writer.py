@@ -189,7 +189,6 @@ class ShardWriter:
         except OSError as exc:
             raise write_error(self._partial if self.remote else self.path, "the shard", exc) from None
         self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
-        self._start = time.monotonic()
         self.count = 0
         self.members = 0
         self.failures = 0
@@ -249,7 +248,6 @@ class ShardWriter:
             "count": self.count,
             "members": self.members,
             "bytes": size,
-            "seconds": round(time.monotonic() - self._start, 3),
             "failures": self.failures,
         }
         if self.made_with is not None:

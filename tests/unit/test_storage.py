@@ -49,7 +49,9 @@ def test_roots_urls_and_names():
                       ("s3://bucket/p?versionId=3", r"no \?query")):
         with pytest.raises(ValueError, match=said) as info:
             storage.as_root(bad)
-        assert "secret" not in str(info.value)
+        assert "secret" not in str(info.value) and "versionId" not in str(info.value)
+    # Azure names a container container@account: not a credential
+    assert storage.as_root("abfs://data@acct.dfs.core.windows.net/p") == "abfs://data@acct.dfs.core.windows.net/p"
     with pytest.raises(ConfigError, match=r"shards.url: .*must not carry credentials"):
         load_config("tiny", ["--shards.url=s3://AKIAXX:secret@bucket/p"])
     with pytest.raises(ConfigError, match=r"shards.url: nosuchscheme:// is not usable here"):
@@ -105,12 +107,16 @@ def test_reads_retry_through_a_restart_and_fail_within_the_bound_naming_the_url(
                      caplog.text)
 
     retry_s(2)
+    storage.write_bytes(f"s3://{BUCKET}/retry/train/000000.stats.json", b"{}")
     s3.stop()
     try:
         started = time.monotonic()
         with pytest.raises(storage.StorageError, match=rf"^{url}: read failed after \d+ tries over 2 s"):
             storage.read_bytes(url)
         assert time.monotonic() - started < 15
+        # a batched read of markers that fails is an error, never "no marker" (the shards would vanish)
+        with pytest.raises(storage.StorageError, match=rf"^s3://{BUCKET}/retry/train: read 2 objects failed after"):
+            storage.read_many([f"s3://{BUCKET}/retry/train/{i:06d}.stats.json" for i in range(2)])
     finally:
         s3.start()
     storage.remove(url)
@@ -135,3 +141,18 @@ def test_many_markers_are_read_in_one_batch(s3):
     assert sorted(got) == [f"{root}/val/{i:06d}.stats.json" for i in range(40)]
     assert json.loads(got[f"{root}/val/000007.stats.json"]) == {"count": 7}
     assert storage.sizes(f"{root}/val")["000039.stats.json"] == len(json.dumps({"count": 39}))
+
+
+def test_answers_that_no_retry_changes_fail_at_once(retry_s):
+    from botocore.exceptions import NoCredentialsError
+
+    retry_s(60)
+    for exc in (NoCredentialsError(), OSError(22, "InvalidBucketName"), PermissionError("AccessDenied")):
+        started = time.monotonic()
+
+        def fail(exc=exc):
+            raise exc
+
+        with pytest.raises(storage.StorageError, match=rf"^s3://b/p: list failed: {type(exc).__name__}"):
+            storage.retrying("s3://b/p", "list", fail)
+        assert time.monotonic() - started < 1
