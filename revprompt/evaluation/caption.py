@@ -21,7 +21,7 @@ from ..shards import storage
 from ..shards.manifest import MANIFEST, listed_shards
 from ..shards.images import ImageRefused, ImageTooLarge, open_image, readable_suffixes
 from ..shards.reader import ReadStats, build_reader, list_shards
-from ..shards.writer import stats_path
+from ..shards.writer import read_marker
 from .items import captioner_for
 from .rerank import HeadAnswers, head_fits
 
@@ -148,12 +148,7 @@ def count_inputs(inputs: list[str]) -> int | None:
 
 
 def _marked_count(tar: str) -> int | None:
-    try:
-        return storage.read_json(stats_path(tar if storage.is_url(tar) else Path(tar)))["count"]
-    except storage.StorageError:
-        raise
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    return (read_marker(tar if storage.is_url(tar) else Path(tar)) or {}).get("count")
 
 
 def caption_all(ctx: StageContext) -> dict:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import logging
 import math
@@ -15,7 +14,8 @@ import numpy as np
 import torch
 
 from ..launch import dist
-from ..launch.layout import generation_fingerprint, prepared_fingerprint, remove_if_empty, remove_owned
+from ..launch.layout import (generation_fingerprint, owned_files, prepared_fingerprint, remove_if_empty,
+                              remove_owned)
 from ..launch.metrics import captioned_grid
 from ..launch.runner import StageContext, StageError, build_parser, on_main_first, run_stage
 from ..models.text_to_image import build_pipeline, family_of, generate_images, sampler_name, to_pixels
@@ -26,8 +26,8 @@ from ..shards.keys import sample_key, sample_seed
 from ..shards.manifest import (MANIFEST, ManifestError, complete_markers, read_manifest, scan_manifest,
                                write_manifest)
 from ..shards.schema import SPLITS, SampleMeta, owner
-from ..shards.writer import (PARTIAL_PATTERNS, SHARD_PATTERNS, BackgroundWorker, ShardWriter, encode_image,
-                             encode_json, shard_name, write_json_atomic)
+from ..shards.writer import (FINISHED_PATTERNS, PARTIAL_PATTERNS, SHARD_PATTERNS, BackgroundWorker, ShardWriter,
+                             encode_image, encode_json, shard_name, write_json_atomic)
 from .prepare import prepare
 
 log = logging.getLogger(__name__)
@@ -263,9 +263,7 @@ def check_or_reset(root: Path | str, fingerprint: str, overwrite: bool, own_root
     if manifest is None:
         if own_root:
             return
-        foreign = [str(storage.join(root, n)) for n in storage.sizes(root) if n == MANIFEST] + \
-            [str(storage.join(root, split, n)) for split in SPLITS for n in storage.sizes(storage.join(root, split))
-             if any(fnmatch.fnmatchcase(n, p) for p in ("[0-9]*.tar", "[0-9]*.stats.json"))]
+        foreign = [str(f) for split in SPLITS for f in owned_files(storage.join(root, split), FINISHED_PATTERNS)]
         if foreign:
             raise StageError(f"shards.url {root}: holds {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''} "
                              "but no revprompt manifest: files revprompt did not write stand where it would write "
@@ -357,8 +355,7 @@ def start_generation(ctx: StageContext, plan: GenerationPlan) -> None:
     # a killed writer leaves a hidden partial file: this launch holds the generate lock, so every
     # partial file is a dead writer's, and its shard starts again
     for split in ctx.cfg.generate.splits:
-        remove_owned(storage.join(root, split) if not ctx.layout.shards_remote else ctx.layout.staging / split,
-                     PARTIAL_PATTERNS)
+        remove_owned(ctx.layout.staging / split, PARTIAL_PATTERNS)
     shutil.rmtree(ctx.layout.progress, ignore_errors=True)
     ctx.layout.progress.mkdir(parents=True)
     write_manifest(root, plan.scan(root))

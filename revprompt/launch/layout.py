@@ -164,23 +164,21 @@ class StageLock:
         self._handles = []
 
 
+def owned_files(folder: str | Path, patterns: tuple[str, ...]) -> list[Path | str]:
+    """The files of `folder` (or the objects directly under a URL prefix) whose names match `patterns` (fnmatch,
+    e.g. '[0-9]*.tar'): the names of revprompt's own outputs; sorted, [] for a folder that does not exist."""
+    return [storage.join(folder, name) for name in sorted(storage.sizes(folder))
+            if any(fnmatch.fnmatchcase(name, p) for p in patterns)]
+
+
 def remove_owned(folder: str | Path, patterns: tuple[str, ...]) -> list[Path | str]:
-    """Delete the files of `folder` (or the objects directly under a URL prefix) whose names match `patterns`
-    (fnmatch, e.g. '[0-9]*.tar'): the names of revprompt's own outputs. Anything else, folders included, stays.
-    Returns what was removed."""
-    if storage.is_url(folder):
-        names = [n for n in sorted(storage.sizes(folder)) if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
-        for name in names:
-            storage.remove(storage.join(folder, name))
-        return [storage.join(folder, name) for name in names]
-    folder = Path(folder)
-    removed: list[Path] = []
-    if not folder.is_dir():
-        return removed
-    for entry in sorted(folder.iterdir()):
-        if entry.is_file() and any(fnmatch.fnmatchcase(entry.name, p) for p in patterns):
-            entry.unlink()
-            removed.append(entry)
+    """Delete `owned_files(folder, patterns)`. Anything else, folders included, stays. Returns what was removed."""
+    removed = owned_files(folder, patterns)
+    for location in removed:
+        if storage.is_url(location):
+            storage.remove(location)
+        else:
+            Path(location).unlink()
     return removed
 
 
@@ -321,8 +319,10 @@ class RunLayout:
 
     @property
     def staging(self) -> Path:
-        """shards/.uploads/ under run.dir: where generation writes a shard before uploading it to a shard URL."""
-        return self.root / "shards" / ".uploads"
+        """Where generation writes a shard's partial file ({split}/ below): the shard root itself for a local one
+        (the finished tar is renamed into place), shards/.uploads/ under run.dir for a shard URL (it is uploaded
+        from there)."""
+        return self.root / "shards" / ".uploads" if self.shards_remote else Path(self.shards)
 
     # train
     @property

@@ -150,11 +150,12 @@ SHARD_STAGES = {"generate": True, "pipeline": True, "train": False, "evaluate": 
 def _check_shard_store(stage: str, cfg: Config, info: dist.DistInfo) -> None:
     """With shards on an object store: fail now, in one line naming the URL and the operation, when this rank cannot
     list it (or, for a stage that writes shards, rank 0 cannot write there), not after the model is loaded."""
-    if stage not in SHARD_STAGES or not storage.is_url(storage.as_root(cfg.shards.url or cfg.run.dir)):
+    if stage not in SHARD_STAGES or not storage.is_url(cfg.shards.url):
         return
     storage.check_access(str(storage.as_root(cfg.shards.url)), write=SHARD_STAGES[stage] and info.is_main)
-    log.info("shards at %s (reads and uploads retry for up to %.0f s%s)", cfg.shards.url, shard_retry_s(cfg),
-             "" if shard_retry_s(cfg) == cfg.shards.retry_s else ": shards.retry_s, capped at half of run.timeout_s")
+    retry_s = shard_retry_s(cfg)
+    log.info("shards at %s (reads and uploads retry for up to %.0f s%s)", cfg.shards.url, retry_s,
+             "" if retry_s == cfg.shards.retry_s else ": shards.retry_s, capped at half of run.timeout_s")
 
 
 def run_stage(stage: str, argv: list[str], parser: argparse.ArgumentParser,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from . import storage
 from .schema import SPLITS
-from .writer import is_complete, marker_matches, shard_name, stats_path, write_json_atomic
+from .writer import is_complete, marker_matches, read_marker, shard_name, stats_path, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -74,12 +74,7 @@ def complete_markers(root: str | Path, names: list[str]) -> dict[str, dict]:
     request per shard."""
     root = storage.as_root(root)
     if not storage.is_url(root):
-        out = {}
-        for name in names:
-            tar = Path(root) / name
-            if is_complete(tar):
-                out[name] = json.loads(Path(stats_path(tar)).read_text(encoding="utf-8"))
-        return out
+        return {name: read_marker(Path(root) / name) for name in names if is_complete(Path(root) / name)}
     listed: dict[str, dict[str, int]] = {}
     for split in sorted({name.split("/", 1)[0] for name in names}):
         listed[split] = storage.sizes(storage.join(root, split))
@@ -92,7 +87,7 @@ def complete_markers(root: str | Path, names: list[str]) -> dict[str, dict]:
             marker = json.loads(markers.get(str(stats_path(storage.join(root, name))), b"").decode("utf-8"))
         except ValueError:
             continue
-        if marker_matches(marker, listed[split].get(tar)):
+        if isinstance(marker, dict) and marker_matches(marker, listed[split].get(tar)):
             out[name] = marker
     return out
 
@@ -143,11 +138,10 @@ def split_shards(root: str | Path, split: str) -> list[tuple[str, int]]:
         raise ManifestError(f"{root}/manifest.json: generation is incomplete; rerun `revprompt generate` to finish it")
     listed = [(s["name"], s["count"]) for s in manifest["splits"][split]["shards"]]
     complete = complete_markers(root, [name for name, _ in listed])
-    markers = complete if storage.is_url(root) else {}
     for name, count in listed:
         path = storage.join(root, name)
-        marker = markers.get(name) if storage.is_url(root) else _marker(Path(path))
-        marked = marker.get("count") if isinstance(marker, dict) else None
+        marker = complete.get(name) or read_marker(path)
+        marked = marker.get("count") if marker is not None else None
         if marked is not None and marked != count:
             raise ManifestError(f"{storage.join(root, MANIFEST)}: lists {count} samples in {storage.name_of(path)} of "
                                 f"{split}, its marker {marked}; rerun `revprompt generate` to rewrite the manifest")
@@ -155,14 +149,6 @@ def split_shards(root: str | Path, split: str) -> list[tuple[str, int]]:
             log.warning("%s does not match its completion marker (damaged or replaced since it was written): its "
                         "readable samples are used; rerun `revprompt generate` to write it again", path)
     return [(str(storage.join(root, name)), count) for name, count in listed]
-
-
-def _marker(tar: Path) -> dict | None:
-    try:
-        marker = json.loads(Path(stats_path(tar)).read_text(encoding="utf-8"))
-        return marker if isinstance(marker, dict) else None
-    except (OSError, ValueError):
-        return None
 
 
 def listed_shards(root: str | Path, splits: tuple[str, ...] | None = None) -> list[str]:

@@ -7,6 +7,7 @@ Corrupt tars and undecodable samples are skipped and counted, never fatal.
 
 from __future__ import annotations
 
+import fnmatch
 import io
 import json
 import logging
@@ -22,9 +23,10 @@ from PIL import Image
 
 from . import storage
 from .keys import is_safe_key
+from .manifest import complete_markers
 from .images import ImageTooLarge, open_image
 from .schema import owner
-from .writer import IMAGE_EXTS, is_complete, stats_path
+from .writer import IMAGE_EXTS, stats_path
 
 log = logging.getLogger(__name__)
 
@@ -51,27 +53,15 @@ class ReadStats:
 def list_shards(root: str | Path, split: str) -> list[str]:
     """Paths (or URLs) of the complete shards of `split` under `root`, sorted; unmarked tars do not exist here."""
     root = storage.as_root(root)
-    if storage.is_url(root):
-        from .manifest import complete_markers
-
-        names = sorted(f"{split}/{name}" for name in storage.sizes(storage.join(root, split))
-                       if name.endswith(".tar") and name[:1].isdigit())
-        complete = complete_markers(root, names)
-        for name in names:
-            if name not in complete:
-                log.warning("%s has no completion marker matching it (unfinished, damaged or replaced): left out; "
-                            "rerun `revprompt generate` to write it again", storage.join(root, name))
-        return [str(storage.join(root, name)) for name in names if name in complete]
-    folder = Path(root) / split
-    tars = sorted(folder.glob("[0-9]*.tar")) if folder.is_dir() else []
-    complete = []
-    for tar in tars:
-        if is_complete(tar):
-            complete.append(str(tar))
-        elif stats_path(tar).exists():
+    listing = storage.sizes(storage.join(root, split))
+    names = sorted(f"{split}/{name}" for name in listing if fnmatch.fnmatchcase(name, "[0-9]*.tar"))
+    complete = complete_markers(root, names)
+    for name in names:
+        marker = storage.name_of(stats_path(name))
+        if name not in complete and marker in listing:
             log.warning("%s does not match its completion marker %s (damaged or replaced since): left out; "
-                        "rerun `revprompt generate` to write it again", tar, stats_path(tar).name)
-    return complete
+                        "rerun `revprompt generate` to write it again", storage.join(root, name), marker)
+    return [str(storage.join(root, name)) for name in names if name in complete]
 
 
 def split_by_rank(rank: int, world_size: int):

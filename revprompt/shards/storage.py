@@ -249,7 +249,7 @@ def size(location: str | Path) -> int | None:
     """Bytes of one file or object, None when it does not exist."""
     if not is_url(location):
         try:
-            return Path(location).stat().st_size
+            return Path(location).stat().st_size if Path(location).is_file() else None
         except FileNotFoundError:
             return None
     fs, path = _fs(str(location))

@@ -11,7 +11,6 @@ import re
 import socket
 import tarfile
 import threading
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -51,8 +50,10 @@ def partial_path(tar_path: Path) -> Path:
 # every writer's partial files of shard tars in a folder, older revprompts' included (the holder of the
 # folder's lock may remove them: their writers are gone)
 PARTIAL_PATTERNS = (".[0-9]*.tar.*.partial", ".[0-9]*.tar.partial")
+# finished shards and their markers
+FINISHED_PATTERNS = ("[0-9]*.tar", "[0-9]*.stats.json")
 # the files a shard folder holds that revprompt wrote
-SHARD_PATTERNS = ("[0-9]*.tar", "[0-9]*.stats.json", *PARTIAL_PATTERNS)
+SHARD_PATTERNS = (*FINISHED_PATTERNS, *PARTIAL_PATTERNS)
 
 
 def count_members(tar_path: Path) -> int | None:
@@ -75,12 +76,21 @@ def count_members(tar_path: Path) -> int | None:
     return None
 
 
-def marker_matches(marker, tar_bytes: int | None) -> bool:
-    """Whether a parsed stats marker describes a tar of `tar_bytes` bytes (None: the tar is missing)."""
+def read_marker(tar_path: Path | str) -> dict | None:
+    """The parsed stats marker beside a shard (a path or a URL); None when there is none or it is not a JSON
+    object. An object store that cannot be reached raises `storage.StorageError`, never reads as "no marker"."""
     try:
-        return tar_bytes is not None and tar_bytes == marker["bytes"]
-    except (KeyError, TypeError):
-        return False
+        marker = storage.read_json(stats_path(tar_path))
+    except storage.StorageError:
+        raise
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) else None
+
+
+def marker_matches(marker: dict | None, tar_bytes: int | None) -> bool:
+    """Whether a parsed stats marker describes a tar of `tar_bytes` bytes (None: the tar is missing)."""
+    return marker is not None and tar_bytes is not None and tar_bytes == marker.get("bytes")
 
 
 def is_complete(tar_path: Path | str) -> bool:
@@ -89,19 +99,15 @@ def is_complete(tar_path: Path | str) -> bool:
 
     On an object store the size alone is checked: counting members would take one ranged read per member, and
     an object, unlike a file, is never seen half written (the marker is written only after the upload ends)."""
-    if storage.is_url(tar_path):
-        try:
-            return marker_matches(storage.read_json(stats_path(tar_path)), storage.size(tar_path))
-        except ValueError:
-            return False
-    tar_path = Path(tar_path)
     try:
-        marker = json.loads(stats_path(tar_path).read_text(encoding="utf-8"))
-        if not tar_path.is_file() or tar_path.stat().st_size != marker["bytes"]:
+        marker = read_marker(tar_path)
+        if not marker_matches(marker, storage.size(tar_path) if marker is not None else None):
             return False
-        return "members" not in marker or count_members(tar_path) == marker["members"]
-    except (OSError, ValueError, KeyError, TypeError):
+    except storage.StorageError:
+        raise
+    except OSError:  # a local tar that cannot be looked at
         return False
+    return storage.is_url(tar_path) or "members" not in marker or count_members(Path(tar_path)) == marker["members"]
 
 
 def encode_image(pixels: np.ndarray, fmt: str = "jpg", quality: int = 95) -> bytes:
@@ -168,21 +174,20 @@ def marker_bytes(stats: dict) -> bytes:
 class ShardWriter:
     """Writes one shard: members go to a hidden partial file, `close()` renames it and writes the marker.
 
-    For a shard URL (an object store) the partial file lives in `staging` (a local folder); `close()` uploads
-    the finished tar, then writes the marker object: a shard is complete exactly when its marker exists, and a
-    writer killed during the upload leaves no marker (nor, the store's uploads being all or nothing, a tar)."""
+    The partial file lives in `staging`/{split}/ (default: beside the tar). For a shard URL (an object store)
+    `staging` is a local folder, and `close()` uploads the finished tar, then writes the marker object: a shard is
+    complete exactly when its marker exists, and a writer killed during the upload leaves no marker (nor, the
+    store's uploads being all or nothing, a tar)."""
 
     def __init__(self, tar_path: str | Path, made_with: dict | None = None, staging: Path | None = None):
         self.remote = storage.is_url(tar_path)
         self.path = tar_path if self.remote else Path(tar_path)
         self.made_with = made_with  # recorded in the marker: what else equal bytes depend on (device, threads)
-        if self.remote:
-            if staging is None:
-                raise ValueError(f"{tar_path}: a shard URL needs a local staging folder")
-            split = storage.name_of(storage.parent_of(tar_path))
-            self._partial = partial_path(Path(staging) / split / storage.name_of(tar_path))
-        else:
-            self._partial = partial_path(self.path)
+        if staging is None and self.remote:
+            raise ValueError(f"{tar_path}: a shard URL needs a local staging folder")
+        split = storage.name_of(storage.parent_of(tar_path))
+        folder = Path(staging) / split if staging is not None else Path(storage.parent_of(tar_path))
+        self._partial = partial_path(folder / storage.name_of(tar_path))
         try:
             self._partial.parent.mkdir(parents=True, exist_ok=True)
             self._file = open(self._partial, "wb")
