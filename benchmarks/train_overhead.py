@@ -102,7 +102,7 @@ from revprompt.launch.layout import RUN_MARKER  # noqa: E402
 
 DEFAULT_OUT = RESULTS / "train_overhead.json"
 BARE_MARKER = "BARE_RESULT "
-TARGET_RATIO = 0.90
+TARGET_RATIO = 0.95
 RUN_TIMEOUT_S = 900
 # a steady window during which the machine was this many cores short of busy counts as disturbed
 STARVED_CORES = 0.15
@@ -342,7 +342,8 @@ def bare_worker(argv: list[str]) -> None:
 
         stream = TrainStream(split_shards(Path(cfg.run.dir) / "shards", "train"), seed=cfg.run.seed, rank=0,
                              world_size=1, num_workers=t.num_workers, batch_size=mb,
-                             encode=TrainingInputs(model, processor, t.max_length), shuffle_buffer=t.shuffle_buffer)
+                             encode=TrainingInputs(model, processor, t.max_length), shuffle_buffer=t.shuffle_buffer,
+                             cache_bytes=t.cache_mb << 20)
         feed = iter(build_loader(stream, t.num_workers, pin_memory=False))
     else:
         prompts = [p.text for p in read_prompts(cfg.prompts.path) if p.text][:cfg.prompts.limit]

@@ -167,6 +167,9 @@ class TrainConfig:
     num_workers: int = _f(2, "DataLoader worker processes per rank (0 = read in the training process)",
                           min=0, max=64)
     shuffle_buffer: int = _f(256, "samples in each worker's shuffle buffer (0 = shard order)", min=0)
+    cache_mb: int = _f(1024, "MiB of decoded train samples each rank keeps in memory (split over its DataLoader "
+                             "workers): a shard read whole without a fault is not read or decoded again in a later "
+                             "epoch; batches are the same either way (0 = off)", min=0, max=1 << 20)
     log_every: int = _f(10, "steps between TensorBoard scalars", min=1)
     val_every: int = _f(50, "steps between validations (0 = only at the end)", min=0)
     val_batches: int = _f(8, "val batches per rank for the val loss (0 = all val shards)", min=0)

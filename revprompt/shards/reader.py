@@ -15,13 +15,14 @@ import random
 import tarfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import webdataset as wds
 from webdataset.tariterators import group_by_keys
 from PIL import Image
 
 from . import storage
+from .cache import SampleCache
 from .keys import is_safe_key
 from .manifest import complete_markers
 from .images import ImageTooLarge, open_image
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 PICKLE_EXTS = frozenset({"pyd", "pickle", "pkl", "pth", "pt", "npy", "npz", "mp", "msgpack"})
 TEXT_EXTS = frozenset({"txt"})
 JSON_EXTS = frozenset({"json"})
+CACHED = "__cached__"  # an item that carries a sample the SampleCache held, already decoded
 
 
 @dataclass
@@ -128,36 +130,51 @@ class IncompleteSample(ValueError):
 
 
 class SafeDecoder:
-    """Pipeline stage that decodes samples with `decode_sample`, skipping and counting bad ones."""
+    """Pipeline stage that decodes samples with `decode_sample`, skipping and counting bad ones; with a cache, it
+    hands on samples `shard_samples` took from the cache and keeps the ones it decodes there."""
 
     def __init__(self, stats: ReadStats, require: tuple[str, ...] = ("image", "txt"),
-                 fields: tuple[str, ...] = ("image", "txt", "json")):
+                 fields: tuple[str, ...] = ("image", "txt", "json"), cache: SampleCache | None = None):
         self.stats = stats
         self.require = require
         self.fields = fields
+        self.cache = cache
 
     def __call__(self, src: Iterable[dict]) -> Iterator[dict]:
         for sample in src:
-            try:
-                out = decode_sample(sample, self.require, self.fields)
-            except RejectedSample as exc:
-                self.stats.rejected += 1
-                log.warning("rejected sample: %s (%s)", exc, sample.get("__url__"))
+            kept = sample.get(CACHED)
+            if kept is not None:
+                self.stats.samples += 1
+                yield dict(kept)  # a copy: what a caller does to its sample does not reach the cache
                 continue
-            except IncompleteSample as exc:
-                self.stats.incomplete += 1
-                log.warning("incomplete sample: %s (%s)", exc, sample.get("__url__"))
-                continue
-            except ImageTooLarge as exc:
-                self.stats.rejected += 1
-                log.warning("rejected sample: %s (%s)", exc, sample.get("__url__"))
-                continue
-            except Exception as exc:  # undecodable image, bad UTF-8, bad JSON
-                self.stats.corrupt += 1
-                log.warning("corrupt sample %s in %s: %s", sample.get("__key__"), sample.get("__url__"), exc)
+            out = self.decode(sample)
+            if out is None:
+                if self.cache is not None:
+                    self.cache.drop(sample.get("__url__"))  # something was skipped: the shard is not kept
                 continue
             self.stats.samples += 1
+            if self.cache is not None:
+                self.cache.put(sample.get("__url__"), out)
+                out = dict(out)
             yield out
+
+    def decode(self, sample: dict) -> dict | None:
+        """The decoded sample, or None when it is skipped (counted and logged)."""
+        try:
+            return decode_sample(sample, self.require, self.fields)
+        except RejectedSample as exc:
+            self.stats.rejected += 1
+            log.warning("rejected sample: %s (%s)", exc, sample.get("__url__"))
+        except IncompleteSample as exc:
+            self.stats.incomplete += 1
+            log.warning("incomplete sample: %s (%s)", exc, sample.get("__url__"))
+        except ImageTooLarge as exc:
+            self.stats.rejected += 1
+            log.warning("rejected sample: %s (%s)", exc, sample.get("__url__"))
+        except Exception as exc:  # undecodable image, bad UTF-8, bad JSON
+            self.stats.corrupt += 1
+            log.warning("corrupt sample %s in %s: %s", sample.get("__key__"), sample.get("__url__"), exc)
+        return None
 
 
 def counting_handler(stats: ReadStats):
@@ -171,11 +188,38 @@ def counting_handler(stats: ReadStats):
     return handler
 
 
-def group_samples(stats: ReadStats):
-    """Pipeline stage: a tar's members grouped into samples by key (webdataset's grouping)."""
+def shard_samples(stats: ReadStats, cache: SampleCache | None = None):
+    """Pipeline stage: {"url"} -> each shard's samples, its tar members grouped by key (webdataset's grouping).
+
+    With `cache`, a shard the cache holds whole is not opened: its decoded samples come out as {CACHED: sample}
+    items, in tar order, for `SafeDecoder` to hand on; any other shard is read and offered to the cache, which
+    keeps it only if nothing in it was skipped.
+    """
 
     def stage(src: Iterable[dict]) -> Iterator[dict]:
-        return group_by_keys(src, handler=counting_handler(stats))
+        for item in src:
+            url = item["url"]
+            if cache is not None:
+                held = cache.get(url)
+                if held is not None:
+                    for sample in held:
+                        yield {"__key__": sample["__key__"], "__url__": url, CACHED: sample}
+                    continue
+                cache.start(url)
+            spoil = cache.drop if cache is not None else None
+            counting = counting_handler(stats)
+
+            def handler(exc: Exception) -> bool:
+                if spoil is not None:
+                    spoil(url)
+                return counting(exc)
+
+            keys = []
+            for sample in group_by_keys(local_tar_members(stats, on_problem=spoil)([item]), handler=handler):
+                keys.append(sample["__key__"])
+                yield sample
+            if cache is not None:
+                cache.listed(url, keys)
 
     return stage
 
@@ -185,7 +229,8 @@ def group_samples(stats: ReadStats):
 MAX_MEMBER_BYTES = 64 << 20
 
 
-def local_tar_members(stats: ReadStats, max_member_bytes: int = MAX_MEMBER_BYTES):
+def local_tar_members(stats: ReadStats, max_member_bytes: int = MAX_MEMBER_BYTES,
+                      on_problem: Callable[[str], None] | None = None):
     """Pipeline stage: {"url": path} -> the regular members of each tar as {"fname", "data", "__url__"}, then an
     end-of-shard marker ({}).
 
@@ -194,8 +239,12 @@ def local_tar_members(stats: ReadStats, max_member_bytes: int = MAX_MEMBER_BYTES
     run.dir that starts with it). Sparse and oversized members are skipped and counted as rejected without
     being read; a damaged tar is counted as corrupt from where it breaks. An object store that stays
     unreachable past shards.retry_s raises `storage.StorageError` naming the URL: a shard cut short by the
-    network is never read as a shorter one.
+    network is never read as a shorter one. `on_problem(path)` hears of every member or tar it skips.
     """
+
+    def problem(path: str) -> None:
+        if on_problem is not None:
+            on_problem(path)
 
     def stage(src: Iterable[dict]) -> Iterator[dict]:
         for item in src:
@@ -206,10 +255,12 @@ def local_tar_members(stats: ReadStats, max_member_bytes: int = MAX_MEMBER_BYTES
                         if not info.isreg():
                             if info.issparse():
                                 stats.rejected += 1
+                                problem(path)
                                 log.warning("rejected sparse member %s in %s", info.name, path)
                             continue
                         if info.size > max_member_bytes:
                             stats.rejected += 1
+                            problem(path)
                             log.warning("rejected member %s in %s: %d bytes (at most %d)", info.name, path,
                                         info.size, max_member_bytes)
                             continue
@@ -219,6 +270,7 @@ def local_tar_members(stats: ReadStats, max_member_bytes: int = MAX_MEMBER_BYTES
                 raise
             except (OSError, EOFError, tarfile.TarError, ValueError) as exc:
                 stats.corrupt += 1
+                problem(path)
                 log.warning("skipping corrupt shard data in %s: %s", path, exc)
             yield {}
 
@@ -246,12 +298,15 @@ def shuffle_buffer(size: int, rng: random.Random):
 def build_reader(shards: list[str], *, rank: int = 0, world_size: int = 1, stats: ReadStats | None = None,
                  require: tuple[str, ...] = ("image", "txt"), shuffle_shards_seed: int | None = None,
                  buffer: int = 0, buffer_seed: int | str = 0, split_workers: bool = True,
-                 fields: tuple[str, ...] = ("image", "txt", "json"), keys: set[str] | None = None) -> wds.DataPipeline:
+                 fields: tuple[str, ...] = ("image", "txt", "json"), keys: set[str] | None = None,
+                 cache: SampleCache | None = None) -> wds.DataPipeline:
     """A WebDataset pipeline over `shards`: this rank's shards, then this worker's, decoded safely.
 
     `buffer` > 0 shuffles samples through a seeded buffer before decoding. `split_workers=False`
     reads every given shard in this process (for callers that assign shards to workers themselves).
     `fields` are the parts decoded (see `decode_sample`); with `keys`, only those samples are decoded.
+    With `cache` (one per reading process, used with the same `require` and `fields` every time), shards read
+    whole and clean before come from memory (see `shards.cache`).
     """
     stats = stats if stats is not None else ReadStats()
     shards = list(shards)
@@ -261,12 +316,14 @@ def build_reader(shards: list[str], *, rank: int = 0, world_size: int = 1, stats
     stages: list = [wds.SimpleShardList(shards), split_by_rank(rank, world_size)]
     if split_workers:
         stages.append(wds.split_by_worker)
-    stages += [local_tar_members(stats), group_samples(stats)]
+    if cache is not None:
+        cache.new_pass()
+    stages.append(shard_samples(stats, cache))
     if keys is not None:
         stages.append(only_keys(keys))
     if buffer > 0:
         stages.append(shuffle_buffer(buffer, random.Random(buffer_seed)))
-    stages.append(SafeDecoder(stats, require, fields))
+    stages.append(SafeDecoder(stats, require, fields, cache))
     pipeline = wds.DataPipeline(*stages)
     pipeline.read_stats = stats
     return pipeline

@@ -25,6 +25,7 @@ from typing import Callable, Iterator
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ..shards.cache import SampleCache
 from ..shards.reader import ReadStats, build_reader
 from ..models.captioner import encode_prompts, preprocess_images
 
@@ -123,14 +124,17 @@ class TrainStream(IterableDataset):
 
     def __init__(self, shards: list[tuple[str, int]], *, seed: int, rank: int, world_size: int, num_workers: int,
                  batch_size: int, image_size: int = 0, tokenizer=None, max_length: int = 40, shuffle_buffer: int,
-                 start_epoch: int = 0, start_batch: int = 0, encode: Callable | None = None):
+                 start_epoch: int = 0, start_batch: int = 0, encode: Callable | None = None, cache_bytes: int = 0):
         """`encode(images, prompts)` makes a micro-batch's model inputs (the captioner's TrainingInputs); without
-        one, BLIP's: pixels at `image_size`, prompts through `tokenizer` up to `max_length` tokens."""
+        one, BLIP's: pixels at `image_size`, prompts through `tokenizer` up to `max_length` tokens. `cache_bytes`
+        > 0 keeps up to that many bytes of decoded samples in memory per rank, split evenly over its reading
+        processes, so later epochs do not read and decode the shards again (`shards.cache.SampleCache`)."""
         self.shards, self.seed, self.rank, self.world_size = shards, seed, rank, world_size
         self.num_workers, self.batch_size, self.image_size = max(1, num_workers), batch_size, image_size
         self.tokenizer, self.max_length, self.shuffle_buffer = tokenizer, max_length, shuffle_buffer
         self.start_epoch, self.start_batch = start_epoch, start_batch
         self.encode = encode
+        self.cache_bytes = cache_bytes
 
     def plan(self, epoch: int) -> EpochPlan:
         """This rank's plan for `epoch`."""
@@ -141,13 +145,14 @@ class TrainStream(IterableDataset):
         info = get_worker_info()
         worker = info.id if info is not None else 0
         stats = ReadStats()
+        cache = SampleCache(self.cache_bytes // self.num_workers) if self.cache_bytes > 0 else None
         resampled = 0
         epoch = self.start_epoch
         while True:
             plan = self.plan(epoch)
             skip = skipped_batches(self.start_batch, worker, self.num_workers) if epoch == self.start_epoch else 0
             index = 0
-            for samples in self._worker_batches(plan, worker, stats):
+            for samples in self._worker_batches(plan, worker, stats, cache):
                 if samples is None:
                     resampled += 1
                     continue
@@ -157,7 +162,8 @@ class TrainStream(IterableDataset):
                 index += 1
             epoch += 1
 
-    def _worker_batches(self, plan: EpochPlan, worker: int, stats: ReadStats) -> Iterator[list | None]:
+    def _worker_batches(self, plan: EpochPlan, worker: int, stats: ReadStats,
+                        cache: SampleCache | None = None) -> Iterator[list | None]:
         """Exactly `plan.batches_per_worker` lists of samples; a None marks a refill from the start."""
         shards = list(plan.worker_shards[worker])
         produced, passes = 0, 0
@@ -168,6 +174,7 @@ class TrainStream(IterableDataset):
             read = 0
             reader = build_reader(shards, stats=stats, buffer=self.shuffle_buffer, split_workers=False,
                                   fields=("image", "txt"),  # training never reads the JSON: do not parse it
+                                  cache=cache,
                                   buffer_seed=f"{self.seed}:{plan.epoch}:{self.rank}:{worker}:{passes}")
             for sample in reader:
                 read += 1

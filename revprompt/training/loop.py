@@ -328,7 +328,7 @@ class Trainer:
         return TrainStream(shards, seed=self.cfg.run.seed, rank=rank, world_size=world,
                            num_workers=self.t.num_workers if train else 1, batch_size=self.t.micro_batch_size,
                            encode=self.inputs, shuffle_buffer=self.t.shuffle_buffer if train else 0,
-                           start_epoch=epoch, start_batch=batch)
+                           start_epoch=epoch, start_batch=batch, cache_bytes=self.t.cache_mb << 20 if train else 0)
 
     def forward(self, batch: dict) -> Losses:
         """The loss of one micro-batch: the language-modelling loss, plus train.embedding_loss_weight times the

@@ -177,10 +177,12 @@ class TrainingInputs:
         self.image_size = image_size_of(base_model(model)) if self.kind == BLIP else None
         self.instruction = instruction_of(model)
         self.seq2seq = self.kind != BLIP and prompted.is_seq2seq(base_model(model))
+        self.prompt_ids: dict[str, list[int]] = {}  # BLIP: each process remembers the prompts it tokenised
 
     def __call__(self, images: list[Image.Image], prompts: list[str]) -> dict[str, torch.Tensor]:
         if self.kind == BLIP:
-            text = encode_prompts(self.processor.tokenizer, prompts, self.max_length, static=self.static)
+            text = encode_prompts(self.processor.tokenizer, prompts, self.max_length, static=self.static,
+                                  memo=self.prompt_ids)
             return {"pixel_values": preprocess_images(images, self.image_size), "input_ids": text.input_ids,
                     "attention_mask": text.attention_mask, "labels": text.labels}
         return prompted.training_inputs(self.processor, images, prompts, self.max_length, self.instruction,

@@ -130,15 +130,41 @@ class TextBatch:
     labels: torch.Tensor
 
 
-def encode_prompts(tokenizer, prompts: list[str], max_length: int, static: bool = False) -> TextBatch:
+# prompts whose token ids one memo keeps (a few hundred bytes each); later prompts are tokenised every time
+PROMPT_MEMO_LIMIT = 200_000
+
+
+def encode_prompts(tokenizer, prompts: list[str], max_length: int, static: bool = False,
+                   memo: dict[str, list[int]] | None = None) -> TextBatch:
     """Tokenise with bos in position 0 and padding masked out of the labels with -100; padded to the longest prompt,
-    or with `static` to max_length (one shape for every batch)."""
-    enc = tokenizer(prompts, padding="max_length" if static else "longest", truncation=True, max_length=max_length,
-                    return_tensors="pt")
-    input_ids = enc["input_ids"].clone()
+    or with `static` to max_length (one shape for every batch).
+
+    With `memo` (a dict the caller keeps), each prompt's ids are remembered (up to PROMPT_MEMO_LIMIT prompts) and
+    the batch is padded here, on the tokenizer's padding side with its pad id: the same tensors as without it, and a
+    training worker does not tokenise the same prompts again every epoch.
+    """
+    if memo is None:
+        enc = tokenizer(prompts, padding="max_length" if static else "longest", truncation=True,
+                        max_length=max_length, return_tensors="pt")
+        input_ids, attention_mask = enc["input_ids"].clone(), enc["attention_mask"]
+    else:
+        missing = [p for p in dict.fromkeys(prompts) if p not in memo]
+        fresh = dict(zip(missing, tokenizer(missing, truncation=True, max_length=max_length)["input_ids"])) \
+            if missing else {}
+        if len(memo) + len(fresh) <= PROMPT_MEMO_LIMIT:
+            memo.update(fresh)
+        rows = [fresh[p] if p in fresh else memo[p] for p in prompts]
+        width = max_length if static else max((len(r) for r in rows), default=0)
+        pad, left = tokenizer.pad_token_id, tokenizer.padding_side == "left"
+        ids, mask = [], []
+        for row in rows:
+            filler = width - len(row)
+            ids.append([pad] * filler + row if left else row + [pad] * filler)
+            mask.append([0] * filler + [1] * len(row) if left else [1] * len(row) + [0] * filler)
+        input_ids, attention_mask = torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.long)
     input_ids[:, 0] = tokenizer.bos_token_id
-    labels = input_ids.masked_fill(enc["attention_mask"] == 0, -100)
-    return TextBatch(input_ids, enc["attention_mask"], labels)
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    return TextBatch(input_ids, attention_mask, labels)
 
 
 def decode_captions(tokenizer, ids: torch.Tensor) -> list[str]:

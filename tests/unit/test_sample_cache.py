@@ -1,0 +1,178 @@
+"""The decoded-sample cache (train.cache_mb): reads from memory equal fresh reads, sample for sample and count for
+count, whatever the shards, damage, shuffle buffer, partial reads and budget; memory stays within the budget."""
+
+from __future__ import annotations
+
+import itertools
+import random
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from revprompt.shards.cache import SampleCache, sample_bytes
+from revprompt.shards.reader import ReadStats, build_reader
+from revprompt.shards.writer import ShardWriter, encode_image
+from revprompt.training.data import TrainStream
+
+# samples per shard; shard 2 holds an undecodable image, shard 4 is cut off inside its tar, shard 6 has a sample
+# without its text, shard 7 is empty
+COUNTS = [5, 9, 4, 12, 7, 1, 6, 0, 10]
+CORRUPT, TRUNCATED, INCOMPLETE = 2, 4, 6
+
+
+def write_shards(root: Path) -> list[str]:
+    paths = []
+    rng = np.random.default_rng(0)
+    for index, count in enumerate(COUNTS):
+        path = root / f"{index:06d}.tar"
+        writer = ShardWriter(path)
+        for i in range(count):
+            pixels = rng.integers(0, 256, (8 + index, 8, 3), dtype=np.uint8)
+            members = {"jpg": encode_image(pixels, "jpg"), "txt": f"prompt {index} {i}".encode()}
+            if index == CORRUPT and i == 2:
+                members["jpg"] = b"\xff\xd8 not a jpeg"
+            if index == INCOMPLETE and i == 3:
+                del members["txt"]
+            writer.write(f"s{index:02d}_{i:04d}", members)
+        writer.close()
+        if index == TRUNCATED:
+            data = path.read_bytes()
+            path.write_bytes(data[: len(data) * 3 // 5])
+        paths.append(str(path))
+    return paths
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> list[str]:
+    return write_shards(tmp_path_factory.mktemp("cache-shards"))
+
+
+def as_tuples(samples: list[dict]) -> list[tuple]:
+    return [(s["__key__"], s["__url__"], s["txt"], s["image"].size, s["image"].tobytes()) for s in samples]
+
+
+def counts(stats: ReadStats) -> tuple:
+    return stats.samples, stats.corrupt, stats.rejected, stats.incomplete
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data(), passes=st.integers(1, 5), buffer=st.integers(0, 20), budget_share=st.floats(0.0, 1.3),
+       seed=st.integers(0, 1000))
+def test_cached_reads_equal_fresh_reads_within_the_budget(shards, data, passes, buffer, budget_share, seed):
+    chosen = data.draw(st.lists(st.sampled_from(shards), min_size=1, max_size=len(shards), unique=True))
+    total = sum(sample_bytes(s) for s in build_reader(chosen, split_workers=False, fields=("image", "txt")))
+    cache = SampleCache(int(total * budget_share))
+    cached_stats, fresh_stats = ReadStats(), ReadStats()
+    rng = random.Random(seed)
+    for number in range(passes):
+        order = rng.sample(chosen, len(chosen))
+        # a pass may stop early, as a worker's quota does inside a shard
+        stop = data.draw(st.one_of(st.none(), st.integers(0, 60)), label=f"stop of pass {number}")
+        common = dict(split_workers=False, fields=("image", "txt"), buffer=buffer, buffer_seed=f"{seed}:{number}")
+        cached = list(itertools.islice(build_reader(order, stats=cached_stats, cache=cache, **common), stop))
+        fresh = list(itertools.islice(build_reader(order, stats=fresh_stats, **common), stop))
+        assert as_tuples(cached) == as_tuples(fresh)
+        assert counts(cached_stats) == counts(fresh_stats)
+        assert 0 <= cache.used <= cache.budget
+    # what the cache holds is each shard whole, as a fresh read of it alone gives it
+    for url in chosen:
+        held = cache.get(url)
+        if held is not None:
+            assert int(Path(url).stem) not in (CORRUPT, TRUNCATED, INCOMPLETE)
+            assert as_tuples(held) == as_tuples(list(build_reader([url], split_workers=False, fields=("image", "txt"))))
+    cache.new_pass()  # what a pass stopped early left pending goes when the next begins
+    assert cache.used == sum(sample_bytes(s) for url in chosen for s in (cache.get(url) or []))
+
+
+def test_damaged_shards_are_never_held_and_clean_ones_are_after_one_read(shards, tmp_path):
+    cache = SampleCache(1 << 30)
+    list(build_reader(shards, split_workers=False, fields=("image", "txt"), cache=cache))
+    held = {int(Path(url).stem) for url in shards if cache.get(url) is not None}
+    assert held == set(range(len(COUNTS))) - {CORRUPT, TRUNCATED, INCOMPLETE}
+    assert cache.get(shards[7]) == []  # an empty shard is held as empty: it is not opened again
+    # a held shard is not opened again: its file can be gone
+    copy = tmp_path / "000000.tar"
+    copy.write_bytes(Path(shards[0]).read_bytes())
+    list(build_reader([str(copy)], split_workers=False, fields=("image", "txt"), cache=cache))
+    copy.unlink()
+    stats = ReadStats()
+    again = list(build_reader([str(copy), shards[CORRUPT]], stats=stats, split_workers=False, fields=("image", "txt"),
+                              cache=cache))
+    assert [s["__key__"] for s in again][:5] == [f"s00_{i:04d}" for i in range(5)]
+    assert counts(stats) == (5 + 3, 1, 0, 0)
+
+
+def test_a_budget_holds_whole_shards_only_and_stops_at_the_first_that_does_not_fit(shards):
+    one = sum(sample_bytes(s) for s in build_reader([shards[0]], split_workers=False, fields=("image", "txt")))
+    cache = SampleCache(one + 10)
+    list(build_reader([shards[0], shards[1], shards[3]], split_workers=False, fields=("image", "txt"), cache=cache))
+    assert len(cache) == 1 and cache.get(shards[0]) is not None and cache.full
+    assert cache.used == one
+    assert SampleCache(0).budget == 0
+    nothing = SampleCache(0)
+    list(build_reader([shards[0]], split_workers=False, fields=("image", "txt"), cache=nothing))
+    assert len(nothing) == 0 and nothing.used == 0
+
+
+def test_a_pass_stopped_inside_a_shard_leaves_nothing_pending(shards):
+    cache = SampleCache(1 << 30)
+    reader = iter(build_reader([shards[3]], split_workers=False, fields=("image", "txt"), cache=cache))
+    next(reader)
+    assert cache.used > 0 and len(cache) == 0
+    list(build_reader([shards[0]], split_workers=False, fields=("image", "txt"), cache=cache))  # the next pass
+    assert len(cache) == 1 and cache.used == sum(sample_bytes(s) for s in cache.get(shards[0]))
+
+
+def pixels_of(images, prompts):
+    return {"pixel_values": torch.from_numpy(np.stack([np.asarray(i.resize((8, 8))) for i in images]))}
+
+
+@pytest.mark.parametrize("workers, batch, buffer", [(1, 4, 0), (1, 3, 16), (2, 2, 7)])
+def test_the_training_stream_gives_the_same_batches_with_the_cache(shards, workers, batch, buffer):
+    listed = [(url, n) for url, n in zip(shards, COUNTS) if n]
+    streams = [TrainStream(listed, seed=3, rank=0, world_size=1, num_workers=workers, batch_size=batch,
+                           shuffle_buffer=buffer, encode=pixels_of, cache_bytes=cache) for cache in (0, 1 << 30)]
+    fresh, cached = (list(itertools.islice(iter(s), 6 * s.plan(0).batches_per_worker)) for s in streams)
+    assert len(fresh) == len(cached) > 0
+    for a, b in zip(fresh, cached):
+        assert a["keys"] == b["keys"] and a["prompts"] == b["prompts"]
+        assert (a["epoch"], a["position"]) == (b["epoch"], b["position"])
+        assert torch.equal(a["pixel_values"], b["pixel_values"]) and torch.equal(a["read_stats"], b["read_stats"])
+    assert fresh[-1]["read_stats"][1:4].sum() > 0  # the damaged shards were read, and counted the same both ways
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from revprompt.models.captioner import build_captioner
+
+    return build_captioner("random-tiny")[1].tokenizer
+
+
+PROMPTS = ["", "a", "nike men black tshirt", "puma women red dress " * 12, "crème brûlée ✓ 東京 🙂", "  spaced  out  ",
+           "UPPER lower 123 !?", "adidas unisex white casual shoes for summer with laces and a rubber sole"]
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(batches=st.lists(st.lists(st.one_of(st.sampled_from(PROMPTS), st.text(max_size=60)), min_size=1, max_size=9),
+                        min_size=1, max_size=4),
+       max_length=st.integers(2, 48), static=st.booleans(), left=st.booleans())
+def test_remembered_token_ids_give_the_tokenizers_own_batches(tokenizer, batches, max_length, static, left):
+    from revprompt.models.captioner import encode_prompts
+
+    tokenizer.padding_side = "left" if left else "right"
+    try:
+        memo: dict = {}
+        for prompts in batches + batches:  # the second time round every prompt comes from the memo
+            want = encode_prompts(tokenizer, prompts, max_length, static=static)
+            got = encode_prompts(tokenizer, prompts, max_length, static=static, memo=memo)
+            for name in ("input_ids", "attention_mask", "labels"):
+                assert torch.equal(getattr(got, name), getattr(want, name)), name
+                assert getattr(got, name).dtype == getattr(want, name).dtype
+        assert set(memo) == {p for b in batches for p in b}
+    finally:
+        tokenizer.padding_side = "right"
