@@ -223,3 +223,19 @@ def test_batches_from_a_worker_equal_the_training_process_own(shards):
             else:
                 assert b[key] == value, key
     piped[0]["pixel_values"].add_(1)  # a received batch is the trainer's own, writable memory
+
+
+@pytest.mark.skipif(not hasattr(__import__("fcntl"), "F_GETPIPE_SZ"), reason="pipe sizes are a Linux setting")
+def test_the_workers_result_pipe_holds_a_whole_batch():
+    import fcntl
+
+    from revprompt.training.data import PIPE_BYTES, _wide_pipe_context
+
+    queue = _wide_pipe_context().Queue()
+    size = fcntl.fcntl(queue._reader.fileno(), fcntl.F_GETPIPE_SZ)
+    if int(Path("/proc/sys/fs/pipe-max-size").read_text()) >= PIPE_BYTES:
+        assert size == PIPE_BYTES
+    else:  # the system allows less: the default pipe, and batches still arrive whole
+        assert size >= 4096
+    queue.put({"x": np.arange(200_000)})  # 1.6 MB: more than the pipe holds still arrives whole
+    assert np.array_equal(queue.get(timeout=30)["x"], np.arange(200_000))
