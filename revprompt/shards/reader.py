@@ -8,7 +8,6 @@ Corrupt tars and undecodable samples are skipped and counted, never fatal.
 from __future__ import annotations
 
 import fnmatch
-import io
 import json
 import logging
 import random
@@ -19,7 +18,6 @@ from typing import Callable, Iterable, Iterator
 
 import webdataset as wds
 from webdataset.tariterators import group_by_keys
-from PIL import Image
 
 from . import storage
 from .cache import SampleCache
@@ -198,6 +196,10 @@ def shard_samples(stats: ReadStats, cache: SampleCache | None = None):
     keeps it only if nothing in it was skipped.
     """
 
+    spoil = cache.drop if cache is not None else None
+    members = local_tar_members(stats, on_problem=spoil)
+    counting = counting_handler(stats)
+
     def stage(src: Iterable[dict]) -> Iterator[dict]:
         for item in src:
             url = item["url"]
@@ -208,8 +210,6 @@ def shard_samples(stats: ReadStats, cache: SampleCache | None = None):
                         yield {"__key__": sample["__key__"], "__url__": url, CACHED: sample}
                     continue
                 cache.start(url)
-            spoil = cache.drop if cache is not None else None
-            counting = counting_handler(stats)
 
             def handler(exc: Exception) -> bool:
                 if spoil is not None:
@@ -217,7 +217,7 @@ def shard_samples(stats: ReadStats, cache: SampleCache | None = None):
                 return counting(exc)
 
             keys = []
-            for sample in group_by_keys(local_tar_members(stats, on_problem=spoil)([item]), handler=handler):
+            for sample in group_by_keys(members([item]), handler=handler):
                 keys.append(sample["__key__"])
                 yield sample
             if cache is not None:

@@ -231,6 +231,8 @@ def build_loader(stream: TrainStream, num_workers: int, pin_memory: bool) -> Ite
                       prefetch_factor=4 if num_workers else None)
 
 
+# the key under which a worker's batch lists the keys it sent as numpy arrays
+_PIPED = "__piped__"
 # tensors of these types become numpy arrays for the trip from a worker; any other (bfloat16) travels as a tensor
 _PIPED_DTYPES = frozenset({torch.float32, torch.float64, torch.float16, torch.int64, torch.int32, torch.int16,
                            torch.int8, torch.uint8, torch.bool})
@@ -273,5 +275,3 @@ class _PipedLoader:
             piped = batch.pop(_PIPED)
             yield {**batch, **{k: torch.from_numpy(batch[k]) for k in piped}}
 
-
-_PIPED = "__piped__"
