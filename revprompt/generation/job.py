@@ -436,6 +436,10 @@ def _generate_shards(ctx: StageContext, groups: list[BatchGroup], done: set[int]
     drawn_with = {"family": family_of(pipe), "scheduler": sampler_name(pipe, g.scheduler)}
     worker = BackgroundWorker(max_pending=4)
     grid_pending = info.is_main and g.grid_images > 0
+    # on a GPU the writer thread draws the sample grid on a spare core while the device works; on a CPU the model's
+    # threads use every core, so the grid waits until the model is done (drawn while it runs, it cost the job 2-4 %)
+    grid_later = info.device.type == "cpu"
+    grid_batch: tuple[list[Sample], np.ndarray] | None = None
     writers: dict[int, ShardWriter] = {}
     clock = LoopClock()
     try:
@@ -465,7 +469,10 @@ def _generate_shards(ctx: StageContext, groups: list[BatchGroup], done: set[int]
                     if last:
                         worker.submit(writers.pop(task.index).close)
                 if grid_pending:  # a large PNG: encoded on the writer thread, not while the device waits
-                    worker.submit(lambda b_=batch, p=pixels: _log_grid(ctx, b_, p))
+                    if grid_later:
+                        grid_batch = (batch, pixels)
+                    else:
+                        worker.submit(lambda b_=batch, p=pixels: _log_grid(ctx, b_, p))
                     grid_pending = False
                 done_now = progress.add(sum(b - a for _, a, b, _ in todo))
                 ctx.metrics.log({"perf/images_per_s": progress.rate(), "perf/model_s_per_batch": model_s},
@@ -480,6 +487,8 @@ def _generate_shards(ctx: StageContext, groups: list[BatchGroup], done: set[int]
         raise
     worker.close()
     clock.stop()
+    if grid_batch is not None:
+        _log_grid(ctx, *grid_batch)
     log.info("%s", clock.summary())
     ctx.metrics.log({"perf/host_fraction": clock.host_s / max(clock.host_s + clock.model_s, 1e-9)},
                     step=progress.done)

@@ -62,6 +62,10 @@ def check_loop_clock_and_tensorboard(run_dir: Path, manifest: dict) -> None:
     assert "perf/images_per_s" in events.Tags()["scalars"]
     assert events.Scalars("perf/images_per_s")[-1].value > 0
     assert "generate/samples" in events.Tags()["images"]
+    # on a CPU the grid is drawn once the model is done, not on the writer thread while it runs
+    (grid,) = events.Images("generate/samples")
+    assert grid.wall_time >= events.Scalars("perf/images_per_s")[-1].wall_time
+    assert (grid.width, grid.height) == (4 * 200, 32 + 3 * (13 + 4) + 6)  # grid_images=4: one row of 4 cells
     assert len(events.Scalars("perf/model_s_per_batch")) == batches
     assert sum(e.value for e in events.Scalars("perf/model_s_per_batch")) == pytest.approx(model_s, abs=0.01)
     (fraction,) = [e.value for e in events.Scalars("perf/host_fraction")]
