@@ -134,11 +134,13 @@ class SafeDecoder:
     hands on samples `shard_samples` took from the cache and keeps the ones it decodes there."""
 
     def __init__(self, stats: ReadStats, require: tuple[str, ...] = ("image", "txt"),
-                 fields: tuple[str, ...] = ("image", "txt", "json"), cache: SampleCache | None = None):
+                 fields: tuple[str, ...] = ("image", "txt", "json"), cache: SampleCache | None = None,
+                 prepare: Callable[[dict], dict] | None = None):
         self.stats = stats
         self.require = require
         self.fields = fields
         self.cache = cache
+        self.prepare = prepare
 
     def __call__(self, src: Iterable[dict]) -> Iterator[dict]:
         for sample in src:
@@ -159,9 +161,10 @@ class SafeDecoder:
             yield out
 
     def decode(self, sample: dict) -> dict | None:
-        """The decoded sample, or None when it is skipped (counted and logged)."""
+        """The decoded (and prepared) sample, or None when it is skipped (counted and logged)."""
         try:
-            return decode_sample(sample, self.require, self.fields)
+            out = decode_sample(sample, self.require, self.fields)
+            return self.prepare(out) if self.prepare is not None else out
         except RejectedSample as exc:
             self.stats.rejected += 1
             log.warning("rejected sample: %s (%s)", exc, sample.get("__url__"))
@@ -301,14 +304,16 @@ def build_reader(shards: list[str], *, rank: int = 0, world_size: int = 1, stats
                  require: tuple[str, ...] = ("image", "txt"), shuffle_shards_seed: int | None = None,
                  buffer: int = 0, buffer_seed: int | str = 0, split_workers: bool = True,
                  fields: tuple[str, ...] = ("image", "txt", "json"), keys: set[str] | None = None,
-                 cache: SampleCache | None = None) -> wds.DataPipeline:
+                 cache: SampleCache | None = None, prepare: Callable[[dict], dict] | None = None) -> wds.DataPipeline:
     """A WebDataset pipeline over `shards`: this rank's shards, then this worker's, decoded safely.
 
     `buffer` > 0 shuffles samples through a seeded buffer before decoding. `split_workers=False`
     reads every given shard in this process (for callers that assign shards to workers themselves).
     `fields` are the parts decoded (see `decode_sample`); with `keys`, only those samples are decoded.
-    With `cache` (one per reading process, used with the same `require` and `fields` every time), shards read
-    whole and clean before come from memory (see `shards.cache`).
+    With `cache` (one per reading process, used with the same `require`, `fields` and `prepare` every time), shards
+    read whole and clean before come from memory (see `shards.cache`). `prepare(sample)` runs once on each freshly
+    decoded sample, before the cache keeps it (e.g. an image turned into the array a model's batches are made of);
+    a sample it raises on is counted corrupt.
     """
     stats = stats if stats is not None else ReadStats()
     shards = list(shards)
@@ -325,7 +330,7 @@ def build_reader(shards: list[str], *, rank: int = 0, world_size: int = 1, stats
         stages.append(only_keys(keys))
     if buffer > 0:
         stages.append(shuffle_buffer(buffer, random.Random(buffer_seed)))
-    stages.append(SafeDecoder(stats, require, fields, cache))
+    stages.append(SafeDecoder(stats, require, fields, cache, prepare))
     pipeline = wds.DataPipeline(*stages)
     pipeline.read_stats = stats
     return pipeline

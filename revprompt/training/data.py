@@ -128,7 +128,8 @@ class TrainStream(IterableDataset):
     def __init__(self, shards: list[tuple[str, int]], *, seed: int, rank: int, world_size: int, num_workers: int,
                  batch_size: int, image_size: int = 0, tokenizer=None, max_length: int = 40, shuffle_buffer: int,
                  start_epoch: int = 0, start_batch: int = 0, encode: Callable | None = None, cache_bytes: int = 0):
-        """`encode(images, prompts)` makes a micro-batch's model inputs (the captioner's TrainingInputs); without
+        """`encode(images, prompts)` makes a micro-batch's model inputs (the captioner's TrainingInputs; its
+        `prepare(sample)`, if it has one, runs once on each decoded sample before the cache keeps it); without
         one, BLIP's: pixels at `image_size`, prompts through `tokenizer` up to `max_length` tokens. `cache_bytes`
         > 0 keeps up to that many bytes of decoded samples in memory per rank, split evenly over its reading
         processes, so later epochs do not read and decode the shards again (`shards.cache.SampleCache`)."""
@@ -177,7 +178,7 @@ class TrainStream(IterableDataset):
             read = 0
             reader = build_reader(shards, stats=stats, buffer=self.shuffle_buffer, split_workers=False,
                                   fields=("image", "txt"),  # training never reads the JSON: do not parse it
-                                  cache=cache,
+                                  cache=cache, prepare=getattr(self.encode, "prepare", None),
                                   buffer_seed=f"{self.seed}:{plan.epoch}:{self.rank}:{worker}:{passes}")
             for sample in reader:
                 read += 1

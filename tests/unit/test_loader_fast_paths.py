@@ -239,3 +239,75 @@ def test_the_workers_result_pipe_holds_a_whole_batch():
         assert size >= 4096
     queue.put({"x": np.arange(200_000)})  # 1.6 MB: more than the pipe holds still arrives whole
     assert np.array_equal(queue.get(timeout=30)["x"], np.arange(200_000))
+
+
+@settings(max_examples=300, deadline=None)
+@given(width=st.integers(1, 40), height=st.integers(1, 40), size=st.integers(1, 24),
+       mode=st.sampled_from(["RGB", "L", "RGBA", "P", "CMYK"]), seed=st.integers(0, 2**16))
+def test_a_prepared_image_gives_the_pixels_of_the_image_itself(width, height, size, mode, seed):
+    from PIL import Image
+
+    from revprompt.models.captioner import image_array, preprocess_images
+
+    rgb = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    image = Image.fromarray(rgb).convert(mode)
+    prepared = image_array(image, size)
+    assert prepared.shape == (size, size, 3) and prepared.dtype == np.uint8
+    assert image_array(prepared, size) is prepared  # prepared once, never again
+    assert torch.equal(preprocess_images([prepared, image], size), preprocess_images([image, image], size))
+
+
+@pytest.fixture(scope="module")
+def blip_inputs():
+    from revprompt.models.captioner import TrainingInputs, build_captioner
+
+    model, processor = build_captioner("random-tiny", 0)
+    return TrainingInputs(model, processor, 20)
+
+
+class CountingInputs:
+    """TrainingInputs with its prepare calls counted."""
+
+    def __init__(self, inputs):
+        self.inputs, self.prepared = inputs, 0
+
+    def prepare(self, sample):
+        self.prepared += 1
+        return self.inputs.prepare(sample)
+
+    def __call__(self, images, prompts):
+        return self.inputs(images, prompts)
+
+
+@pytest.mark.parametrize("cache_bytes", [0, 1 << 30])
+def test_samples_prepared_before_the_cache_give_the_same_batches(shards, blip_inputs, cache_bytes):
+    listed = [(url, n) for url, n in zip(shards, COUNTS) if n]
+    counting = CountingInputs(blip_inputs)
+    common = dict(seed=5, rank=0, world_size=1, num_workers=1, batch_size=3, shuffle_buffer=8, cache_bytes=cache_bytes)
+    prepared = TrainStream(listed, encode=counting, **common)
+    plain = TrainStream(listed, encode=lambda images, prompts: blip_inputs(images, prompts), **common)
+    n = 4 * prepared.plan(0).batches_per_worker
+    a, b = (list(itertools.islice(iter(s), n)) for s in (prepared, plain))
+    for x, y in zip(a, b, strict=True):
+        assert x["keys"] == y["keys"] and torch.equal(x["read_stats"], y["read_stats"])
+        for key in ("pixel_values", "input_ids", "attention_mask", "labels"):
+            assert torch.equal(x[key], y[key]), key
+    assert a[0]["pixel_values"].shape[-1] == blip_inputs.image_size != 8  # resized from the shards' 8 px
+    yielded = 3 * n
+    if cache_bytes:  # later epochs came from the cache, already prepared; the damaged shards were prepared again
+        assert 0 < counting.prepared < yielded / 2
+    else:
+        assert counting.prepared >= yielded
+
+
+def test_a_sample_prepare_refuses_is_counted_corrupt_and_its_shard_not_kept(shards):
+    def prepare(sample):
+        if sample["__key__"] == "s00_0003":
+            raise ValueError("cannot prepare")
+        return sample
+
+    stats, cache = ReadStats(), SampleCache(1 << 30)
+    read = list(build_reader(shards[:2], stats=stats, split_workers=False, fields=("image", "txt"), cache=cache,
+                             prepare=prepare))
+    assert len(read) == COUNTS[0] + COUNTS[1] - 1 and stats.corrupt == 1
+    assert cache.get(shards[0]) is None and len(cache.get(shards[1])) == COUNTS[1]

@@ -98,20 +98,29 @@ def image_size_of(model) -> int:
     return int(size if isinstance(size, int) else size[0])
 
 
-def preprocess_images(images: list[Image.Image], size: int) -> torch.Tensor:
+def image_array(image: Image.Image | np.ndarray, size: int) -> np.ndarray:
+    """`image` as the HxWx3 uint8 array a batch is made of: RGB, bicubic resize to `size` x `size`. An array
+    already of that shape (one `image_array` made) is returned as it is."""
+    if isinstance(image, np.ndarray):
+        if image.shape == (size, size, 3) and image.dtype == np.uint8:
+            return image
+        image = Image.fromarray(image)
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.BICUBIC)
+    return np.asarray(image)
+
+
+def preprocess_images(images: list[Image.Image | np.ndarray], size: int) -> torch.Tensor:
     """RGB, bicubic resize, [0,1], BLIP normalisation: NCHW float32, as BlipImageProcessor does.
 
-    The layout change happens on uint8 and the normalisation is one multiply-add over the whole
-    batch: on a CPU the loader's time is taken from the model's.
+    Images may be PIL images or arrays `image_array` made (a training reader prepares each sample once, so later
+    epochs neither convert nor resize it). The layout change happens on uint8 and the normalisation is one
+    multiply-add over the whole batch: on a CPU the loader's time is taken from the model's.
     """
-    arrays = []
-    for image in images:
-        if image.mode != "RGB":
-            image = image.convert("RGB")
-        if image.size != (size, size):
-            image = image.resize((size, size), Image.BICUBIC)
-        arrays.append(np.asarray(image))
-    pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous().float()
+    pixels = torch.from_numpy(np.stack([image_array(image, size) for image in images]))
+    pixels = pixels.permute(0, 3, 1, 2).contiguous().float()
     return pixels.mul_(_PIXEL_SCALE).add_(_PIXEL_SHIFT)
 
 
