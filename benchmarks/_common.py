@@ -12,6 +12,11 @@ on the cores slows a torch run several-fold (its OpenMP threads wait for each ot
 - `measure` reruns a run whose `other_cpu_s` says it was disturbed (`is_disturbed`), and keeps the
   discarded runs for the JSON; `timed_run(..., abort=...)` can stop a run early once it is known to
   be disturbed.
+- `run_interleaved` runs the sides of a comparison by turns, one at a time, a second or so each (the
+  others stopped with SIGSTOP): a small shared machine's speed drifts by +-10 % over tens of seconds,
+  and sides that take turns every second see the same drift, where sides run one after the other do
+  not. Each side's time is its own turns (`active_s`), so a rate over a window is the side's work over
+  the time it was let run.
 
 Import from a benchmark script (scripts run as `python benchmarks/x.py` have benchmarks/ on sys.path):
     from _common import timed_run, measure, ...
@@ -24,9 +29,11 @@ import json
 import os
 import re
 import resource
+import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -281,6 +288,96 @@ def timed_run(cmd: list[str], env: dict[str, str], quiet_wait_s: float, monitor:
     return proc, timing
 
 
+def active_s(turns: list[tuple[float, float]], t0: float, t1: float) -> float:
+    """Seconds of `turns` ((start, end) pairs, time.time()) that fall between `t0` and `t1`."""
+    return sum(max(0.0, min(b, t1) - max(a, t0)) for a, b in turns)
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    """`sig` to the process group a child leads (start_new_session): the child and its workers."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, sig)
+
+
+def run_interleaved(cmds: list[list[str]], env: dict[str, str], slice_s: float, timeout_s: float,
+                    quiet_wait_s: float) -> tuple[list[tuple[subprocess.CompletedProcess, dict[str, Any]]],
+                                                  dict[str, Any]]:
+    """Run `cmds` by turns, one process at a time, each for `slice_s` seconds per turn, until all have exited.
+
+    Each command starts at its first turn, in its own process group; at the end of a turn its whole group
+    (DataLoader workers included) is stopped with SIGSTOP and continued with SIGCONT at its next turn. The
+    machine's speed drifts over tens of seconds on a shared host; sides that take turns every `slice_s`
+    seconds see the same drift. Returns, per command, its CompletedProcess and a timing dict: `turns` (the
+    (start, end) time.time() pairs it was let run), `wall_s` (their sum: the process's time from spawn to exit
+    with the other sides' turns taken out), `cpu_s` (its rusage, reaped workers included); and for the group
+    `wall_s`, `cpu_s` and `other_cpu_s` (the machine's busy time minus the children's and this process's own).
+    A command whose turns add up to `timeout_s` is killed with its group and gets returncode -9.
+    """
+    waited = wait_for_quiet(quiet_wait_s) if quiet_wait_s > 0 else 0.0
+    self0, busy0, start = resource.getrusage(resource.RUSAGE_SELF), system_busy_s(), time.perf_counter()
+    slots = [{"cmd": cmd, "proc": None, "turns": [], "rc": None, "cpu_s": 0.0,
+              "out": tempfile.TemporaryFile("w+", encoding="utf-8"),
+              "err": tempfile.TemporaryFile("w+", encoding="utf-8")} for cmd in cmds]
+
+    def reap(slot: dict, block: bool) -> bool:
+        pid, status, usage = os.wait4(slot["proc"].pid, 0 if block else os.WNOHANG)
+        if pid == 0:
+            return False
+        slot["rc"] = os.waitstatus_to_exitcode(status)
+        slot["proc"].returncode = slot["rc"]  # reaped here: Popen must not wait for it again
+        slot["cpu_s"] = usage.ru_utime + usage.ru_stime
+        _signal_group(slot["proc"].pid, signal.SIGKILL)  # a worker the child left behind
+        return True
+
+    try:
+        while any(slot["rc"] is None for slot in slots):
+            for slot in slots:
+                if slot["rc"] is not None:
+                    continue
+                began = time.time()
+                if slot["proc"] is None:
+                    slot["proc"] = subprocess.Popen(slot["cmd"], env=env, stdout=slot["out"], stderr=slot["err"],
+                                                    text=True, start_new_session=True)
+                else:
+                    _signal_group(slot["proc"].pid, signal.SIGCONT)
+                finished = reap(slot, block=False)
+                while not finished and time.time() - began < slice_s:
+                    time.sleep(0.005)
+                    finished = reap(slot, block=False)
+                if not finished:
+                    _signal_group(slot["proc"].pid, signal.SIGSTOP)
+                slot["turns"].append((began, time.time()))
+                if not finished and sum(b - a for a, b in slot["turns"]) > timeout_s:
+                    _signal_group(slot["proc"].pid, signal.SIGKILL)
+                    reap(slot, block=True)
+                    slot["rc"] = slot["proc"].returncode = -9
+    finally:
+        for slot in slots:
+            if slot["proc"] is not None and slot["rc"] is None:
+                _signal_group(slot["proc"].pid, signal.SIGKILL)
+                _signal_group(slot["proc"].pid, signal.SIGCONT)
+                with contextlib.suppress(ChildProcessError):
+                    reap(slot, block=True)
+    wall = time.perf_counter() - start
+    self1, busy1 = resource.getrusage(resource.RUSAGE_SELF), system_busy_s()
+    own = (self1.ru_utime - self0.ru_utime) + (self1.ru_stime - self0.ru_stime)
+    children = sum(slot["cpu_s"] for slot in slots)
+    other = busy1 - busy0 - children - own if busy0 is not None and busy1 is not None else None
+    results = []
+    for slot in slots:
+        texts = []
+        for name in ("out", "err"):
+            slot[name].seek(0)
+            texts.append(slot[name].read())
+            slot[name].close()
+        results.append((subprocess.CompletedProcess(slot["cmd"], slot["rc"], *texts),
+                        {"wall_s": sum(b - a for a, b in slot["turns"]), "cpu_s": slot["cpu_s"],
+                         "turns": slot["turns"]}))
+    group = {"wall_s": wall, "cpu_s": children, "other_cpu_s": max(other, 0.0) if other is not None else None,
+             "quiet_wait_s": waited, "slice_s": slice_s}
+    return results, group
+
+
 def is_disturbed(run: dict[str, Any], key: str = "other_cpu_s", seconds_key: str = "wall_s") -> bool:
     """True when other processes took more than DISTURBED_CORES of a core (at least DISTURBED_MIN_S CPU-s)
     during the run (or the window that `key` / `seconds_key` describe)."""
@@ -320,12 +417,14 @@ def fmt(value: float | None, spec: str = ".2f") -> str:
     return format(value, spec) if value is not None else "n/a"
 
 
-def steady_rate(stamps: list[tuple[int, float]]) -> float | None:
-    """Images/s from (images done, time) pairs, one per batch, leaving out the first batch."""
+def steady_rate(stamps: list[tuple[int, float]], turns: list[tuple[float, float]] | None = None) -> float | None:
+    """Images/s from (images done, time) pairs, one per batch, leaving out the first batch; with `turns` (see
+    `run_interleaved`; time.time() stamps), over the time the process was let run between them."""
     if len(stamps) < 2:
         return None
     (n0, t0), (n1, t1) = stamps[0], stamps[-1]
-    return (n1 - n0) / (t1 - t0) if t1 > t0 else None
+    seconds = t1 - t0 if turns is None else active_s(turns, t0, t1)
+    return (n1 - n0) / seconds if seconds > 0 else None
 
 
 def read_job_scalars(run_dir: Path, tag: str, stage: str = "generate") -> list[tuple[int, float, float]]:

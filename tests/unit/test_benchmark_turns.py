@@ -1,0 +1,68 @@
+"""The benchmarks' turn-taking runner (benchmarks/_common.run_interleaved): one side runs at a time, each side's
+time is its own turns, every child ends within its limit, and a child's workers stop and go on with it."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+from _common import active_s, run_interleaved  # noqa: E402
+
+# a child that does pieces of 10 ms of CPU work and records the time after each, with a worker process doing the same
+# (CPU time does not pass while a process is stopped, wall time does)
+BUSY = """
+import json, multiprocessing as mp, sys, time
+def spin(pieces, out):
+    stamps = []
+    for _ in range(pieces):
+        t = time.thread_time()
+        while time.thread_time() - t < 0.01:
+            pass
+        stamps.append(time.time())
+    out.put(stamps)
+if __name__ == "__main__":
+    q = mp.get_context("fork").Queue()
+    worker = mp.get_context("fork").Process(target=spin, args=(int(sys.argv[1]), q))
+    worker.start()
+    spin(int(sys.argv[1]), q)
+    stamps = q.get() + q.get()
+    worker.join()
+    print(json.dumps(stamps))
+    sys.exit(int(sys.argv[2]))
+"""
+
+
+def test_sides_take_turns_and_are_timed_by_their_own_turns():
+    import json
+
+    cmds = [[sys.executable, "-c", BUSY, "60", str(code)] for code in (0, 3, 0)]
+    results, group = run_interleaved(cmds, {}, 0.15, 60, 0)
+    assert [proc.returncode for proc, _ in results] == [0, 3, 0]
+    spans = []
+    for proc, timing in results:
+        stamps = json.loads(proc.stdout)
+        turns = timing["turns"]
+        assert len(stamps) == 120 and len(turns) >= 3
+        assert timing["wall_s"] == pytest.approx(sum(b - a for a, b in turns))
+        assert timing["cpu_s"] >= 1.2  # its worker's CPU time counts too
+        # every piece of its work, its worker's included, ended inside one of its own turns
+        assert all(any(a - 0.002 <= t <= b + 0.01 for a, b in turns) for t in stamps)
+        spans += turns
+    spans.sort()
+    for (a0, b0), (a1, b1) in zip(spans, spans[1:]):
+        assert a1 >= b0 - 0.001  # never two sides at once
+    assert group["wall_s"] >= sum(b - a for a, b in spans) - 0.05
+
+
+def test_a_side_past_its_time_limit_is_killed_with_its_workers():
+    start = time.monotonic()
+    results, _ = run_interleaved([[sys.executable, "-c", BUSY, "100000", "0"], [sys.executable, "-c", "pass"]], {},
+                                 0.2, 1.0, 0)
+    assert time.monotonic() - start < 20
+    (slow, timing), (quick, _) = results
+    assert slow.returncode == -9 and 1.0 <= timing["wall_s"] < 2.0
+    assert quick.returncode == 0
