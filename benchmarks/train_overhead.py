@@ -76,7 +76,7 @@ What is measured
     costs the training process too: hence the preset's 0 workers. On a GPU machine the workers run on
     cores the model does not use.
 
-Reproduce (from the repository root; about 5 minutes on 2 idle cores, more while others use them):
+Reproduce (from the repository root; about 6 minutes on 2 idle cores, more while others use them):
     .venv/bin/python benchmarks/train_overhead.py --repeats 3
     .venv/bin/python benchmarks/train_overhead.py --configs 2:0 --repeats 3 --no-stream-side   # headline only
 """
