@@ -299,6 +299,32 @@ def _signal_group(pid: int, sig: int) -> None:
         os.killpg(pid, sig)
 
 
+def _die_with_parent() -> None:
+    """In a child before exec (Linux): SIGKILL when the benchmark dies, even by SIGKILL, rather than stay stopped."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+@contextlib.contextmanager
+def _stopping_signals_raise():
+    """SIGTERM and SIGHUP raise KeyboardInterrupt in the main thread, so that `run_interleaved` kills and continues
+    the sides it stopped before this process goes (a stopped process in its own session would never go on)."""
+    def interrupt(signum, _frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def run_interleaved(cmds: list[list[str]], env: dict[str, str], slice_s: float, timeout_s: float,
                     quiet_wait_s: float) -> tuple[list[tuple[subprocess.CompletedProcess, dict[str, Any]]],
                                                   dict[str, Any]]:
@@ -329,35 +355,36 @@ def run_interleaved(cmds: list[list[str]], env: dict[str, str], slice_s: float, 
         _signal_group(slot["proc"].pid, signal.SIGKILL)  # a worker the child left behind
         return True
 
-    try:
-        while any(slot["rc"] is None for slot in slots):
-            for slot in slots:
-                if slot["rc"] is not None:
-                    continue
-                began = time.time()
-                if slot["proc"] is None:
-                    slot["proc"] = subprocess.Popen(slot["cmd"], env=env, stdout=slot["out"], stderr=slot["err"],
-                                                    text=True, start_new_session=True)
-                else:
-                    _signal_group(slot["proc"].pid, signal.SIGCONT)
-                finished = reap(slot, block=False)
-                while not finished and time.time() - began < slice_s:
-                    time.sleep(0.005)
+    with _stopping_signals_raise():  # a kill of the benchmark leaves no side stopped for ever
+        try:
+            while any(slot["rc"] is None for slot in slots):
+                for slot in slots:
+                    if slot["rc"] is not None:
+                        continue
+                    began = time.time()
+                    if slot["proc"] is None:
+                        slot["proc"] = subprocess.Popen(slot["cmd"], env=env, stdout=slot["out"], stderr=slot["err"],
+                                                        text=True, start_new_session=True, preexec_fn=_die_with_parent)
+                    else:
+                        _signal_group(slot["proc"].pid, signal.SIGCONT)
                     finished = reap(slot, block=False)
-                if not finished:
-                    _signal_group(slot["proc"].pid, signal.SIGSTOP)
-                slot["turns"].append((began, time.time()))
-                if not finished and sum(b - a for a, b in slot["turns"]) > timeout_s:
+                    while not finished and time.time() - began < slice_s:
+                        time.sleep(0.005)
+                        finished = reap(slot, block=False)
+                    if not finished:
+                        _signal_group(slot["proc"].pid, signal.SIGSTOP)
+                    slot["turns"].append((began, time.time()))
+                    if not finished and sum(b - a for a, b in slot["turns"]) > timeout_s:
+                        _signal_group(slot["proc"].pid, signal.SIGKILL)
+                        reap(slot, block=True)
+                        slot["rc"] = slot["proc"].returncode = -9
+        finally:
+            for slot in slots:
+                if slot["proc"] is not None and slot["rc"] is None:
                     _signal_group(slot["proc"].pid, signal.SIGKILL)
-                    reap(slot, block=True)
-                    slot["rc"] = slot["proc"].returncode = -9
-    finally:
-        for slot in slots:
-            if slot["proc"] is not None and slot["rc"] is None:
-                _signal_group(slot["proc"].pid, signal.SIGKILL)
-                _signal_group(slot["proc"].pid, signal.SIGCONT)
-                with contextlib.suppress(ChildProcessError):
-                    reap(slot, block=True)
+                    _signal_group(slot["proc"].pid, signal.SIGCONT)
+                    with contextlib.suppress(ChildProcessError):
+                        reap(slot, block=True)
     wall = time.perf_counter() - start
     self1, busy1 = resource.getrusage(resource.RUSAGE_SELF), system_busy_s()
     own = (self1.ru_utime - self0.ru_utime) + (self1.ru_stime - self0.ru_stime)

@@ -66,3 +66,37 @@ def test_a_side_past_its_time_limit_is_killed_with_its_workers():
     (slow, timing), (quick, _) = results
     assert slow.returncode == -9 and 1.0 <= timing["wall_s"] < 2.0
     assert quick.returncode == 0
+
+
+HARNESS = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from _common import run_interleaved
+cmds = [[sys.executable, "-c", "import time\\nwhile True: pass"] for _ in range(3)]
+run_interleaved(cmds, {}, 0.2, 600, 0)
+"""
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+def test_a_killed_benchmark_leaves_no_side_behind(how):
+    import signal
+    import subprocess
+
+    import psutil
+
+    bench = str(Path(__file__).resolve().parents[2] / "benchmarks")
+    harness = subprocess.Popen([sys.executable, "-c", HARNESS, bench])
+    try:
+        deadline = time.monotonic() + 30
+        while len(psutil.Process(harness.pid).children()) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        sides = psutil.Process(harness.pid).children()
+        assert len(sides) == 3  # every side started; two of them are stopped at any moment
+        assert sum(side.status() == psutil.STATUS_STOPPED for side in sides) >= 2
+        harness.send_signal(getattr(signal, how))
+        harness.wait(timeout=30)
+        gone, alive = psutil.wait_procs(sides, timeout=10)
+        assert not alive, [(p.pid, p.status()) for p in alive]
+    finally:
+        harness.kill()
+        harness.wait()
