@@ -4,22 +4,20 @@ The benchmarks run on small machines whose cores other people's processes also u
 on the cores slows a torch run several-fold (its OpenMP threads wait for each other), so:
 
 - `wait_for_quiet` waits, before a run, until the other processes are idle (or a time limit passes);
-- `timed_run` runs a subprocess and reports, besides its wall and CPU time, `other_cpu_s`: the
-  CPU-seconds the rest of the machine used meanwhile (/proc/stat busy time minus the child's rusage);
-- `CpuMonitor` samples the same two quantities twice a second while a subprocess runs, so that a
-  benchmark can ask how much other processes used during one window of the run (e.g. the steady
-  part of a training run, whose start-up does not count);
-- `measure` reruns a run whose `other_cpu_s` says it was disturbed (`is_disturbed`), and keeps the
-  discarded runs for the JSON; `timed_run(..., abort=...)` can stop a run early once it is known to
-  be disturbed.
 - `run_interleaved` runs the sides of a comparison by turns, one at a time, a second or so each (the
   others stopped with SIGSTOP): a small shared machine's speed drifts by +-10 % over tens of seconds,
   and sides that take turns every second see the same drift, where sides run one after the other do
   not. Each side's time is its own turns (`active_s`), so a rate over a window is the side's work over
-  the time it was let run.
+  the time it was let run. It also reports `other_cpu_s`: the CPU-seconds the rest of the machine used
+  meanwhile (/proc/stat busy time minus the children's rusage and its own);
+- `CpuMonitor` samples the machine's busy time and a process tree's CPU time twice a second, so that a
+  benchmark can ask how much other processes used during one window of a run (e.g. its steady part,
+  whose start-up does not count);
+- `measure` reruns a run whose `other_cpu_s` says it was disturbed (`is_disturbed`), and keeps the
+  discarded runs for the JSON.
 
 Import from a benchmark script (scripts run as `python benchmarks/x.py` have benchmarks/ on sys.path):
-    from _common import timed_run, measure, ...
+    from _common import run_interleaved, measure, ...
 """
 
 from __future__ import annotations
@@ -160,25 +158,6 @@ class CpuMonitor:
             return None
         return max(0.0, (b[0] - a[0]) - (b[1] - a[1]))
 
-    def recent_other_cores(self, seconds: float) -> float | None:
-        """Mean cores other processes used over the last `seconds` (None until that much is sampled)."""
-        if not self.samples or self.samples[-1][0] - self.samples[0][0] < seconds:
-            return None
-        t1 = self.samples[-1][0]
-        other = self.other_cpu_s(t1 - seconds, t1)
-        return None if other is None else other / seconds
-
-    def busy_cores(self, t0: float, t1: float) -> float | None:
-        """Mean number of busy cores on the whole machine between `t0` and `t1` (time.time()).
-
-        A compute-bound run with as many OpenMP threads as cores keeps every core busy (the threads
-        spin between parallel regions); markedly fewer means the machine's host did not run the
-        threads (a virtual machine's vCPUs starved), which /proc/stat shows as idle, not as other
-        processes' time.
-        """
-        a, b = self._at(t0), self._at(t1)
-        return None if a is None or b is None or t1 <= t0 else (b[0] - a[0]) / (t1 - t0)
-
     def tree_cpu_s(self, t0: float, t1: float) -> float | None:
         """CPU-seconds the child's process tree used between `t0` and `t1` (time.time())."""
         a, b = self._at(t0), self._at(t1)
@@ -230,62 +209,6 @@ def run_bounded(cmd: list[str], env: dict[str, str], timeout_s: float, what: str
     if popen.returncode != 0:
         tail = stderr_path.read_text(encoding="utf-8", errors="replace") if stderr_path is not None else captured
         raise RuntimeError(f"{what} failed (exit {popen.returncode}): {' '.join(cmd)}\n{(tail or '')[-4000:]}")
-
-
-def timed_run(cmd: list[str], env: dict[str, str], quiet_wait_s: float, monitor: bool = False,
-              timeout_s: float | None = None,
-              abort: Callable[[CpuMonitor], bool] | None = None) -> tuple[subprocess.CompletedProcess, dict[str, Any]]:
-    """Run `cmd` to completion; its wall and CPU time, and the CPU time other processes took meanwhile.
-
-    `other_cpu_s` is the machine's busy CPU time during the run minus the child's own: a run with a
-    large value shared the cores with something else and is less trustworthy. With `monitor`, the
-    timing dict also carries the `CpuMonitor` under "_monitor" (for windowed disturbance; drop it
-    before writing JSON). `abort(monitor)`, polled every second, stops the child early (its process
-    tree, by pid) and sets "aborted": for a run that is already known to be disturbed, so that it
-    does not go on for minutes at a fraction of its speed. The caller must only return True when
-    stopping the child is safe (e.g. not while it may be compiling an extension).
-    """
-    waited = wait_for_quiet(quiet_wait_s) if quiet_wait_s > 0 else 0.0
-    usage0, busy0 = resource.getrusage(resource.RUSAGE_CHILDREN), system_busy_s()
-    start = time.perf_counter()
-    mon = None
-    aborted = False
-    with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as popen:
-        if monitor or abort is not None:
-            mon = CpuMonitor(popen.pid)
-        try:
-            while True:
-                left = None if timeout_s is None else timeout_s - (time.perf_counter() - start)
-                if left is not None and left <= 0:
-                    raise subprocess.TimeoutExpired(cmd, timeout_s)
-                try:
-                    stdout, stderr = popen.communicate(timeout=1.0 if left is None else min(1.0, left))
-                    break
-                except subprocess.TimeoutExpired:
-                    if left is not None and left <= 1.0:
-                        raise
-                    if abort is not None and not aborted and abort(mon):
-                        aborted = True
-                        stop_tree(popen.pid)
-        except subprocess.TimeoutExpired:
-            stop_tree(popen.pid, grace_s=0.0)
-            stdout, stderr = popen.communicate()
-            stderr += f"\n[benchmark] killed after {timeout_s} s"
-        finally:
-            if mon is not None:
-                mon.stop()
-    proc = subprocess.CompletedProcess(cmd, popen.returncode, stdout, stderr)
-    wall = time.perf_counter() - start
-    usage1, busy1 = resource.getrusage(resource.RUSAGE_CHILDREN), system_busy_s()
-    cpu = (usage1.ru_utime - usage0.ru_utime) + (usage1.ru_stime - usage0.ru_stime)
-    other = busy1 - busy0 - cpu if busy0 is not None and busy1 is not None else None
-    timing = {"wall_s": wall, "cpu_s": cpu, "other_cpu_s": max(other, 0.0) if other is not None else None,
-              "quiet_wait_s": waited}
-    if abort is not None:
-        timing["aborted"] = aborted
-    if mon is not None and monitor:
-        timing["_monitor"] = mon
-    return proc, timing
 
 
 def active_s(turns: list[tuple[float, float]], t0: float, t1: float) -> float:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-from _common import active_s, run_interleaved  # noqa: E402
+from _common import run_interleaved  # noqa: E402
 
 # a child that does pieces of 10 ms of CPU work and records the time after each, with a worker process doing the same
 # (CPU time does not pass while a process is stopped, wall time does)
