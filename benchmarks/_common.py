@@ -269,13 +269,16 @@ def run_interleaved(cmds: list[list[str]], env: dict[str, str], slice_s: float, 
               "err": tempfile.TemporaryFile("w+", encoding="utf-8")} for cmd in cmds]
 
     def reap(slot: dict, block: bool) -> bool:
-        pid, status, usage = os.wait4(slot["proc"].pid, 0 if block else os.WNOHANG)
-        if pid == 0:
+        pid = slot["proc"].pid
+        if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT | (0 if block else os.WNOHANG)) is None:
             return False
+        # a worker the child left behind; killed while the exited child is not yet reaped, so that its id cannot
+        # have passed to another process group
+        _signal_group(pid, signal.SIGKILL)
+        _, status, usage = os.wait4(pid, 0)
         slot["rc"] = os.waitstatus_to_exitcode(status)
         slot["proc"].returncode = slot["rc"]  # reaped here: Popen must not wait for it again
         slot["cpu_s"] = usage.ru_utime + usage.ru_stime
-        _signal_group(slot["proc"].pid, signal.SIGKILL)  # a worker the child left behind
         return True
 
     with _stopping_signals_raise():  # a kill of the benchmark leaves no side stopped for ever
