@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import logging
@@ -154,6 +155,12 @@ def initialize(model: torch.nn.Module, train: TrainConfig, world_size: int, devi
         # one rank has nothing to reduce, but DeepSpeed would still flatten every gradient into buckets, "all-reduce"
         # them over the one rank and copy them back, each step (2.7 % of a tiny-model step on the CPU)
         engine.enable_backward_allreduce = False
+    if engine.optimizer is optimizer and engine.zero_optimization_stage() == 0:
+        # DeepSpeed left the torch optimizer unwrapped (stage 0, no fp16/bf16 optimizer), so after each step its
+        # engine.zero_grad() sets every gradient to None by walking the whole module's named_parameters(); the
+        # optimizer's own zero_grad does the same over the list it holds, every trained parameter (0.23 ms of a
+        # 58 ms tiny-model step on the CPU). Frozen parameters have no gradient to clear.
+        engine.zero_grad = functools.partial(optimizer.zero_grad, set_to_none=True)
     return engine, optimizer, scheduler
 
 
