@@ -228,8 +228,15 @@ def build_loader(stream: TrainStream, num_workers: int, pin_memory: bool) -> Ite
     if num_workers and not pin_memory:
         return _PipedLoader(DataLoader(stream, batch_size=None, num_workers=num_workers, collate_fn=_to_numpy,
                                        prefetch_factor=4, multiprocessing_context=_wide_pipe_context()))
-    return DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+    return DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory, collate_fn=_as_is,
                       prefetch_factor=4 if num_workers else None)
+
+
+def _as_is(batch: dict) -> dict:
+    """The batch as the stream made it: its model inputs are tensors already. torch's default (default_convert)
+    walks every value of every batch, the key and prompt lists item by item, looking for numpy arrays to convert
+    (0.16 of the 0.41 ms a cached tiny-preset batch costs in the training process)."""
+    return batch
 
 
 # the key under which a worker's batch lists the keys it sent as numpy arrays

@@ -9,6 +9,7 @@ import io
 import itertools
 import random
 import tarfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -214,7 +215,16 @@ def test_batches_from_a_worker_equal_the_training_process_own(shards):
 
     here, piped = batches(0), batches(1)
     assert len(here) == len(piped) == 25
-    for a, b in zip(here, piped):
+    # the loader hands on the stream's own batches (no default_convert pass): read straight from the stream they are
+    # the same, and so through a worker on torch's own transport (the pinned-memory path of a CUDA device)
+    direct = list(itertools.islice(iter(TrainStream(listed, seed=1, rank=0, world_size=1, num_workers=1, batch_size=3,
+                                                    shuffle_buffer=5, encode=mixed_inputs, cache_bytes=1 << 20)), 25))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pin_memory without an accelerator: torch says so and does not pin
+        stream = TrainStream(listed, seed=1, rank=0, world_size=1, num_workers=1, batch_size=3, shuffle_buffer=5,
+                             encode=mixed_inputs, cache_bytes=1 << 20)
+        default_transport = list(itertools.islice(iter(build_loader(stream, 1, pin_memory=True)), 25))
+    for a, b in itertools.chain(zip(here, piped), zip(here, direct), zip(here, default_transport)):
         assert set(a) == set(b)
         for key, value in a.items():
             if isinstance(value, torch.Tensor):
