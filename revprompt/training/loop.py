@@ -62,11 +62,16 @@ class Losses:
     lm: torch.Tensor  # the captioner's language-modelling loss
     embedding: torch.Tensor | None = None  # the embedding head's mean(1 - cosine to the prompt's embedding)
 
+    def parts(self) -> torch.Tensor:
+        """(total, lm, embedding) as one float64 tensor on the loss's device (embedding 0 without a head): summed
+        there over a logging window, so the host waits for the device once per window, not once per step."""
+        embedding = self.embedding if self.embedding is not None else torch.zeros_like(self.lm)
+        return torch.stack([self.total.detach(), self.lm, embedding]).to(torch.float64)
+
     def values(self) -> tuple[float, float, float]:
         """(total, lm, embedding) as numbers (embedding 0 without a head), in one device sync."""
-        parts = [self.total.detach(), self.lm] + ([self.embedding] if self.embedding is not None else [])
-        numbers = torch.stack([p.float() for p in parts]).tolist()
-        return numbers[0], numbers[1], numbers[2] if self.embedding is not None else 0.0
+        total, lm, embedding = self.parts().tolist()
+        return total, lm, embedding
 
 
 def build_model(cfg, embedding_width: int | None = None):
@@ -442,10 +447,7 @@ class Trainer:
                 window["data_wait"] += time.monotonic() - asked
                 read_stats[batch["worker"]] = batch["read_stats"]
                 losses, boundary = self._micro_step(batch)
-                loss, lm, head = losses.values()
-                window["loss"] += loss
-                window["loss_lm"] += lm
-                window["loss_embedding"] += head
+                window["losses"] = losses.parts() if window["losses"] is None else window["losses"] + losses.parts()
                 window["micro"] += 1
                 window["samples"] += len(batch["keys"])
                 self._advance(batch, stream, epoch_batches)
@@ -470,9 +472,8 @@ class Trainer:
 
     @staticmethod
     def _new_window() -> dict:
-        """The sums one logging window collects."""
-        return {"loss": 0.0, "loss_lm": 0.0, "loss_embedding": 0.0, "micro": 0, "samples": 0, "data_wait": 0.0,
-                "start": time.monotonic()}
+        """The sums one logging window collects; "losses" sums `Losses.parts()` on the device."""
+        return {"losses": None, "micro": 0, "samples": 0, "data_wait": 0.0, "start": time.monotonic()}
 
     def _micro_step(self, batch: dict) -> tuple[Losses, bool]:
         """Forward and backward one micro-batch, step at an accumulation boundary; (its losses, boundary)."""
@@ -507,11 +508,12 @@ class Trainer:
             self.save()
 
     def _log_window(self, window: dict, read_stats: dict[int, torch.Tensor]) -> None:
+        loss, lm, head = window["losses"].tolist() if window["losses"] is not None else (0.0, 0.0, 0.0)
         seconds = time.monotonic() - window["start"]
         # every rank reaches this step, so the all-reduce is matched everywhere
-        stats = torch.tensor([window["loss"], window["micro"], window["samples"]], dtype=torch.float64)
+        stats = torch.tensor([loss, window["micro"], window["samples"]], dtype=torch.float64)
         reads = sum(read_stats.values()) if read_stats else torch.zeros(5, dtype=torch.long)
-        parts = torch.tensor([window["loss_lm"], window["loss_embedding"], window["data_wait"]], dtype=torch.float64)
+        parts = torch.tensor([lm, head, window["data_wait"]], dtype=torch.float64)
         stats = torch.cat([stats, reads.to(torch.float64), parts])
         ranks = 1
         if torch.distributed.is_initialized():

@@ -8,6 +8,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.conftest import ROOT, cli_env
 
@@ -31,7 +34,9 @@ def run(ours):
     if ours:
         engine, _, _ = initialize(model, t, 1, torch.device("cpu"))
         facts = {"allreduce": engine.enable_backward_allreduce, "ds_clip": engine.config["gradient_clipping"],
-                 "stage": engine.zero_optimization_stage()}
+                 "stage": engine.zero_optimization_stage(),
+                 # after a step the optimizer clears the gradients, not DeepSpeed's walk over the module
+                 "zero_grad": type(engine.zero_grad).__name__}
     else:  # DeepSpeed clipping and reducing itself, as before
         config = load_ds_config(t, 1, torch.device("cpu"))
         config["gradient_clipping"] = t.grad_clip
@@ -53,6 +58,8 @@ def run(ours):
             else:
                 norms.append((before, before))
         engine.step()
+        if engine.is_gradient_accumulation_boundary() is False and micro % 2 == 1:
+            facts.setdefault("cleared", []).append(all(p.grad is None for p in params))
     return facts, [p.detach().flatten().tolist() for p in params], norms
 
 
@@ -111,8 +118,8 @@ def out():
 def test_one_rank_fast_path_steps_as_deepspeed_does(out):
     (facts, ours, norms), (their_facts, theirs, _) = out["ours"], out["theirs"]
     # one rank: stage 0, no all-reduce, DeepSpeed's clipping off (the trainer's instead); DeepSpeed's own path reduces
-    assert facts == {"allreduce": False, "ds_clip": 0.0, "stage": 0}
-    assert their_facts == {"allreduce": True, "ds_clip": 0.05}
+    assert facts == {"allreduce": False, "ds_clip": 0.0, "stage": 0, "zero_grad": "partial", "cleared": [True] * 4}
+    assert their_facts == {"allreduce": True, "ds_clip": 0.05, "cleared": [True] * 4}
     # clipping bound on every step (norms far above 0.05), and the norm handed back is the one before clipping
     assert len(norms) == 4 and all(before > 1.0 and abs(got - before) <= 1e-5 * before for before, got in norms)
     flat_ours = [v for p in ours for v in p]
@@ -189,3 +196,25 @@ def test_compiled_engine_trains_as_eager_does_and_compiles_once():
     assert shapes == compiled_shapes == [[4, 40]] * 3  # train.max_length: one shape whatever the prompts' lengths
     assert len(compiled) == 3 and all(abs(a - b) <= 1e-4 * abs(b) for a, b in zip(compiled, eager))
     assert eager[2] != eager[0]  # three different batches, the weights moving between them
+
+
+finite32 = st.floats(-1e6, 1e6, allow_nan=False, width=32)
+
+
+@settings(max_examples=500, deadline=None)
+@given(steps=st.lists(st.tuples(finite32, finite32, st.one_of(st.none(), finite32)), min_size=1, max_size=40))
+def test_a_windows_loss_sums_on_the_device_equal_the_per_step_numbers_summed(steps):
+    from revprompt.training.loop import Losses
+
+    window, want = None, [0.0, 0.0, 0.0]
+    for total, lm, head in steps:
+        weight = torch.tensor(total, requires_grad=True)  # backward runs on `total`: it carries a graph
+        losses = Losses(weight * 1.0, torch.tensor(lm), None if head is None else torch.tensor(head))
+        parts = losses.parts()
+        assert parts.dtype == torch.float64 and not parts.requires_grad and parts.shape == (3,)
+        window = parts if window is None else window + parts
+        # what the loop used to add step by step: the float32 losses as Python floats, 0 for a missing head
+        for i, value in enumerate(losses.values()):
+            want[i] += value
+        assert losses.values() == (total, lm, 0.0 if head is None else head)
+    assert window.tolist() == want
