@@ -77,6 +77,11 @@ def load_ds_config(train: TrainConfig, world_size: int, device: torch.device) ->
         config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     if trainer_clips(config):
         config["gradient_clipping"] = 0.0  # the trainer clips at train.grad_clip (see trainer_clips)
+    # DeepSpeed's throughput timer is on unless a config says otherwise, and synchronizes the device at the start
+    # of every forward and the end of every step, so the host cannot queue the next step while the GPU runs this
+    # one; its figure is only printed every steps_per_print steps, and the trainer logs perf/samples_per_s itself.
+    # A JSON of the user's own that sets "timers" keeps them.
+    config.setdefault("timers", {"throughput": {"enabled": False}})
     return config
 
 

@@ -36,7 +36,8 @@ def run(ours):
         facts = {"allreduce": engine.enable_backward_allreduce, "ds_clip": engine.config["gradient_clipping"],
                  "stage": engine.zero_optimization_stage(),
                  # after a step the optimizer clears the gradients, not DeepSpeed's walk over the module
-                 "zero_grad": type(engine.zero_grad).__name__}
+                 "zero_grad": type(engine.zero_grad).__name__,
+                 "throughput_timer": engine.tput_timer.config.enabled}
     else:  # DeepSpeed clipping and reducing itself, as before
         config = load_ds_config(t, 1, torch.device("cpu"))
         config["gradient_clipping"] = t.grad_clip
@@ -118,7 +119,8 @@ def out():
 def test_one_rank_fast_path_steps_as_deepspeed_does(out):
     (facts, ours, norms), (their_facts, theirs, _) = out["ours"], out["theirs"]
     # one rank: stage 0, no all-reduce, DeepSpeed's clipping off (the trainer's instead); DeepSpeed's own path reduces
-    assert facts == {"allreduce": False, "ds_clip": 0.0, "stage": 0, "zero_grad": "partial", "cleared": [True] * 4}
+    assert facts == {"allreduce": False, "ds_clip": 0.0, "stage": 0, "zero_grad": "partial", "cleared": [True] * 4,
+                     "throughput_timer": False}
     assert their_facts == {"allreduce": True, "ds_clip": 0.05, "cleared": [True] * 4}
     # clipping bound on every step (norms far above 0.05), and the norm handed back is the one before clipping
     assert len(norms) == 4 and all(before > 1.0 and abs(got - before) <= 1e-5 * before for before, got in norms)
@@ -218,3 +220,20 @@ def test_a_windows_loss_sums_on_the_device_equal_the_per_step_numbers_summed(ste
             want[i] += value
         assert losses.values() == (total, lm, 0.0 if head is None else head)
     assert window.tolist() == want
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_deepspeeds_synchronizing_throughput_timer_is_off_unless_a_users_json_sets_it(stage, tmp_path):
+    from revprompt.launch.config import load_config
+    from revprompt.training.engine import load_ds_config
+
+    shipped = load_ds_config(load_config("tiny", [f"--train.zero_stage={stage}"]).train, 2, torch.device("cpu"))
+    assert shipped["timers"] == {"throughput": {"enabled": False}}
+    own = {"zero_optimization": {"stage": stage}, "timers": {"throughput": {"enabled": True, "synchronized": False}}}
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(own))
+    train = load_config("tiny", [f"--train.zero_stage={stage}", f"--train.deepspeed_config={path}"]).train
+    assert load_ds_config(train, 2, torch.device("cpu"))["timers"] == own["timers"]
+    del own["timers"]
+    path.write_text(json.dumps(own))
+    assert load_ds_config(train, 2, torch.device("cpu"))["timers"] == {"throughput": {"enabled": False}}
