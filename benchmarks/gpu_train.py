@@ -31,7 +31,8 @@ What is measured
             (`build_optimizer`), `scheduler.step()`, `zero_grad(set_to_none=True)`. `--compile`
             wraps the bare model in `torch.compile`.
 
-    Both sides call `loss.item()` after every step, as the trainer does (`--no-sync` drops it).
+    Neither side reads its loss back after a step, as the trainer does not (it sums a logging window's
+    losses on the device); `--sync-each-step` adds a `loss.item()` after every step to both.
     Each side: `--warmup` steps (5; a compiled side at least two passes over the 4 batches, whose
     padded text lengths differ, so that no compilation falls into the timed steps),
     `torch.cuda.synchronize()`, `--steps` timed steps (30), synchronize. Metric: samples/s =
@@ -90,7 +91,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compile", action="store_true", help="torch.compile the bare model")
     parser.add_argument("--compile-engine", action="store_true",
                         help="engine.compile() as train.compile=true does (adds compile time)")
-    parser.add_argument("--no-sync", action="store_true", help="no loss.item() after each step")
+    parser.add_argument("--sync-each-step", action="store_true",
+                        help="loss.item() after each step on both sides (the trainer does not)")
     parser.add_argument("--breakdown", type=int, default=6,
                         help="extra steps per side timed per phase with a synchronize after each (0 = off)")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes (hidden 64, 2 layers) for a CPU logic check")
@@ -376,7 +378,7 @@ def measure_side(name: str, args: argparse.Namespace, tokenizer, batches, info, 
     warm = run_steps(side, batches, warmup, sync_loss=True)
     synchronize(device)
     warmed = time.perf_counter()
-    losses = run_steps(side, batches, args.steps, sync_loss=not args.no_sync, offset=warmup)
+    losses = run_steps(side, batches, args.steps, sync_loss=args.sync_each_step, offset=warmup)
     synchronize(device)
     end = time.perf_counter()
     result = {"side": name, "description": side.description, "samples_per_s": args.steps * args.batch / (end - warmed),
