@@ -66,7 +66,7 @@ class Losses:
         """(total, lm, embedding) as one float64 tensor on the loss's device (embedding 0 without a head): summed
         there over a logging window, so the host waits for the device once per window, not once per step."""
         embedding = self.embedding if self.embedding is not None else torch.zeros_like(self.lm)
-        return torch.stack([self.total.detach(), self.lm, embedding]).to(torch.float64)
+        return torch.stack([p.to(torch.float64) for p in (self.total.detach(), self.lm, embedding)])
 
     def values(self) -> tuple[float, float, float]:
         """(total, lm, embedding) as numbers (embedding 0 without a head), in one device sync."""

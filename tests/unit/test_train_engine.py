@@ -204,21 +204,24 @@ finite32 = st.floats(-1e6, 1e6, allow_nan=False, width=32)
 
 
 @settings(max_examples=500, deadline=None)
-@given(steps=st.lists(st.tuples(finite32, finite32, st.one_of(st.none(), finite32)), min_size=1, max_size=40))
-def test_a_windows_loss_sums_on_the_device_equal_the_per_step_numbers_summed(steps):
+@given(steps=st.lists(st.tuples(finite32, finite32, st.one_of(st.none(), finite32)), min_size=1, max_size=40),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+def test_a_windows_loss_sums_on_the_device_equal_the_per_step_numbers_summed(steps, dtype):
     from revprompt.training.loop import Losses
 
     window, want = None, [0.0, 0.0, 0.0]
     for total, lm, head in steps:
-        weight = torch.tensor(total, requires_grad=True)  # backward runs on `total`: it carries a graph
-        losses = Losses(weight * 1.0, torch.tensor(lm), None if head is None else torch.tensor(head))
+        # the model's losses in its dtype (bf16 weights give bf16 losses); the head's in fp32
+        weight = torch.tensor(total, dtype=dtype, requires_grad=True)  # backward runs on `total`: it has a graph
+        losses = Losses(weight * 1.0, torch.tensor(lm, dtype=dtype), None if head is None else torch.tensor(head))
         parts = losses.parts()
         assert parts.dtype == torch.float64 and not parts.requires_grad and parts.shape == (3,)
         window = parts if window is None else window + parts
-        # what the loop used to add step by step: the float32 losses as Python floats, 0 for a missing head
-        for i, value in enumerate(losses.values()):
+        # what the loop used to add step by step: each loss as a Python float, 0 for a missing head
+        numbers = (float(weight.detach()), float(torch.tensor(lm, dtype=dtype)), 0.0 if head is None else head)
+        assert losses.values() == numbers
+        for i, value in enumerate(numbers):
             want[i] += value
-        assert losses.values() == (total, lm, 0.0 if head is None else head)
     assert window.tolist() == want
 
 
