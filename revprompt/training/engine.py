@@ -147,11 +147,11 @@ def initialize(model: torch.nn.Module, train: TrainConfig, world_size: int, devi
     import deepspeed
 
     config = load_ds_config(train, world_size, device)
-    optimizer = build_optimizer(model, train, device)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(train))
+    torch_optimizer = build_optimizer(model, train, device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(torch_optimizer, lr_lambda(train))
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):  # DeepSpeed prints its op builds ("... built successfully") to stdout
-        engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
+        engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=torch_optimizer,
                                                                lr_scheduler=scheduler, config=config,
                                                                dist_init_required=False)
     for line in printed.getvalue().splitlines():
@@ -160,12 +160,12 @@ def initialize(model: torch.nn.Module, train: TrainConfig, world_size: int, devi
         # one rank has nothing to reduce, but DeepSpeed would still flatten every gradient into buckets, "all-reduce"
         # them over the one rank and copy them back, each step (2.7 % of a tiny-model step on the CPU)
         engine.enable_backward_allreduce = False
-    if engine.optimizer is optimizer and engine.zero_optimization_stage() == 0:
+    if engine.optimizer is torch_optimizer and engine.zero_optimization_stage() == 0:
         # DeepSpeed left the torch optimizer unwrapped (stage 0, no fp16/bf16 optimizer), so after each step its
         # engine.zero_grad() sets every gradient to None by walking the whole module's named_parameters(); the
         # optimizer's own zero_grad does the same over the list it holds, every trained parameter (0.23 ms of a
         # 58 ms tiny-model step on the CPU). Frozen parameters have no gradient to clear.
-        engine.zero_grad = functools.partial(optimizer.zero_grad, set_to_none=True)
+        engine.zero_grad = functools.partial(torch_optimizer.zero_grad, set_to_none=True)
     return engine, optimizer, scheduler
 
 

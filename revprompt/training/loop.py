@@ -527,7 +527,8 @@ class Trainer:
             "train/lr": self.scheduler.get_last_lr()[0],
             "perf/samples_per_s": float(stats[2]) / max(seconds, 1e-9),
             # the share of the window spent in next() on the loader (mean over ranks): well above zero, the DataLoader
-            # workers (train.num_workers) do not keep up with the model and the device waits for data
+            # workers (train.num_workers) do not keep up with the model. The host may run ahead of a GPU by a few
+            # steps (losses are read once per window), so the device waited at most this long for data
             "perf/data_wait_fraction": float(stats[10]) / ranks / max(seconds, 1e-9),
             "data/corrupt": float(stats[4]), "data/rejected": float(stats[5]), "data/incomplete": float(stats[6]),
             "data/resampled": float(stats[7]),

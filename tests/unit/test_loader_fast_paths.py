@@ -216,7 +216,8 @@ def test_batches_from_a_worker_equal_the_training_process_own(shards):
     here, piped = batches(0), batches(1)
     assert len(here) == len(piped) == 25
     # the loader hands on the stream's own batches (no default_convert pass): read straight from the stream they are
-    # the same, and so through a worker on torch's own transport (the pinned-memory path of a CUDA device)
+    # the same, and so through a worker on torch's own transport (what a CUDA device's pinned path uses; without an
+    # accelerator torch does not pin)
     direct = list(itertools.islice(iter(TrainStream(listed, seed=1, rank=0, world_size=1, num_workers=1, batch_size=3,
                                                     shuffle_buffer=5, encode=mixed_inputs, cache_bytes=1 << 20)), 25))
     with warnings.catch_warnings():

@@ -103,7 +103,13 @@ def autocast_run(engine_side):
         [p.detach().flatten().tolist() for p in params]
 
 
-print(json.dumps({"ours": ours, "theirs": theirs, "autocast": autocast_run(True), "bare_autocast": autocast_run(False)}))
+# bf16 weights at stage 0: DeepSpeed wraps the optimizer in its own, and its engine.zero_grad stays DeepSpeed's
+bf16 = load_config("tiny", ["--train.precision=bf16", "--train.zero_stage=0", "--train.micro_batch_size=4"]).train
+wrapped = initialize(torch.nn.Linear(8, 8), bf16, 1, torch.device("cpu"))[0]
+bf16_facts = {"optimizer": type(wrapped.optimizer).__name__, "zero_grad": type(wrapped.zero_grad).__name__}
+
+print(json.dumps({"ours": ours, "theirs": theirs, "autocast": autocast_run(True), "bare_autocast": autocast_run(False),
+                  "bf16": bf16_facts}))
 '''
 
 
@@ -128,6 +134,10 @@ def test_one_rank_fast_path_steps_as_deepspeed_does(out):
     flat_theirs = [v for p in theirs for v in p]
     assert len(flat_ours) == len(flat_theirs) == 32 * 64 + 64 + 64 * 8 + 8
     assert max(abs(a - b) for a, b in zip(flat_ours, flat_theirs)) < 1e-6
+
+
+def test_a_wrapped_optimizer_keeps_deepspeeds_own_zero_grad(out):
+    assert out["bf16"]["optimizer"] != "AdamW" and out["bf16"]["zero_grad"] == "method"
 
 
 def test_bf16_autocast_steps_as_a_bare_torch_autocast_loop_does(out):
