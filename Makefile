@@ -5,6 +5,8 @@ BIN := $(VENV)/bin
 # torch first and pinned: an unpinned torch pulls a multi-GB CUDA build on a CPU machine (on a GPU
 # machine the same pin gives the CUDA build), and deepspeed's build needs torch already installed.
 TORCH ?= torch==2.13.0
+# seconds the DeepSpeed op build may take (it takes about a minute on 2 cores)
+OP_BUILD_TIMEOUT_S ?= 900
 
 .PHONY: install demo test bench clean slurm
 
@@ -16,8 +18,10 @@ $(BIN)/.installed: pyproject.toml Makefile
 	# the tests' reference preset takes CLIP's BPE vocabulary from the open_clip wheel; its
 	# dependencies (timm, torchvision) are not needed for that file and would pull another torch
 	$(BIN)/python -m pip install -q --no-deps open-clip-torch==3.3.0
-	# DeepSpeed compiles its CPU shared-memory op at first use; build it now, not inside a job or a test
-	$(BIN)/python -c "import torch; torch.cuda.is_available() or __import__('os').environ.setdefault('DS_ACCELERATOR', 'cpu'); from deepspeed.accelerator import get_accelerator as a; b = a().create_op_builder('ShareMemCommBuilder'); b and b.load()"
+	# DeepSpeed compiles its CPU shared-memory op at first use; build it now, not inside a job or a test.
+	# A build killed half-way leaves torch's lock file behind, and the next build would wait on it for ever
+	timeout $(OP_BUILD_TIMEOUT_S) $(BIN)/python -c "import torch; torch.cuda.is_available() or __import__('os').environ.setdefault('DS_ACCELERATOR', 'cpu'); from deepspeed.accelerator import get_accelerator as a; b = a().create_op_builder('ShareMemCommBuilder'); b and b.load()" \
+	  || { echo "DeepSpeed's CPU op build failed or did not finish in $(OP_BUILD_TIMEOUT_S) s. If no other build is running, a killed build left its lock: remove $${TORCH_EXTENSIONS_DIR:-$$HOME/.cache/torch_extensions}/*/deepspeed_shm_comm/lock and run make again" >&2; exit 1; }
 	touch $@
 
 install: $(BIN)/.installed
