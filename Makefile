@@ -5,8 +5,8 @@ BIN := $(VENV)/bin
 # torch first and pinned: an unpinned torch pulls a multi-GB CUDA build on a CPU machine (on a GPU
 # machine the same pin gives the CUDA build), and deepspeed's build needs torch already installed.
 TORCH ?= torch==2.13.0
-# seconds the DeepSpeed op build may take (it takes about a minute on 2 cores)
-OP_BUILD_TIMEOUT_S ?= 900
+# seconds the DeepSpeed op build may take, waiting on another build's lock included (it takes about a minute on 2 cores)
+OP_BUILD_TIMEOUT_S ?= 1200
 
 .PHONY: install demo test bench clean slurm
 
@@ -19,9 +19,9 @@ $(BIN)/.installed: pyproject.toml Makefile
 	# dependencies (timm, torchvision) are not needed for that file and would pull another torch
 	$(BIN)/python -m pip install -q --no-deps open-clip-torch==3.3.0
 	# DeepSpeed compiles its CPU shared-memory op at first use; build it now, not inside a job or a test.
-	# A build killed half-way leaves torch's lock file behind, and the next build would wait on it for ever
-	timeout $(OP_BUILD_TIMEOUT_S) $(BIN)/python -c "import torch; torch.cuda.is_available() or __import__('os').environ.setdefault('DS_ACCELERATOR', 'cpu'); from deepspeed.accelerator import get_accelerator as a; b = a().create_op_builder('ShareMemCommBuilder'); b and b.load()" \
-	  || { echo "DeepSpeed's CPU op build failed or did not finish in $(OP_BUILD_TIMEOUT_S) s. If no other build is running, a killed build left its lock: remove $${TORCH_EXTENSIONS_DIR:-$$HOME/.cache/torch_extensions}/*/deepspeed_shm_comm/lock and run make again" >&2; exit 1; }
+	# A build killed half-way leaves torch's lock file behind: the build waits for it at most 900 s, then names it
+	timeout $(OP_BUILD_TIMEOUT_S) $(BIN)/python -c "from revprompt.training.engine import build_cpu_op; build_cpu_op()" \
+	  || { echo "DeepSpeed's CPU op build failed or did not finish in $(OP_BUILD_TIMEOUT_S) s (the message above says why)" >&2; exit 1; }
 	touch $@
 
 install: $(BIN)/.installed

@@ -9,6 +9,8 @@ import json
 import logging
 import math
 import os
+import sys
+import time
 from importlib import resources
 from pathlib import Path
 
@@ -22,6 +24,64 @@ log = logging.getLogger(__name__)
 class DeepSpeedConfigError(ValueError):
     """A DeepSpeed JSON that cannot be used; the message names the file."""
 
+
+class OpBuildLockError(RuntimeError):
+    """DeepSpeed's CPU op build would wait on a lock file that nobody releases; the message names it."""
+
+
+# the op DeepSpeed compiles at first use on a CPU (its shared-memory collectives), and how long a job waits for
+# somebody else's build of it (about a minute on 2 cores)
+CPU_OP = "deepspeed_shm_comm"
+OP_BUILD_WAIT_S = 900.0
+
+
+def op_build_lock(name: str = CPU_OP) -> Path:
+    """The lock file torch holds while it builds extension `name` (torch.utils.cpp_extension's build directory)."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if root is None:
+        accelerator = (f"rocm{torch.version.hip.replace('.', '')}" if torch.version.hip
+                       else f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu")
+        version = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}"
+        root = os.path.join(get_default_build_root(), f"{version}_{accelerator}")
+    return Path(root) / name / "lock"
+
+
+def wait_for_op_build(lock: Path | None = None, timeout_s: float = OP_BUILD_WAIT_S, poll_s: float = 0.5) -> float:
+    """Wait, at most `timeout_s`, while somebody else's build of DeepSpeed's CPU op holds its lock; returns the seconds
+    waited. torch takes that lock around every load of the op, and a process that finds it taken sleeps until it is
+    gone, for ever: a build killed half-way (a job or `make` stopped during its first minute) leaves it behind. Raises
+    OpBuildLockError naming the file when it outlives the bound; the file is not ours to remove."""
+    lock = op_build_lock() if lock is None else lock
+    start = time.monotonic()
+    if not lock.exists():
+        return 0.0
+    log.info("waiting up to %.0f s for another build of DeepSpeed's CPU op to release %s", timeout_s, lock)
+    while lock.exists():
+        waited = time.monotonic() - start
+        if waited >= timeout_s:
+            raise OpBuildLockError(
+                f"{lock} has been there for {waited:.0f} s: DeepSpeed's CPU op build waits for it to go. If no other "
+                f"job or `make` is building the op, a build killed half-way left it: remove it and start again")
+        time.sleep(min(poll_s, max(timeout_s - waited, 0.0)))
+    return time.monotonic() - start
+
+
+
+def build_cpu_op(timeout_s: float = OP_BUILD_WAIT_S) -> bool:
+    """Build (or load) DeepSpeed's CPU op ahead of any job, as `make install` does; False where the accelerator
+    has no such op (a CUDA machine)."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None:
+        return False
+    wait_for_op_build(op_build_lock(builder.name), timeout_s)
+    builder.load()
+    return True
 
 def read_stage_json(stage: int, path: str = "") -> dict:
     """The ZeRO JSON of `stage`: the file `path` when given (train.deepspeed_config), else the shipped
@@ -142,11 +202,15 @@ def build_optimizer(model: torch.nn.Module, train: TrainConfig, device: torch.de
     return torch.optim.AdamW(groups, lr=train.lr, betas=(0.9, 0.999), **kwargs)
 
 
-def initialize(model: torch.nn.Module, train: TrainConfig, world_size: int, device: torch.device):
-    """deepspeed.initialize on the job's process group; returns (engine, optimizer, scheduler)."""
+def initialize(model: torch.nn.Module, train: TrainConfig, world_size: int, device: torch.device,
+               op_wait_s: float = OP_BUILD_WAIT_S):
+    """deepspeed.initialize on the job's process group; returns (engine, optimizer, scheduler). On a CPU it first
+    waits at most `op_wait_s` for another process's build of DeepSpeed's CPU op (see wait_for_op_build)."""
     import deepspeed
 
     config = load_ds_config(train, world_size, device)
+    if device.type == "cpu":
+        wait_for_op_build(timeout_s=op_wait_s)  # deepspeed.initialize loads the op under torch's unbounded lock
     torch_optimizer = build_optimizer(model, train, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(torch_optimizer, lr_lambda(train))
     printed = io.StringIO()

@@ -108,3 +108,19 @@ def test_a_full_disk_is_one_line_and_the_rerun_recovers(tmp_path: Path):
     assert f"{run_dir / 'checkpoints' / 'step-2'}: cannot write the checkpoint of step 2" in full.stderr
     run_cli("train", *args(run_dir, generate__shard_size=40))
     assert json.loads((run_dir / "captioner" / "revprompt.json").read_text())["step"] == 4
+
+
+def test_a_stale_op_build_lock_stops_training_at_run_timeout_with_its_path(tmp_path: Path):
+    # a DeepSpeed op build killed half-way leaves torch's lock file, and torch itself would wait on it for ever
+    run_dir, extensions = tmp_path / "run", tmp_path / "torch_extensions"
+    lock = extensions / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.write_bytes(b"")
+    run_cli("generate", *args(run_dir))
+    stuck = run_cli("train", *args(run_dir, run__timeout_s=10), check=False, env={"TORCH_EXTENSIONS_DIR": str(extensions)},
+                    timeout=120)
+    assert stuck.returncode == 1 and "Traceback" not in stuck.stderr
+    assert f"{lock} has been there for 10 s" in stuck.stderr and "remove it and start again" in stuck.stderr
+    assert lock.exists() and not (run_dir / "checkpoints").exists()  # the lock is not ours; nothing trained
+    run_cli("train", *args(run_dir))  # the shared build, no stale lock: trains as usual
+    assert json.loads((run_dir / "captioner" / "revprompt.json").read_text())["step"] == 4

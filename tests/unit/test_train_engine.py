@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -250,3 +251,50 @@ def test_deepspeeds_synchronizing_throughput_timer_is_off_unless_a_users_json_se
     del own["timers"]
     path.write_text(json.dumps(own))
     assert load_ds_config(train, 2, torch.device("cpu"))["timers"] == {"throughput": {"enabled": False}}
+
+
+def test_op_build_lock_is_the_file_torchs_extension_build_takes(tmp_path, monkeypatch):
+    from torch.utils.cpp_extension import _get_build_directory
+
+    from revprompt.training.engine import CPU_OP, op_build_lock
+
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    monkeypatch.setattr("torch.utils.cpp_extension.get_default_build_root", lambda: str(tmp_path / "default"))
+    assert op_build_lock() == Path(_get_build_directory(CPU_OP, False)) / "lock"  # (torch's makes the folder)
+    assert op_build_lock().parent.parent.parent == tmp_path / "default"  # under a per-python, per-accelerator folder
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "mine"))
+    assert op_build_lock("other") == Path(_get_build_directory("other", False)) / "lock"
+    assert op_build_lock("other") == tmp_path / "mine" / "other" / "lock"
+
+
+def test_a_lock_that_goes_is_waited_for_and_one_that_stays_is_named_and_kept(tmp_path):
+    import threading
+
+    from revprompt.training.engine import OpBuildLockError, wait_for_op_build
+
+    lock = tmp_path / "deepspeed_shm_comm" / "lock"
+    assert wait_for_op_build(lock, timeout_s=0.0) == 0.0  # no lock: no wait, whatever the bound
+    lock.parent.mkdir()
+    lock.write_bytes(b"")
+    threading.Timer(0.4, lock.unlink).start()  # another build finishing
+    waited = wait_for_op_build(lock, timeout_s=30.0, poll_s=0.05)
+    assert 0.35 <= waited < 5.0 and not lock.exists()
+    lock.write_bytes(b"")  # a build killed half-way: the lock stays
+    with pytest.raises(OpBuildLockError) as raised:
+        wait_for_op_build(lock, timeout_s=0.3, poll_s=0.05)
+    assert str(lock) in str(raised.value) and "remove it" in str(raised.value)
+    assert lock.exists()  # not ours to remove
+
+
+def test_the_real_op_build_stops_at_its_bound_on_a_stale_lock(tmp_path):
+    """Through torch's and DeepSpeed's own load: without the bound, torch would wait on this lock for ever."""
+    env = cli_env()
+    env.update(TORCH_EXTENSIONS_DIR=str(tmp_path), DS_ACCELERATOR="cpu")
+    lock = tmp_path / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir()
+    lock.write_bytes(b"")
+    proc = subprocess.run([sys.executable, "-c", "from revprompt.training.engine import build_cpu_op; "
+                           "build_cpu_op(timeout_s=1.0)"], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 1 and "OpBuildLockError" in proc.stderr and str(lock) in proc.stderr
+    assert lock.exists() and sorted(p.name for p in lock.parent.iterdir()) == ["lock"]  # nothing built, nothing removed
