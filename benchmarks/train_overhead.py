@@ -186,11 +186,17 @@ def warm_up(args: argparse.Namespace, generated: Path, run_dir: Path, env: dict[
     print(f"warm-up train run (1 step) in {time.perf_counter() - start:.1f} s (untimed)", flush=True)
 
 
+OWN_MARKER = ".train_overhead-copy"  # in every run directory fresh_copy makes, so only those are ever removed
+
+
 def fresh_copy(generated: Path, run_dir: Path) -> None:
     """prompts/, shards/ and config.toml of the generated run; no tb/, logs/, checkpoints/ or captioner/."""
-    if run_dir.exists():
-        shutil.rmtree(run_dir)  # a run dir of an earlier invocation with the same --workdir
+    if (run_dir / OWN_MARKER).is_file():
+        shutil.rmtree(run_dir)  # this benchmark's copy, from an earlier invocation with the same --workdir
+    elif run_dir.exists():
+        raise SystemExit(f"{run_dir} exists and is not a copy this benchmark made: pass another --workdir")
     run_dir.mkdir(parents=True)
+    (run_dir / OWN_MARKER).write_text("a copy made by benchmarks/train_overhead.py; it removes it on a rerun\n")
     for name in ("prompts", "shards"):
         shutil.copytree(generated / name, run_dir / name)
     if (generated / "config.toml").is_file():

@@ -100,3 +100,28 @@ def test_a_killed_benchmark_leaves_no_side_behind(how):
     finally:
         harness.kill()
         harness.wait()
+
+
+def test_the_training_benchmark_replaces_only_the_copies_it_made(tmp_path: Path):
+    from train_overhead import OWN_MARKER, fresh_copy
+
+    from revprompt.launch.layout import RUN_MARKER
+
+    generated = tmp_path / "generated"
+    for name in ("prompts", "shards"):
+        (generated / name).mkdir(parents=True)
+        (generated / name / "a.txt").write_text(name)
+    (generated / "config.toml").write_text("[run]\n")
+    (generated / RUN_MARKER).write_text("")
+    workdir = tmp_path / "work"
+    fresh_copy(generated, workdir / "warm-up")
+    (workdir / "warm-up" / "checkpoints").mkdir()  # what the run it was made for wrote
+    fresh_copy(generated, workdir / "warm-up")  # a rerun with the same --workdir: replaced
+    assert sorted(p.name for p in (workdir / "warm-up").iterdir()) == sorted(
+        [OWN_MARKER, RUN_MARKER, "config.toml", "prompts", "shards"])
+    mine = workdir / "train-0-0-2-0"  # a user's own folder under that name
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    with pytest.raises(SystemExit, match="is not a copy this benchmark made"):
+        fresh_copy(generated, mine)
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"] and (mine / "notes.txt").read_text() == "keep"
