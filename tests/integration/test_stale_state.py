@@ -10,7 +10,7 @@ import signal
 import subprocess
 from pathlib import Path
 
-from tests.conftest import BIN, ROOT, cli_env, run_cli, shard_digests, tiny_args
+from tests.conftest import BIN, ROOT, cli_env, copy_run, run_cli, shard_digests, tiny_args, train_args
 
 SMALL = dict(generate__shard_size=4, train__micro_batch_size=4, train__max_steps=4, train__save_every=2,
              train__val_captions=0, train__num_workers=0, train__log_every=2)
@@ -110,17 +110,14 @@ def test_a_full_disk_is_one_line_and_the_rerun_recovers(tmp_path: Path):
     assert json.loads((run_dir / "captioner" / "revprompt.json").read_text())["step"] == 4
 
 
-def test_a_stale_op_build_lock_stops_training_at_run_timeout_with_its_path(tmp_path: Path):
+def test_a_stale_op_build_lock_stops_training_at_run_timeout_with_its_path(generated_run: Path, tmp_path: Path):
     # a DeepSpeed op build killed half-way leaves torch's lock file, and torch itself would wait on it for ever
-    run_dir, extensions = tmp_path / "run", tmp_path / "torch_extensions"
+    run_dir, extensions = copy_run(generated_run, tmp_path / "run"), tmp_path / "torch_extensions"
     lock = extensions / "deepspeed_shm_comm" / "lock"
     lock.parent.mkdir(parents=True)
     lock.write_bytes(b"")
-    run_cli("generate", *args(run_dir))
-    stuck = run_cli("train", *args(run_dir, run__timeout_s=10), check=False, env={"TORCH_EXTENSIONS_DIR": str(extensions)},
-                    timeout=120)
+    stuck = run_cli("train", *train_args(run_dir, run__timeout_s=10), check=False, timeout=120,
+                    env={"TORCH_EXTENSIONS_DIR": str(extensions)})
     assert stuck.returncode == 1 and "Traceback" not in stuck.stderr
     assert f"{lock} has been there for 10 s" in stuck.stderr and "remove it and start again" in stuck.stderr
     assert lock.exists() and not (run_dir / "checkpoints").exists()  # the lock is not ours; nothing trained
-    run_cli("train", *args(run_dir))  # the shared build, no stale lock: trains as usual
-    assert json.loads((run_dir / "captioner" / "revprompt.json").read_text())["step"] == 4
