@@ -258,14 +258,23 @@ def test_the_workers_result_pipe_holds_a_whole_batch():
 def test_a_prepared_image_gives_the_pixels_of_the_image_itself(width, height, size, mode, seed):
     from PIL import Image
 
-    from revprompt.models.captioner import image_array, preprocess_images
+    from revprompt.models.captioner import image_array, planar_image, preprocess_images
 
     rgb = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
     image = Image.fromarray(rgb).convert(mode)
     prepared = image_array(image, size)
     assert prepared.shape == (size, size, 3) and prepared.dtype == np.uint8
     assert image_array(prepared, size) is prepared  # prepared once, never again
-    assert torch.equal(preprocess_images([prepared, image], size), preprocess_images([image, image], size))
+    expected = preprocess_images([image, image], size)
+    assert torch.equal(preprocess_images([prepared, image], size), expected)
+    planar = planar_image(image, size)  # what a training reader caches: channels first, contiguous, the same bytes
+    assert planar.shape == (3, size, size) and planar.dtype == torch.uint8 and planar.is_contiguous()
+    assert torch.equal(planar, torch.from_numpy(prepared).permute(2, 0, 1))
+    assert torch.equal(preprocess_images([planar, planar], size), expected)  # the stacked path: bit-equal
+    assert torch.equal(preprocess_images([planar, prepared], size), expected)  # mixed: the general path
+    other = planar_image(image, size + 1)  # of another size: resized as its array would be
+    assert torch.equal(preprocess_images([other, image], size),
+                       preprocess_images([other.permute(1, 2, 0).numpy(), image], size))
 
 
 @pytest.fixture(scope="module")

@@ -26,15 +26,15 @@ from ..builtin import MINIATURE, MINIATURE_CAPTIONER, RANDOM_TINY, ModelLoadErro
 from . import prompted
 from .blip import (BOS, IMAGE_MEAN, IMAGE_STD, TextBatch, build_tiny_captioner, caption_dtype, check_special_tokens,
                    decode_captions, decoder_positions, encode_prompts, generate_captions, image_array,
-                   image_size_of, offline_blip_tokenizer, preprocess_images)
+                   image_size_of, offline_blip_tokenizer, planar_image, preprocess_images)
 from .blip import caption_budget as blip_caption_budget
 from .blip import limit_generation as blip_limit_generation
 from .lora import ADAPTER_CONFIG, add_lora, base_model, is_adapter_dir, load_adapter
 
 __all__ = ["BOS", "IMAGE_MEAN", "IMAGE_STD", "TextBatch", "build_tiny_captioner", "caption_dtype",
            "check_special_tokens", "decode_captions", "decoder_positions", "encode_prompts", "generate_captions",
-           "image_array", "image_size_of", "offline_blip_tokenizer", "preprocess_images", "BLIP", "BLIP2",
-           "IMAGE_TEXT_TO_TEXT",
+           "image_array", "image_size_of", "offline_blip_tokenizer", "planar_image", "preprocess_images", "BLIP",
+           "BLIP2", "IMAGE_TEXT_TO_TEXT",
            "KINDS", "add_lora", "base_model", "is_adapter_dir", "kind_of", "kind_for_type", "build_captioner",
            "load_exported", "Captioner", "TrainingInputs", "freeze_vision", "caption_budget", "limit_generation",
            "caption_batch", "instruction_of", "set_instruction", "base_name", "ATTENTIONS", "set_attention"]
@@ -181,11 +181,11 @@ class TrainingInputs:
         self.prompt_ids: dict[str, list[int]] = {}  # BLIP: each process remembers the prompts it tokenised
 
     def prepare(self, sample: dict) -> dict:
-        """Once per decoded sample, before a training reader's cache keeps it: BLIP's image becomes the uint8 array
-        its batches are made of (RGB at the model's size), so later epochs neither convert nor resize it again.
-        Other kinds' processors take the image as it is."""
+        """Once per decoded sample, before a training reader's cache keeps it: BLIP's image becomes the planar uint8
+        tensor its batches are stacked from (RGB at the model's size, channels first), so later epochs neither convert,
+        resize nor transpose it again. Other kinds' processors take the image as it is."""
         if self.kind == BLIP:
-            sample["image"] = image_array(sample["image"], self.image_size)
+            sample["image"] = planar_image(sample["image"], self.image_size)
         return sample
 
     def __call__(self, images: list[Image.Image], prompts: list[str]) -> dict[str, torch.Tensor]:
