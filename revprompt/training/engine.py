@@ -62,11 +62,10 @@ def wait_for_op_build(lock: Path | None = None, timeout_s: float = OP_BUILD_WAIT
         waited = time.monotonic() - start
         if waited >= timeout_s:
             raise OpBuildLockError(
-                f"{lock} has been there for {waited:.0f} s: DeepSpeed's CPU op build waits for it to go. If no other "
+                f"{lock} is still there after {waited:.0f} s: DeepSpeed's CPU op build waits for it to go. If no other "
                 f"job or `make` is building the op, a build killed half-way left it: remove it and start again")
         time.sleep(min(poll_s, max(timeout_s - waited, 0.0)))
     return time.monotonic() - start
-
 
 
 def build_cpu_op(timeout_s: float = OP_BUILD_WAIT_S) -> bool:
@@ -82,6 +81,7 @@ def build_cpu_op(timeout_s: float = OP_BUILD_WAIT_S) -> bool:
     wait_for_op_build(op_build_lock(builder.name), timeout_s)
     builder.load()
     return True
+
 
 def read_stage_json(stage: int, path: str = "") -> dict:
     """The ZeRO JSON of `stage`: the file `path` when given (train.deepspeed_config), else the shipped
