@@ -9,8 +9,9 @@ from tests.conftest import run_cli
 
 
 def test_short_fine_tune_beats_the_constant_caption_on_held_out_prompts(tmp_path: Path):
-    args = ["--config", "tiny", f"--run.dir={tmp_path / 'run'}", "--prompts.limit=600",
-            "--prompts.test_fraction=0.2", "--train.max_steps=400", "--train.val_every=0", "--train.val_captions=0", "--train.save_every=1000", "--evaluate.regenerate=false"]
+    args = ["--config", "tiny", f"--run.dir={tmp_path / 'run'}", "--prompts.limit=600", "--prompts.test_fraction=0.2",
+            "--train.max_steps=400", "--train.val_every=0", "--train.val_captions=0", "--train.save_every=1000",
+            "--evaluate.regenerate=false"]
     for stage in ("generate", "train", "evaluate"):
         run_cli(stage, *args, threads=2, timeout=900)
     summary = json.loads((tmp_path / "run" / "eval" / "summary.json").read_text())
