@@ -18,10 +18,10 @@ $(BIN)/.installed: pyproject.toml Makefile
 	# the tests' reference preset takes CLIP's BPE vocabulary from the open_clip wheel; its
 	# dependencies (timm, torchvision) are not needed for that file and would pull another torch
 	$(BIN)/python -m pip install -q --no-deps open-clip-torch==3.3.0
-	# DeepSpeed compiles its CPU shared-memory op at first use; build it now, not inside a job or a test.
-	# A build killed half-way leaves torch's lock file behind: the build waits for it at most 900 s, then names it
-	timeout $(OP_BUILD_TIMEOUT_S) $(BIN)/python -c "from revprompt.training.engine import build_cpu_op; build_cpu_op()" \
-	  || { echo "DeepSpeed's CPU op build failed or did not finish in $(OP_BUILD_TIMEOUT_S) s (the message above says why)" >&2; exit 1; }
+	# DeepSpeed compiles its CPU shared-memory op at first use; build it now, not inside a job or a test. A build killed
+	# half-way leaves torch's lock file behind, on which torch would wait for ever: a lock older than 900 s stops it, named
+	timeout $(OP_BUILD_TIMEOUT_S) $(BIN)/python -m revprompt.training.engine \
+	  || { echo "DeepSpeed's CPU op build failed or did not finish in $(OP_BUILD_TIMEOUT_S) s. If it was stopped half-way, remove its lock $$($(BIN)/python -c 'from revprompt.training.engine import op_build_lock; print(op_build_lock())') (when no other build runs) and run make again" >&2; exit 1; }
 	touch $@
 
 install: $(BIN)/.installed

@@ -20,7 +20,7 @@ def sample_bytes(sample: dict) -> int:
     """Memory a decoded sample holds, near enough: its pixels and its text."""
     size = 0
     image = sample.get("image")
-    if hasattr(image, "nbytes"):  # an array a reader's `prepare` made of it
+    if hasattr(image, "nbytes"):  # an array or tensor a reader's `prepare` made of it
         size += image.nbytes
     elif image is not None:
         size += image.width * image.height * len(image.getbands())

@@ -312,7 +312,7 @@ def build_reader(shards: list[str], *, rank: int = 0, world_size: int = 1, stats
     `fields` are the parts decoded (see `decode_sample`); with `keys`, only those samples are decoded.
     With `cache` (one per reading process, used with the same `require`, `fields` and `prepare` every time), shards
     read whole and clean before come from memory (see `shards.cache`). `prepare(sample)` runs once on each freshly
-    decoded sample, before the cache keeps it (e.g. an image turned into the array a model's batches are made of);
+    decoded sample, before the cache keeps it (e.g. an image turned into the tensor a model's batches are stacked from);
     a sample it raises on is counted corrupt.
     """
     stats = stats if stats is not None else ReadStats()

@@ -26,16 +26,15 @@ class DeepSpeedConfigError(ValueError):
 
 
 class OpBuildLockError(RuntimeError):
-    """DeepSpeed's CPU op build would wait on a lock file that nobody releases; the message names it."""
+    """A lock file of torch's extension builds that is older than any build takes; the message names it."""
 
 
-# the op DeepSpeed compiles at first use on a CPU (its shared-memory collectives), and how long a job waits for
-# somebody else's build of it (about a minute on 2 cores)
-CPU_OP = "deepspeed_shm_comm"
+# how old a lock of torch's extension builds may get before it is taken for one a killed build left: DeepSpeed's CPU
+# op (its shared-memory collectives) builds in about a minute on 2 cores
 OP_BUILD_WAIT_S = 900.0
 
 
-def op_build_lock(name: str = CPU_OP) -> Path:
+def op_build_lock(name: str = "deepspeed_shm_comm") -> Path:
     """The lock file torch holds while it builds extension `name` (torch.utils.cpp_extension's build directory)."""
     from torch.utils.cpp_extension import get_default_build_root
 
@@ -48,38 +47,59 @@ def op_build_lock(name: str = CPU_OP) -> Path:
     return Path(root) / name / "lock"
 
 
-def wait_for_op_build(lock: Path | None = None, timeout_s: float = OP_BUILD_WAIT_S, poll_s: float = 0.5) -> float:
-    """Wait, at most `timeout_s`, while somebody else's build of DeepSpeed's CPU op holds its lock; returns the seconds
-    waited. torch takes that lock around every load of the op, and a process that finds it taken sleeps until it is
-    gone, for ever: a build killed half-way (a job or `make` stopped during its first minute) leaves it behind. Raises
-    OpBuildLockError naming the file when it outlives the bound; the file is not ours to remove."""
-    lock = op_build_lock() if lock is None else lock
+def wait_for_lock(lock: Path, max_age_s: float = OP_BUILD_WAIT_S, poll_s: float = 0.5) -> float:
+    """Wait while another process's extension build holds `lock`, until the lock is `max_age_s` old; returns the
+    seconds waited. Raises OpBuildLockError naming the file once it is older (at once for a lock left long ago): a
+    build killed half-way (a job or `make` stopped during its first minute) leaves its lock behind, and torch itself
+    would wait on it for ever. The file is not ours to remove."""
     start = time.monotonic()
-    if not lock.exists():
-        return 0.0
-    log.info("waiting up to %.0f s for another build of DeepSpeed's CPU op to release %s", timeout_s, lock)
-    while lock.exists():
-        waited = time.monotonic() - start
-        if waited >= timeout_s:
+    announced = False
+    while True:
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:
+            return time.monotonic() - start
+        if age > max_age_s:
             raise OpBuildLockError(
-                f"{lock} is still there after {waited:.0f} s: DeepSpeed's CPU op build waits for it to go. If no other "
-                f"job or `make` is building the op, a build killed half-way left it: remove it and start again")
-        time.sleep(min(poll_s, max(timeout_s - waited, 0.0)))
-    return time.monotonic() - start
+                f"{lock} is {age:.0f} s old (more than {max_age_s:.0f} s): a build of torch's extensions (DeepSpeed's "
+                f"CPU op takes about a minute) holds it. If no other job or `make` is building now, a build killed "
+                f"half-way left it: remove it and start again")
+        if not announced:
+            log.warning("another process is building a torch extension: waiting for %s (at most until it is %.0f s "
+                        "old, now %.0f s)", lock, max_age_s, max(age, 0.0))
+            announced = True
+        time.sleep(min(poll_s, max(max_age_s - age, 0.01)))
 
 
-def build_cpu_op(timeout_s: float = OP_BUILD_WAIT_S) -> bool:
-    """Build (or load) DeepSpeed's CPU op ahead of any job, as `make install` does; False where the accelerator
-    has no such op (a CUDA machine)."""
+@contextlib.contextmanager
+def bounded_extension_builds(max_age_s: float = OP_BUILD_WAIT_S):
+    """Within the block, a process that finds another's build lock of a torch extension waits as `wait_for_lock` does,
+    with a bound, instead of in torch's FileBaton.wait, which sleeps until the file is gone, for ever. DeepSpeed loads
+    its ops (on a CPU its comm op, at every deepspeed.initialize) through torch's cpp_extension, which takes that lock
+    around every load, built or not."""
+    from torch.utils.file_baton import FileBaton
+
+    unbounded = FileBaton.wait
+    FileBaton.wait = lambda baton: wait_for_lock(Path(baton.lock_file_path), max_age_s, baton.wait_seconds)
+    try:
+        yield
+    finally:
+        FileBaton.wait = unbounded
+
+
+def build_cpu_op(max_age_s: float = OP_BUILD_WAIT_S) -> bool:
+    """Build (or load) DeepSpeed's CPU comm op ahead of any job, as `make install` does; False where this machine's
+    DeepSpeed has no such op (a CUDA machine, a platform it does not build for)."""
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported
+    import deepspeed.ops
     from deepspeed.accelerator import get_accelerator
 
     builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
-    if builder is None:
+    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
         return False
-    wait_for_op_build(op_build_lock(builder.name), timeout_s)
-    builder.load()
+    with bounded_extension_builds(max_age_s):
+        builder.load()
     return True
 
 
@@ -202,19 +222,17 @@ def build_optimizer(model: torch.nn.Module, train: TrainConfig, device: torch.de
     return torch.optim.AdamW(groups, lr=train.lr, betas=(0.9, 0.999), **kwargs)
 
 
-def initialize(model: torch.nn.Module, train: TrainConfig, world_size: int, device: torch.device,
-               op_wait_s: float = OP_BUILD_WAIT_S):
-    """deepspeed.initialize on the job's process group; returns (engine, optimizer, scheduler). On a CPU it first
-    waits at most `op_wait_s` for another process's build of DeepSpeed's CPU op (see wait_for_op_build)."""
+def initialize(model: torch.nn.Module, train: TrainConfig, world_size: int, device: torch.device):
+    """deepspeed.initialize on the job's process group; returns (engine, optimizer, scheduler). Its op loads wait for
+    another process's build with a bound (see bounded_extension_builds)."""
     import deepspeed
 
     config = load_ds_config(train, world_size, device)
-    if device.type == "cpu":
-        wait_for_op_build(timeout_s=op_wait_s)  # deepspeed.initialize loads the op under torch's unbounded lock
     torch_optimizer = build_optimizer(model, train, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(torch_optimizer, lr_lambda(train))
     printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):  # DeepSpeed prints its op builds ("... built successfully") to stdout
+    # DeepSpeed prints its op builds ("... built successfully") to stdout
+    with contextlib.redirect_stdout(printed), bounded_extension_builds():
         engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=torch_optimizer,
                                                                lr_scheduler=scheduler, config=config,
                                                                dist_init_required=False)
@@ -271,3 +289,12 @@ def gathered_state_dict(engine, is_main: bool) -> dict[str, torch.Tensor] | None
 def force_weights_only_loads() -> None:
     """Every torch.load in this process (DeepSpeed's included) refuses arbitrary pickles."""
     os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+
+
+if __name__ == "__main__":  # `python -m revprompt.training.engine`: make's ahead-of-time build of the CPU op
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    try:
+        build_cpu_op()
+    except OpBuildLockError as exc:
+        print(f"DeepSpeed's CPU op build: {exc}", file=sys.stderr)
+        sys.exit(1)

@@ -30,8 +30,8 @@ from ..shards.writer import write_error, write_json_atomic
 from .data import TrainStream, build_loader, check_deal, smallest_share
 from .checkpoints import (HF_SUBDIR, POSITION, checkpoint_dirs, commit_checkpoint, fsync_files, prune_checkpoints,
                           read_position, resume_point, write_latest)
-from .engine import (OP_BUILD_WAIT_S, allow_deepspeed_checkpoint_types, force_weights_only_loads, gathered_state_dict,
-                     initialize, clip_gradients, trainer_clips)
+from .engine import (allow_deepspeed_checkpoint_types, force_weights_only_loads, gathered_state_dict, initialize,
+                     clip_gradients, trainer_clips)
 from .export import check_export_target, save_hf_dir
 from .targets import PromptEmbeddings
 
@@ -158,9 +158,7 @@ class Trainer:
         # rank 0 keeps a plain copy for captioning during validation and for export (ZeRO-3 partitions the original);
         # with the embedding head, the copy holds it too
         self.twin = copy.deepcopy(model).eval() if self.info.is_main else None
-        # run.timeout_s also bounds the wait for another process's build of DeepSpeed's CPU op (at most 900 s)
-        self.engine, self.optimizer, self.scheduler = initialize(model, self.t, self.info.world_size, self.info.device,
-                                                                 op_wait_s=min(self.cfg.run.timeout_s, OP_BUILD_WAIT_S))
+        self.engine, self.optimizer, self.scheduler = initialize(model, self.t, self.info.world_size, self.info.device)
         self.clips = trainer_clips(self.engine.config)
         self.trained = [p for p in self.engine.module.parameters() if p.requires_grad]
         if self.info.is_main:  # the DeepSpeed config this run passed, as DeepSpeed got it

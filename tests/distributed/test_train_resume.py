@@ -13,7 +13,7 @@ from pathlib import Path
 
 from tests.conftest import BIN, ROOT, cli_env, kill_tree, copy_run, run_cli, scalars, train_args
 
-STEPS = 36  # 6 epochs of the generated run's shards on 2 ranks
+STEPS = 36  # 7 epochs and a step: the generated run's shards give each rank 5 micro-batches an epoch
 
 
 def recorded(run_dir: Path, rank: int) -> dict[int, list[str]]:

@@ -4,6 +4,7 @@ steps DeepSpeed's own path takes, and bf16-autocast the steps of a bare torch.au
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -256,45 +257,77 @@ def test_deepspeeds_synchronizing_throughput_timer_is_off_unless_a_users_json_se
 def test_op_build_lock_is_the_file_torchs_extension_build_takes(tmp_path, monkeypatch):
     from torch.utils.cpp_extension import _get_build_directory
 
-    from revprompt.training.engine import CPU_OP, op_build_lock
+    from revprompt.training.engine import op_build_lock
 
     monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
     monkeypatch.setattr("torch.utils.cpp_extension.get_default_build_root", lambda: str(tmp_path / "default"))
-    assert op_build_lock() == Path(_get_build_directory(CPU_OP, False)) / "lock"  # (torch's makes the folder)
+    name = "deepspeed_shm_comm"
+    assert op_build_lock() == Path(_get_build_directory(name, False)) / "lock"  # (torch's makes the folder)
     assert op_build_lock().parent.parent.parent == tmp_path / "default"  # under a per-python, per-accelerator folder
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "mine"))
     assert op_build_lock("other") == Path(_get_build_directory("other", False)) / "lock"
     assert op_build_lock("other") == tmp_path / "mine" / "other" / "lock"
 
 
-def test_a_lock_that_goes_is_waited_for_and_one_that_stays_is_named_and_kept(tmp_path):
+def test_a_lock_that_goes_is_waited_for_and_one_older_than_any_build_is_named_and_kept(tmp_path):
+    import os
     import threading
+    import time
 
-    from revprompt.training.engine import OpBuildLockError, wait_for_op_build
+    from revprompt.training.engine import OpBuildLockError, wait_for_lock
 
     lock = tmp_path / "deepspeed_shm_comm" / "lock"
-    assert wait_for_op_build(lock, timeout_s=0.0) == 0.0  # no lock: no wait, whatever the bound
+    assert wait_for_lock(lock, max_age_s=0.0) < 0.1  # no lock: no wait
     lock.parent.mkdir()
     lock.write_bytes(b"")
     threading.Timer(0.4, lock.unlink).start()  # another build finishing
-    waited = wait_for_op_build(lock, timeout_s=30.0, poll_s=0.05)
+    waited = wait_for_lock(lock, max_age_s=30.0, poll_s=0.05)
     assert 0.35 <= waited < 5.0 and not lock.exists()
-    lock.write_bytes(b"")  # a build killed half-way: the lock stays
+    lock.write_bytes(b"")  # a build that stays: waited for until the lock is older than the bound
+    start = time.monotonic()
+    with pytest.raises(OpBuildLockError, match="more than 1 s"):
+        wait_for_lock(lock, max_age_s=1.0, poll_s=0.05)
+    assert 0.9 <= time.monotonic() - start < 5.0
+    os.utime(lock, (time.time() - 3600, time.time() - 3600))  # left by a build killed an hour ago: at once
+    start = time.monotonic()
     with pytest.raises(OpBuildLockError) as raised:
-        wait_for_op_build(lock, timeout_s=0.3, poll_s=0.05)
-    assert str(lock) in str(raised.value) and "remove it" in str(raised.value)
+        wait_for_lock(lock, max_age_s=900.0)
+    assert time.monotonic() - start < 1.0
+    assert re.search(rf"^{re.escape(str(lock))} is 36\d\d s old \(more than 900 s\)", str(raised.value))
+    assert "remove it and start again" in str(raised.value)
     assert lock.exists()  # not ours to remove
 
 
-def test_the_real_op_build_stops_at_its_bound_on_a_stale_lock(tmp_path):
-    """Through torch's and DeepSpeed's own load: without the bound, torch would wait on this lock for ever."""
+def test_torchs_own_wait_is_bounded_only_inside_the_block(tmp_path):
+    from torch.utils.file_baton import FileBaton
+
+    from revprompt.training.engine import OpBuildLockError, bounded_extension_builds
+
+    unbounded = FileBaton.wait
+    lock = tmp_path / "lock"
+    lock.write_bytes(b"")
+    baton = FileBaton(str(lock))
+    assert not baton.try_acquire()  # taken: torch would now call wait()
+    with pytest.raises(OpBuildLockError), bounded_extension_builds(max_age_s=0.2):
+        baton.wait()
+    assert FileBaton.wait is unbounded and lock.exists()
+
+
+def test_the_real_op_build_stops_on_a_stale_lock_in_one_line(tmp_path):
+    """`make`'s build, through DeepSpeed's builder and torch's load: without the bound, torch would wait on this lock
+    for ever (its FileBaton.wait has none)."""
+    import os
+    import time
+
     env = cli_env()
     env.update(TORCH_EXTENSIONS_DIR=str(tmp_path), DS_ACCELERATOR="cpu")
     lock = tmp_path / "deepspeed_shm_comm" / "lock"
     lock.parent.mkdir()
     lock.write_bytes(b"")
-    proc = subprocess.run([sys.executable, "-c", "from revprompt.training.engine import build_cpu_op; "
-                           "build_cpu_op(timeout_s=1.0)"], env=env, cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode == 1 and "OpBuildLockError" in proc.stderr and str(lock) in proc.stderr
+    os.utime(lock, (time.time() - 7200, time.time() - 7200))
+    proc = subprocess.run([sys.executable, "-m", "revprompt.training.engine"], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    pattern = rf"DeepSpeed's CPU op build: {re.escape(str(lock))} is 72\d\d s old \(more than 900 s\)"
+    assert re.search(pattern, proc.stderr), proc.stderr
     assert lock.exists() and sorted(p.name for p in lock.parent.iterdir()) == ["lock"]  # nothing built, nothing removed

@@ -188,7 +188,7 @@ class TrainingInputs:
             sample["image"] = planar_image(sample["image"], self.image_size)
         return sample
 
-    def __call__(self, images: list[Image.Image], prompts: list[str]) -> dict[str, torch.Tensor]:
+    def __call__(self, images: list[Image.Image | torch.Tensor], prompts: list[str]) -> dict[str, torch.Tensor]:
         if self.kind == BLIP:
             text = encode_prompts(self.processor.tokenizer, prompts, self.max_length, static=self.static,
                                   memo=self.prompt_ids)
