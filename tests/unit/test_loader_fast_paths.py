@@ -269,7 +269,7 @@ def test_a_prepared_image_gives_the_pixels_of_the_image_itself(width, height, si
     assert torch.equal(preprocess_images([prepared, image], size), expected)
     planar = planar_image(image, size)  # what a training reader caches: channels first, contiguous, the same bytes
     assert planar.shape == (3, size, size) and planar.dtype == torch.uint8 and planar.is_contiguous()
-    assert torch.equal(planar, torch.from_numpy(prepared).permute(2, 0, 1))
+    assert torch.equal(planar, torch.from_numpy(prepared.copy()).permute(2, 0, 1))
     assert torch.equal(preprocess_images([planar, planar], size), expected)  # the stacked path: bit-equal
     assert torch.equal(preprocess_images([planar, prepared], size), expected)  # mixed: the general path
     other = planar_image(image, size + 1)  # of another size: resized as its array would be

@@ -115,7 +115,7 @@ def image_array(image: Image.Image | np.ndarray, size: int) -> np.ndarray:
 def planar_image(image: Image.Image | np.ndarray, size: int) -> torch.Tensor:
     """`image` as the 3 x size x size uint8 tensor a batch is stacked from: `image_array`, then the layout change a
     batch needs. A training reader prepares each sample this way once, so a cached sample's batches only stack it."""
-    return torch.from_numpy(image_array(image, size)).permute(2, 0, 1).contiguous()
+    return torch.from_numpy(image_array(image, size).transpose(2, 0, 1).copy())  # a copy: PIL's arrays are read-only
 
 
 def preprocess_images(images: list[Image.Image | np.ndarray | torch.Tensor], size: int) -> torch.Tensor:
