@@ -100,7 +100,7 @@ def check_embedding_head(reference: Path, resumed: Path, resumed_from: int) -> N
     assert max(abs(got["train/loss_embedding"][s] - ref["train/loss_embedding"][s]) for s in range(1, STEPS + 1)) \
         < 1e-4
     assert abs(got["val/head_similarity"][STEPS] - ref["val/head_similarity"][STEPS]) < 1e-4
-    # measured: 1.02 at step 1 (a random head), 0.35 at step 60
+    # measured: 1.02 at step 1 (a random head), 0.41 at step 36 (0.35 at step 60)
     assert ref["train/loss_embedding"][STEPS] < ref["train/loss_embedding"][1] - 0.25, ref["train/loss_embedding"]
 
     # the head's files, beside the captioner and in the export's own list; the same weights after the resume
@@ -125,7 +125,8 @@ def check_embedding_head(reference: Path, resumed: Path, resumed_from: int) -> N
     model, processor = load_exported(exports[reference], torch.device("cpu"))
     after = predict_embeddings(model, processor, load_embedding_head(exports[reference]), pics, "cpu")
     before, after = float(np.mean(np.sum(before * prompts, 1))), float(np.mean(np.sum(after * prompts, 1)))
-    # measured on the 15 val samples: -0.00 before, 0.63 after 60 steps (val/head_similarity on its one val batch: 0.64)
+    # measured on the 15 val samples with 60 steps: -0.00 before, 0.63 after; with 36, val/head_similarity on its one val
+    # batch is 0.60 (0.64 with 60)
     assert after > before + 0.3, (before, after)
 
 
