@@ -35,16 +35,11 @@ OP_BUILD_WAIT_S = 900.0
 
 
 def op_build_lock(name: str = "deepspeed_shm_comm") -> Path:
-    """The lock file torch holds while it builds extension `name` (torch.utils.cpp_extension's build directory)."""
-    from torch.utils.cpp_extension import get_default_build_root
+    """The lock file torch holds while it builds extension `name`: in torch.utils.cpp_extension's build directory
+    (torch makes that folder if it is not there yet)."""
+    from torch.utils.cpp_extension import _get_build_directory
 
-    root = os.environ.get("TORCH_EXTENSIONS_DIR")
-    if root is None:
-        accelerator = (f"rocm{torch.version.hip.replace('.', '')}" if torch.version.hip
-                       else f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu")
-        version = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}"
-        root = os.path.join(get_default_build_root(), f"{version}_{accelerator}")
-    return Path(root) / name / "lock"
+    return Path(_get_build_directory(name, verbose=False)) / "lock"
 
 
 def wait_for_lock(lock: Path, max_age_s: float = OP_BUILD_WAIT_S, poll_s: float = 0.5) -> float:
@@ -88,19 +83,15 @@ def bounded_extension_builds(max_age_s: float = OP_BUILD_WAIT_S):
 
 
 def build_cpu_op(max_age_s: float = OP_BUILD_WAIT_S) -> bool:
-    """Build (or load) DeepSpeed's CPU comm op ahead of any job, as `make install` does; False where this machine's
-    DeepSpeed has no such op (a CUDA machine, a platform it does not build for)."""
+    """Build (or load) DeepSpeed's CPU comm op ahead of any job, as `make install` does, through DeepSpeed's own
+    build_shm_op; False where this machine's DeepSpeed has no such op (a CUDA machine, a platform it does not build
+    for)."""
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported
-    import deepspeed.ops
-    from deepspeed.accelerator import get_accelerator
+    from deepspeed.comm.torch import build_shm_op
 
-    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
-    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
-        return False
     with bounded_extension_builds(max_age_s):
-        builder.load()
-    return True
+        return build_shm_op() is not None
 
 
 def read_stage_json(stage: int, path: str = "") -> dict:
