@@ -10,7 +10,9 @@ What is measured
     bare  a subprocess of this script that builds the pipeline with `build_pipeline(...)` and calls
           `pipe(prompt=..., generator=[torch.Generator().manual_seed(i), ...], output_type="np")` over
           the same prompts in batches of `batch_size` (train, val and test concatenated), discarding
-          the images.
+          the images. It treats Python's cycle collector as the CLI's console script does
+          (launch/process.py): held from its first line, start-up frozen and collection resumed where
+          `run_stage` resumes it (before the stage's work), the heap frozen before exit.
 
     How the sides are run: a job process and a bare process take turns of `--slice-s` seconds
     (default 1), one running while the other is stopped (SIGSTOP to its process group;
@@ -68,6 +70,11 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from revprompt.launch import process  # the standard library only
+
+if __name__ == "__main__" and sys.argv[1:2] == ["_bare"]:
+    process.hold_collection()  # as the CLI's console script does first, before the imports both sides pay
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (write_results, ROOT, active_s, fmt, job_batches, loop_clock, measure, median_of,  # noqa: E402
@@ -205,6 +212,7 @@ def bare_worker(argv: list[str]) -> None:
         raise RuntimeError(f"torch uses {torch.get_num_threads()} threads, OMP_NUM_THREADS asked for {threads}")
     start = time.time()  # time.time(): the benchmark counts this process's own turns between these stamps
     cfg = load_config("tiny", overrides)
+    process.resume_collection()  # where run_stage resumes it: before the stage's work
     if cfg.run.reuse_host_memory:  # the CLI's allocator setting on a CPU device (run.reuse_host_memory): same on both
         from revprompt.launch.dist import reuse_freed_host_memory
 
@@ -225,6 +233,7 @@ def bare_worker(argv: list[str]) -> None:
     print(BARE_MARKER + json.dumps({
         "images": len(texts), "clock": [start, built, end], "stamps": stamps, "pipeline_calls": len(stamps),
         "threads": torch.get_num_threads()}), flush=True)
+    process.skip_collection_at_exit()  # as the console script does once the stage returned
 
 
 def describe_pair(pair: dict[str, Any]) -> str:

@@ -22,7 +22,9 @@ What is measured
              `read_prompts("bundled")`, tokenised with `encode_prompts` in micro batches, so the
              padded lengths follow the same prompt length distribution) and runs N steps of
              forward, backward, clip, `optimizer.step()`, `scheduler.step()`, `zero_grad`,
-             `loss.item()`, a timestamp after each step.
+             `loss.item()`, a timestamp after each step. It treats Python's cycle collector as the
+             CLI's console script does (launch/process.py: held during start-up, start-up frozen before
+             the model is built, the heap frozen before exit).
     bare_stream  the same bare loop fed by the trainer's data path instead of memory: `TrainStream`
              + `build_loader` over the same shards, built as `Trainer.stream` builds them, with the
              headline configuration's DataLoader workers. It splits the trainer's overhead in two:
@@ -95,6 +97,11 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from revprompt.launch import process  # the standard library only
+
+if __name__ == "__main__" and sys.argv[1:2] == ["_bare"]:
+    process.hold_collection()  # as the CLI's console script does first, before the imports both sides pay
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (write_results, RESULTS, active_s, fmt, measure, ratio, revprompt_command,  # noqa: E402
@@ -336,6 +343,7 @@ def bare_worker(argv: list[str]) -> None:
         raise RuntimeError(f"torch uses {torch.get_num_threads()} threads, OMP_NUM_THREADS asked for {threads}")
     start = time.perf_counter()
     cfg = load_config("tiny", overrides)
+    process.resume_collection()  # where run_stage resumes it: before the stage's work
     if cfg.run.reuse_host_memory:  # the CLI's allocator setting on a CPU device (run.reuse_host_memory): same on both
         from revprompt.launch.dist import reuse_freed_host_memory
 
@@ -394,6 +402,7 @@ def bare_worker(argv: list[str]) -> None:
         "num_workers": t.num_workers if source == "stream" else None, "mean_seq_len": statistics.fmean(seq_lens),
         "build_s": built - start, "loop_s": end - built, "threads": torch.get_num_threads(),
         "stamps": stamps}), flush=True)
+    process.skip_collection_at_exit()  # as the console script does once the stage returned
 
 
 def describe_round(group: dict[str, Any]) -> str:

@@ -78,5 +78,16 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def run() -> int:
+    """The console script `revprompt` (and `python -m revprompt.launch.cli`): `main`, with the cycle collector held
+    off during start-up and not run over the heap at exit (launch/process.py)."""
+    from . import process
+
+    process.hold_collection()
+    code = main()
+    process.skip_collection_at_exit()
+    return code
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run())

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..shards import storage
-from . import dist
+from . import dist, process
 from .dist import FILE_ONLY
 from .config import Config, ConfigError, load_config, save_config
 from .layout import RunDirError, RunLayout, StageLock, claim_run_dir
@@ -205,6 +205,7 @@ def run_stage(stage: str, argv: list[str], parser: argparse.ArgumentParser,
         warning = dist.restart_store_warning()
         if warning and info.is_main:
             log.warning("%s", warning)
+        process.resume_collection()  # start-up is over: what it built is frozen, collection resumes
         body(StageContext(cfg, info, metrics, args))
         # leave the group together: a rank that tore its connections down while another was still finishing has
         # been seen to abort the other in gloo's teardown ("terminate called without an active exception") after

@@ -1,0 +1,93 @@
+"""launch/process: the cycle collector held during a stage's start-up, start-up frozen, the heap frozen at exit.
+
+The collector's state belongs to the whole interpreter, so each case runs in a fresh `python -c` of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tomllib
+
+from tests.conftest import ROOT, cli_env
+
+
+def run_python(code: str) -> dict:
+    """`code` in a fresh interpreter; the JSON object it prints last."""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=cli_env(),
+                          cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_start_up_is_frozen_and_the_stage_collects_its_own_cycles():
+    out = run_python("""
+import gc, json, weakref
+from revprompt.launch import process
+
+class Node:
+    pass
+
+process.hold_collection()
+held = not gc.isenabled()
+import torch  # start-up: a large import under the hold
+loop = Node(); loop.me = loop; start_up_cycle = weakref.ref(loop); del loop
+full_during_start_up = gc.get_stats()[2]["collections"]
+resumed = process.resume_collection()
+frozen, enabled = gc.get_freeze_count(), gc.isenabled()
+loop = Node(); loop.me = loop; stage_cycle = weakref.ref(loop); del loop
+gc.collect()
+print(json.dumps({"held": held, "full_during_start_up": full_during_start_up, "resumed": resumed, "frozen": frozen,
+                  "enabled": enabled, "stage_cycle_collected": stage_cycle() is None,
+                  "start_up_cycle_kept": start_up_cycle() is not None,
+                  "resumed_again": process.resume_collection(), "frozen_after": gc.get_freeze_count()}))
+""")
+    assert out["held"] and out["full_during_start_up"] == 0  # torch's import walked nothing
+    assert out["resumed"] and out["enabled"]
+    assert out["frozen"] > 100_000  # torch's objects: never walked again
+    assert out["stage_cycle_collected"]  # what the stage leaves in a cycle is collected as before
+    assert out["start_up_cycle_kept"]  # the price: a cycle start-up dropped stays until exit
+    assert out["resumed_again"] is False and out["frozen_after"] == out["frozen"]
+
+
+def test_a_process_that_did_not_hold_collection_is_left_as_it_was():
+    out = run_python("""
+import gc, json
+from revprompt.launch import process
+print(json.dumps({"resumed": process.resume_collection(), "frozen": gc.get_freeze_count(),
+                  "enabled": gc.isenabled()}))
+""")
+    assert out == {"resumed": False, "frozen": 0, "enabled": True}
+
+
+def test_the_console_script_holds_start_up_resumes_for_the_stage_and_leaves_nothing_for_shutdown():
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts == {"revprompt": "revprompt.launch.cli:run"}  # torchrun --no-python revprompt and sbatch use it
+    # a stage of this script's own ("probe") dispatched by cli.run like any other, through run_stage
+    out = run_python("""
+import gc, json, sys
+from revprompt.launch import cli  # as the console script: the stage's module (and torch) comes later
+
+seen = {}
+
+def body(ctx):
+    seen["model"] = [[i] for i in range(10_000)]  # what a stage builds and keeps to the end
+    seen.update(enabled=gc.isenabled(), frozen=gc.get_freeze_count(),
+                full_during_start_up=gc.get_stats()[2]["collections"])
+
+def main(argv):
+    from revprompt.launch import runner
+
+    return runner.run_stage("probe", argv, runner.build_parser("probe", "a probe"), body, uses_run_dir=False)
+
+cli.STAGES["probe"] = "__main__"
+sys.argv = ["revprompt", "probe", "--config", "tiny"]
+code = cli.run()
+left = len(gc.get_objects())  # what shutdown's collection would walk
+model = seen.pop("model")  # alive until exit, as a stage's model is
+print(json.dumps({**seen, "code": code, "left_for_shutdown": left, "frozen_at_exit": gc.get_freeze_count()}))
+""")
+    assert out["code"] == 0
+    assert out["enabled"] and out["full_during_start_up"] == 0 and out["frozen"] > 100_000
+    assert out["frozen_at_exit"] > 100_000 and out["left_for_shutdown"] < 100
