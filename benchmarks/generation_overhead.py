@@ -12,7 +12,9 @@ What is measured
           the same prompts in batches of `batch_size` (train, val and test concatenated), discarding
           the images. It treats Python's cycle collector as the CLI's console script does
           (launch/process.py): held from its first line, start-up frozen and collection resumed where
-          `run_stage` resumes it (before the stage's work), the heap frozen before exit.
+          `run_stage` resumes it (before the stage's work, once it has imported what the CLI's start-up
+          imports: accelerate and the libraries' progress-bar switches, not TensorBoard, which is the
+          job's own cost; `_common.start_up_as_the_cli`), the heap frozen before exit.
 
     How the sides are run: a job process and a bare process take turns of `--slice-s` seconds
     (default 1), one running while the other is stopped (SIGSTOP to its process group;
@@ -78,7 +80,7 @@ if __name__ == "__main__" and sys.argv[1:2] == ["_bare"]:
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (write_results, ROOT, active_s, fmt, job_batches, loop_clock, measure, median_of,  # noqa: E402
-                     ratio, revprompt_command, run_interleaved, steady_rate, subprocess_env)
+                     ratio, revprompt_command, run_interleaved, start_up_as_the_cli, steady_rate, subprocess_env)
 
 from revprompt.launch.layout import RUN_MARKER, claim_run_dir  # noqa: E402
 
@@ -212,6 +214,7 @@ def bare_worker(argv: list[str]) -> None:
         raise RuntimeError(f"torch uses {torch.get_num_threads()} threads, OMP_NUM_THREADS asked for {threads}")
     start = time.time()  # time.time(): the benchmark counts this process's own turns between these stamps
     cfg = load_config("tiny", overrides)
+    start_up_as_the_cli()  # what the stage's start-up imports before run_stage resumes the collector
     process.resume_collection()  # where run_stage resumes it: before the stage's work
     if cfg.run.reuse_host_memory:  # the CLI's allocator setting on a CPU device (run.reuse_host_memory): same on both
         from revprompt.launch.dist import reuse_freed_host_memory

@@ -8,9 +8,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import tomllib
 
 from tests.conftest import ROOT, cli_env
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 
 
 def run_python(code: str) -> dict:
