@@ -58,17 +58,19 @@ def loop_clock(log_text: str) -> dict[str, float | None]:
             "loop_host_percent": float(match.group(3))}
 
 
-def start_up_as_the_cli() -> None:
-    """In a bare worker, before `process.resume_collection()`: import what a revprompt stage's start-up imports
-    before `run_stage` resumes the cycle collector (accelerate for the process group; huggingface_hub's and
+def resume_collection_as_the_cli() -> None:
+    """In a bare worker, where `run_stage` resumes the cycle collector (before the stage's work): first import what a
+    revprompt stage's start-up imports before that point (accelerate for the process group; huggingface_hub's and
     transformers' progress-bar switches, as `dist.setup_logging` sets them), so that the bare loop freezes the same
-    libraries' objects the job does and its later full collections walk no more than the job's. TensorBoard, which
-    only the job uses, is the job's own cost and stays out."""
+    libraries' objects the job does and its later full collections walk no more than the job's; then
+    `process.resume_collection()`. TensorBoard, which only the job uses, is the job's own cost and stays out."""
     import accelerate  # noqa: F401  (dist.init builds accelerate's PartialState)
 
+    from revprompt.launch import process
     from revprompt.launch.dist import quiet_library_progress_bars
 
     quiet_library_progress_bars()
+    process.resume_collection()
 
 
 def subprocess_env(threads: int) -> dict[str, str]:

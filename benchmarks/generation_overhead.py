@@ -14,7 +14,7 @@ What is measured
           (launch/process.py): held from its first line, start-up frozen and collection resumed where
           `run_stage` resumes it (before the stage's work, once it has imported what the CLI's start-up
           imports: accelerate and the libraries' progress-bar switches, not TensorBoard, which is the
-          job's own cost; `_common.start_up_as_the_cli`), the heap frozen before exit.
+          job's own cost; `_common.resume_collection_as_the_cli`), the heap frozen before exit.
 
     How the sides are run: a job process and a bare process take turns of `--slice-s` seconds
     (default 1), one running while the other is stopped (SIGSTOP to its process group;
@@ -80,7 +80,8 @@ if __name__ == "__main__" and sys.argv[1:2] == ["_bare"]:
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (write_results, ROOT, active_s, fmt, job_batches, loop_clock, measure, median_of,  # noqa: E402
-                     ratio, revprompt_command, run_interleaved, start_up_as_the_cli, steady_rate, subprocess_env)
+                     ratio, resume_collection_as_the_cli, revprompt_command, run_interleaved, steady_rate,
+                     subprocess_env)
 
 from revprompt.launch.layout import RUN_MARKER, claim_run_dir  # noqa: E402
 
@@ -214,8 +215,7 @@ def bare_worker(argv: list[str]) -> None:
         raise RuntimeError(f"torch uses {torch.get_num_threads()} threads, OMP_NUM_THREADS asked for {threads}")
     start = time.time()  # time.time(): the benchmark counts this process's own turns between these stamps
     cfg = load_config("tiny", overrides)
-    start_up_as_the_cli()  # what the stage's start-up imports before run_stage resumes the collector
-    process.resume_collection()  # where run_stage resumes it: before the stage's work
+    resume_collection_as_the_cli()  # where run_stage resumes it, with what the stage's start-up imported by then
     if cfg.run.reuse_host_memory:  # the CLI's allocator setting on a CPU device (run.reuse_host_memory): same on both
         from revprompt.launch.dist import reuse_freed_host_memory
 

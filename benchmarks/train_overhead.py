@@ -24,7 +24,7 @@ What is measured
              forward, backward, clip, `optimizer.step()`, `scheduler.step()`, `zero_grad`,
              `loss.item()`, a timestamp after each step. It treats Python's cycle collector as the
              CLI's console script does (launch/process.py: held during start-up, start-up frozen before
-             the model is built, with what the CLI's start-up imports, `_common.start_up_as_the_cli`; the
+             the model is built, with what the CLI's start-up imports, `_common.resume_collection_as_the_cli`; the
              heap frozen before exit).
     bare_stream  the same bare loop fed by the trainer's data path instead of memory: `TrainStream`
              + `build_loader` over the same shards, built as `Trainer.stream` builds them, with the
@@ -106,7 +106,7 @@ if __name__ == "__main__" and sys.argv[1:2] == ["_bare"]:
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (write_results, RESULTS, active_s, fmt, measure, ratio, revprompt_command,  # noqa: E402
-                     run_interleaved, start_up_as_the_cli, subprocess_env)
+                     resume_collection_as_the_cli, run_interleaved, subprocess_env)
 
 from revprompt.launch.layout import RUN_MARKER  # noqa: E402
 
@@ -344,8 +344,7 @@ def bare_worker(argv: list[str]) -> None:
         raise RuntimeError(f"torch uses {torch.get_num_threads()} threads, OMP_NUM_THREADS asked for {threads}")
     start = time.perf_counter()
     cfg = load_config("tiny", overrides)
-    start_up_as_the_cli()  # what the stage's start-up imports before run_stage resumes the collector
-    process.resume_collection()  # where run_stage resumes it: before the stage's work
+    resume_collection_as_the_cli()  # where run_stage resumes it, with what the stage's start-up imported by then
     if cfg.run.reuse_host_memory:  # the CLI's allocator setting on a CPU device (run.reuse_host_memory): same on both
         from revprompt.launch.dist import reuse_freed_host_memory
 
