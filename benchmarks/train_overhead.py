@@ -34,12 +34,15 @@ What is measured
              `--no-stream-side`.
 
     How the sides are run: each round starts every side (a trainer run per configuration, bare and
-    bare_stream) as its own process, and the processes take turns of `--slice-s` seconds (default 1),
-    one running while the others are stopped (SIGSTOP to the process group, DataLoader workers
-    included; `_common.run_interleaved`). A small shared VM's speed drifts by +-10 % over tens of
-    seconds: run one after the other, identical bare runs ranged 247-281 samples/s within one round,
-    and a round's ratio swung with whichever side caught the slow spell. Taking turns every second, all
-    sides see the same spells. The side that starts moves one place each round.
+    bare_stream) as its own process, and the processes take turns of `--slice-s` seconds (default 0.25,
+    as in generation_overhead.py), one running while the others are stopped (SIGSTOP to the process
+    group, DataLoader workers included; `_common.run_interleaved`). A small shared VM's speed drifts by
+    +-10 % over tens of seconds: run one after the other, identical bare runs ranged 247-281 samples/s
+    within one round, and a round's ratio swung with whichever side caught the slow spell. Taking turns,
+    all sides see the same spells. Four identical bare loops taking turns, three rounds each, were
+    within 1.8, 0.6 and 1.1 % of each other (fastest over slowest) with turns of 0.25 s, and 0.8, 1.3 and
+    2.1 % with turns of 1 s: the steady window here is long (300 steps), so the turn length matters
+    less than in the generation benchmark. The side that starts moves one place each round.
 
     Primary metric, the same definition on every side: steady samples/s = samples of steps K+1..N /
     the process's own time from the end of step K to the end of step N (its turns in that span; the
@@ -129,7 +132,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "(the tiny preset's: ZeRO-2, the loader in the training process)")
     parser.add_argument("--repeats", type=int, default=3,
                         help="rounds (each: every side once, all taking turns)")
-    parser.add_argument("--slice-s", type=float, default=1.0,
+    parser.add_argument("--slice-s", type=float, default=0.25,
                         help="seconds a side runs per turn before the next side's turn")
     parser.add_argument("--no-stream-side", dest="stream_side", action="store_false",
                         help="skip the bare_stream side (bare loop over the trainer's streaming loader)")

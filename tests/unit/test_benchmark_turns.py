@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-from _common import run_interleaved  # noqa: E402
+from _common import close_exit_handle, exit_handle, run_interleaved, wait_for_exit  # noqa: E402
 
 # a child that does pieces of 10 ms of CPU work and records the time after each, with a worker process doing the same
 # (CPU time does not pass while a process is stopped, wall time does)
@@ -56,6 +56,41 @@ def test_sides_take_turns_and_are_timed_by_their_own_turns():
     for (a0, b0), (a1, b1) in zip(spans, spans[1:]):
         assert a1 >= b0 - 0.001  # never two sides at once
     assert group["wall_s"] >= sum(b - a for a, b in spans) - 0.05
+
+
+def test_a_turn_ends_when_its_side_exits_or_its_time_is_up():
+    import os
+    import subprocess
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.5)"])
+    fd = exit_handle(child.pid)
+    try:
+        assert fd is not None  # a pidfd: Linux 5.3+, as on CI's machine
+        start = time.monotonic()
+        wait_for_exit(fd, 0.0)
+        assert time.monotonic() - start < 0.01
+        wait_for_exit(fd, 0.1)  # the side still runs: the turn's time is up first
+        assert 0.09 <= time.monotonic() - start < 0.3
+        assert os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT | os.WNOHANG) is None
+        wait_for_exit(fd, 30.0)  # the side exits long before the turn would end
+        assert time.monotonic() - start < 5.0
+        assert os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT | os.WNOHANG) is not None
+        start = time.monotonic()
+        wait_for_exit(None, 30.0)  # without a pidfd: one nap of 5 ms, then the caller checks again
+        assert 0.004 <= time.monotonic() - start < 0.1
+    finally:
+        close_exit_handle(fd)
+        child.kill()
+        child.wait()
+
+
+def test_no_file_descriptor_outlives_a_run():
+    import os
+
+    before = sorted(os.listdir("/proc/self/fd"))
+    for _ in range(3):
+        run_interleaved([[sys.executable, "-c", "pass"], [sys.executable, "-c", BUSY, "20", "0"]], {}, 0.05, 30, 0)
+    assert sorted(os.listdir("/proc/self/fd")) == before
 
 
 def test_a_side_past_its_time_limit_is_killed_with_its_workers():
