@@ -211,8 +211,8 @@ def bare_worker(argv: list[str]) -> None:
     threads, overrides = int(argv[0]), argv[1:]
     import torch
 
-    from revprompt.models.text_to_image import build_pipeline
-    from revprompt.prompts.prepared import load_split
+    from revprompt.models.text_to_image import build_pipeline  # noqa: F401  (imported before the clock starts)
+    from revprompt.prompts.prepared import load_split  # noqa: F401
     from revprompt.launch.config import load_config
 
     if torch.get_num_threads() != threads:
@@ -220,6 +220,20 @@ def bare_worker(argv: list[str]) -> None:
     start = time.time()  # time.time(): the benchmark counts this process's own turns between these stamps
     cfg = load_config("tiny", overrides)
     resume_collection_as_the_cli()  # where run_stage resumes it, with what the stage's start-up imported by then
+    # called as run_stage calls a stage's work: from a fresh chunk of the interpreter's frame stack (launch/process.py)
+    result = process.with_frame_room(bare_work, cfg)
+    result["clock"] = [start, *result["clock"]]
+    print(BARE_MARKER + json.dumps(result), flush=True)
+    process.skip_collection_at_exit()  # as the console script does once the stage returned
+
+
+def bare_work(cfg) -> dict[str, Any]:
+    """The bare loop itself: build the pipeline, generate every prepared prompt's image in batches, discard them."""
+    import torch
+
+    from revprompt.models.text_to_image import build_pipeline
+    from revprompt.prompts.prepared import load_split
+
     if cfg.run.reuse_host_memory:  # the CLI's allocator setting on a CPU device (run.reuse_host_memory): same on both
         from revprompt.launch.dist import reuse_freed_host_memory
 
@@ -237,10 +251,8 @@ def bare_worker(argv: list[str]) -> None:
                  output_type="np")
             stamps.append((first + len(batch), time.time()))
     end = time.time()
-    print(BARE_MARKER + json.dumps({
-        "images": len(texts), "clock": [start, built, end], "stamps": stamps, "pipeline_calls": len(stamps),
-        "threads": torch.get_num_threads()}), flush=True)
-    process.skip_collection_at_exit()  # as the console script does once the stage returned
+    return {"images": len(texts), "clock": [built, end], "stamps": stamps, "pipeline_calls": len(stamps),
+            "threads": torch.get_num_threads()}
 
 
 def describe_pair(pair: dict[str, Any]) -> str:
@@ -325,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     """Prepare once, then rounds of two job/bare pairs taking turns; print the table and write the JSON."""
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "_bare":
-        bare_worker(argv[1:])
+        process.with_frame_room(bare_worker, argv[1:])  # as the console script calls the CLI (launch/process.py)
         return 0
     args = parse_args(argv)
     from revprompt.models.text_to_image import build_pipeline

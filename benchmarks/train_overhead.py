@@ -334,20 +334,35 @@ def bare_worker(argv: list[str]) -> None:
     """Worker mode: the same model, optimizer and schedule; in-memory batches (`memory`) or the trainer's
     streaming loader over the generated shards (`stream`); print one JSON result line."""
     threads, source, overrides = int(argv[0]), argv[1], argv[2:]
-    import itertools
-
     import torch
 
-    from revprompt.prompts.sources import read_prompts
     from revprompt.launch.config import load_config
-    from revprompt.models.captioner import TrainingInputs, build_captioner, encode_prompts, image_size_of
-    from revprompt.training.engine import build_optimizer, lr_lambda
+    # imported before the clock starts, as before the trainer's; used in bare_work
+    from revprompt.models.captioner import build_captioner  # noqa: F401
+    from revprompt.prompts.sources import read_prompts  # noqa: F401
+    from revprompt.training.engine import build_optimizer  # noqa: F401
 
     if torch.get_num_threads() != threads:
         raise RuntimeError(f"torch uses {torch.get_num_threads()} threads, OMP_NUM_THREADS asked for {threads}")
     start = time.perf_counter()
     cfg = load_config("tiny", overrides)
     resume_collection_as_the_cli()  # where run_stage resumes it, with what the stage's start-up imported by then
+    # called as run_stage calls a stage's work: from a fresh chunk of the interpreter's frame stack (launch/process.py)
+    result = process.with_frame_room(bare_work, cfg, source, start)
+    print(BARE_MARKER + json.dumps(result), flush=True)
+    process.skip_collection_at_exit()  # as the console script does once the stage returned
+
+
+def bare_work(cfg, source: str, start: float) -> dict[str, Any]:
+    """The bare loop itself: build, feed (`memory` or `stream`), train train.max_steps steps; the result line's fields."""
+    import itertools
+
+    import torch
+
+    from revprompt.prompts.sources import read_prompts
+    from revprompt.models.captioner import TrainingInputs, build_captioner, encode_prompts, image_size_of
+    from revprompt.training.engine import build_optimizer, lr_lambda
+
     if cfg.run.reuse_host_memory:  # the CLI's allocator setting on a CPU device (run.reuse_host_memory): same on both
         from revprompt.launch.dist import reuse_freed_host_memory
 
@@ -401,12 +416,9 @@ def bare_worker(argv: list[str]) -> None:
         losses.append(loss.item())
         stamps.append((step, time.time()))
     end = time.perf_counter()
-    print(BARE_MARKER + json.dumps({
-        "source": source, "steps": t.max_steps, "batches_in_memory": len(batches), "final_loss": losses[-1],
-        "num_workers": t.num_workers if source == "stream" else None, "mean_seq_len": statistics.fmean(seq_lens),
-        "build_s": built - start, "loop_s": end - built, "threads": torch.get_num_threads(),
-        "stamps": stamps}), flush=True)
-    process.skip_collection_at_exit()  # as the console script does once the stage returned
+    return {"source": source, "steps": t.max_steps, "batches_in_memory": len(batches), "final_loss": losses[-1],
+            "num_workers": t.num_workers if source == "stream" else None, "mean_seq_len": statistics.fmean(seq_lens),
+            "build_s": built - start, "loop_s": end - built, "threads": torch.get_num_threads(), "stamps": stamps}
 
 
 def describe_round(group: dict[str, Any]) -> str:
@@ -512,7 +524,7 @@ def main(argv: list[str] | None = None) -> int:
     """Generate once, then rounds of every side taking turns; table and JSON."""
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "_bare":
-        bare_worker(argv[1:])
+        process.with_frame_room(bare_worker, argv[1:])  # as the console script calls the CLI (launch/process.py)
         return 0
     args = parse_args(argv)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="revprompt-bench-"))

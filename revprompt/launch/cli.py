@@ -80,11 +80,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def run() -> int:
     """The console script `revprompt` (and `python -m revprompt.launch.cli`): `main`, with the cycle collector held
-    off during start-up and not run over the heap at exit (launch/process.py)."""
+    off during start-up and not run over the heap at exit, from a chunk of the frame stack of its own
+    (launch/process.py)."""
     from . import process
 
     process.hold_collection()
-    code = main()
+    code = process.with_frame_room(main)
     process.skip_collection_at_exit()
     return code
 

@@ -206,7 +206,7 @@ def run_stage(stage: str, argv: list[str], parser: argparse.ArgumentParser,
         if warning and info.is_main:
             log.warning("%s", warning)
         process.resume_collection()  # start-up is over: what it built is frozen, collection resumes
-        body(StageContext(cfg, info, metrics, args))
+        process.with_frame_room(body, StageContext(cfg, info, metrics, args))  # (see there)
         # leave the group together: a rank that tore its connections down while another was still finishing has
         # been seen to abort the other in gloo's teardown ("terminate called without an active exception") after
         # all the work was written. Bounded by run.timeout_s like every collective.

@@ -95,3 +95,47 @@ print(json.dumps({**seen, "code": code, "left_for_shutdown": left, "frozen_at_ex
     assert out["code"] == 0
     assert out["enabled"] and out["full_during_start_up"] == 0 and out["frozen"] > 100_000
     assert out["frozen_at_exit"] > 100_000 and out["left_for_shutdown"] < 100
+
+
+def test_a_stage_runs_in_a_frame_stack_chunk_of_its_own():
+    # CPython 3.11 returns a 16 KiB chunk of its frame stack as soon as the call that opened it returns: calls in a loop
+    # that land on a chunk's start map a fresh chunk (and fault its first page in) each time. At some depth of a scan
+    # over 300 levels (about 4,000 slots, two chunks' worth) every one of 1,000 calls does; called through
+    # with_frame_room, at no depth, and neither when one room is entered inside another (a stage under the CLI)
+    out = run_python("""
+import json, resource, sys
+from revprompt.launch import process
+
+def leaf():
+    return None
+
+def calls_at(depth, n):
+    if depth:
+        return calls_at(depth - 1, n)
+    for _ in range(n):
+        leaf()
+
+def faults(*call):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    call[0](*call[1:])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+CALLS, DEPTHS = 1000, range(300)
+room = process.with_frame_room
+room(leaf)  # the entry's code is made once (about 500 faults); each entry then faults its chunk in (about 33)
+plain = max(faults(calls_at, d, CALLS) for d in DEPTHS)
+roomy = max(faults(room, calls_at, d, CALLS) for d in DEPTHS)
+nested = max(faults(room, room, calls_at, d, CALLS) for d in DEPTHS)
+try:
+    room(lambda: 1 / 0)
+    raised = None
+except ZeroDivisionError as exc:
+    raised = type(exc).__name__
+print(json.dumps({"plain": plain, "roomy": roomy, "nested": nested, "applies": process.frame_room_applies(),
+                  "value": room(lambda a, b=0: a + b, 1, b=2), "raised": raised, "version": list(sys.version_info[:2])}))
+""")
+    assert out["value"] == 3 and out["raised"] == "ZeroDivisionError"
+    assert out["applies"] == (out["version"] >= [3, 11])
+    if [3, 11] <= out["version"] < [3, 13]:  # no release of these keeps a chunk (python/cpython#142183)
+        assert out["plain"] >= 1000
+    assert out["roomy"] < 100 and out["nested"] < 100
