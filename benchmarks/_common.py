@@ -287,7 +287,9 @@ def wait_for_exit(handle: int | None, timeout_s: float) -> None:
     if handle is None:
         time.sleep(min(0.005, timeout_s))
         return
-    select.select([handle], [], [], timeout_s)
+    waiter = select.poll()  # not select.select: that refuses descriptors from 1024 up
+    waiter.register(handle, select.POLLIN)
+    waiter.poll(max(1, int(timeout_s * 1000)))
 
 
 def run_interleaved(cmds: list[list[str]], env: dict[str, str], slice_s: float, timeout_s: float,
@@ -299,8 +301,9 @@ def run_interleaved(cmds: list[list[str]], env: dict[str, str], slice_s: float, 
     (DataLoader workers included) is stopped with SIGSTOP and continued with SIGCONT at its next turn. The
     machine's speed drifts on a shared host, over tens of seconds and within one; sides that take turns every
     `slice_s` seconds see the same drift (the shorter the turns, the closer: see the benchmarks' --slice-s).
-    During a turn this process sleeps until the side exits or the turn ends (`wait_for_exit`). Returns, per command, its CompletedProcess and a timing dict: `turns` (the
-    (start, end) time.time() pairs it was let run), `wall_s` (their sum: the process's time from spawn to exit
+    During a turn this process sleeps until the side exits or the turn ends (`wait_for_exit`). Returns, per
+    command, its CompletedProcess and a timing dict: `turns` (the (start, end) time.time() pairs it was let run),
+    `wall_s` (their sum: the process's time from spawn to exit
     with the other sides' turns taken out), `cpu_s` (its rusage, reaped workers included); and for the group
     `wall_s`, `cpu_s` and `other_cpu_s` (the machine's busy time minus the children's and this process's own).
     A command whose turns add up to `timeout_s` is killed with its group and gets returncode -9.
@@ -350,14 +353,16 @@ def run_interleaved(cmds: list[list[str]], env: dict[str, str], slice_s: float, 
                         reap(slot, block=True)
                         slot["rc"] = slot["proc"].returncode = -9
         finally:
-            for slot in slots:
-                if slot["proc"] is not None and slot["rc"] is None:
-                    _signal_group(slot["proc"].pid, signal.SIGKILL)
-                    _signal_group(slot["proc"].pid, signal.SIGCONT)
-                    with contextlib.suppress(ChildProcessError):
-                        reap(slot, block=True)
-            for slot in slots:
-                close_exit_handle(slot.pop("exited", None))
+            try:
+                for slot in slots:
+                    if slot["proc"] is not None and slot["rc"] is None:
+                        _signal_group(slot["proc"].pid, signal.SIGKILL)
+                        _signal_group(slot["proc"].pid, signal.SIGCONT)
+                        with contextlib.suppress(ChildProcessError):
+                            reap(slot, block=True)
+            finally:
+                for slot in slots:
+                    close_exit_handle(slot.pop("exited", None))
     wall = time.perf_counter() - start
     self1, busy1 = resource.getrusage(resource.RUSAGE_SELF), system_busy_s()
     own = (self1.ru_utime - self0.ru_utime) + (self1.ru_stime - self0.ru_stime)

@@ -14,7 +14,9 @@ What is measured
           (launch/process.py): held from its first line, start-up frozen and collection resumed where
           `run_stage` resumes it (before the stage's work, once it has imported what the CLI's start-up
           imports: accelerate and the libraries' progress-bar switches, not TensorBoard, which is the
-          job's own cost; `_common.resume_collection_as_the_cli`), the heap frozen before exit.
+          job's own cost; `_common.resume_collection_as_the_cli`), the heap frozen before exit. It runs
+          its worker, then its loop, from a chunk of the interpreter's frame stack of their own, as the
+          console script runs the CLI and `run_stage` the stage's work (`process.with_frame_room`).
 
     How the sides are run: a job process and a bare process take turns of `--slice-s` seconds
     (default 0.25), one running while the other is stopped (SIGSTOP to its process group;

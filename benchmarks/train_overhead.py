@@ -25,7 +25,9 @@ What is measured
              `loss.item()`, a timestamp after each step. It treats Python's cycle collector as the
              CLI's console script does (launch/process.py: held during start-up, start-up frozen before
              the model is built, with what the CLI's start-up imports, `_common.resume_collection_as_the_cli`; the
-             heap frozen before exit).
+             heap frozen before exit), and runs its worker, then its loop, from a chunk of the interpreter's
+             frame stack of their own, as the console script runs the CLI and `run_stage` the stage's work
+             (`process.with_frame_room`).
     bare_stream  the same bare loop fed by the trainer's data path instead of memory: `TrainStream`
              + `build_loader` over the same shards, built as `Trainer.stream` builds them, with the
              headline configuration's DataLoader workers. It splits the trainer's overhead in two:
@@ -354,7 +356,7 @@ def bare_worker(argv: list[str]) -> None:
 
 
 def bare_work(cfg, source: str, start: float) -> dict[str, Any]:
-    """The bare loop itself: build, feed (`memory` or `stream`), train train.max_steps steps; the result line's fields."""
+    """The bare loop itself: build, feed (`memory` or `stream`), train train.max_steps steps; the result's fields."""
     import itertools
 
     import torch

@@ -21,7 +21,8 @@ the tiny generate job, where they took 0.7 s (7 of them) and shutdown 1.1 s of a
   permanent generation, so shutdown does not walk it. Frozen objects are never collected, so only right before exit;
   every file revprompt writes is closed by then (shard writers, logs, TensorBoard).
 - `with_frame_room(fn, ...)`: the console script calls the CLI through it, and `run_stage` the stage's work (see
-  there): CPython 3.11 maps and unmaps a piece of its frame stack on every call that lands on a chunk boundary.
+  there): CPython from 3.11 (until the fix in later 3.13 and 3.14 releases) maps and unmaps a piece of its frame
+  stack on every call that lands on a chunk boundary.
 """
 
 from __future__ import annotations
@@ -60,10 +61,11 @@ def skip_collection_at_exit() -> None:
     gc.freeze()
 
 
-# unused slots of the entry frame (8 bytes each). CPython gives a frame that does not fit in the current chunk a new one:
-# the smallest power of two from 16 KiB that holds the frame and 1,000 slots more, here 256 KiB (32,768 slots). The
-# entry frame takes just over half of it, so 16,300 slots stay free for `fn`'s calls, and an entry frame called inside
-# them (a stage under the CLI's own) never fits in what is left: it always starts a chunk of its own
+# unused slots of the entry frame (8 bytes each). CPython gives a frame that does not fit in the current chunk a
+# new one: the smallest power of two from 16 KiB that holds the frame and 1,000 slots more, here 256 KiB (32,765
+# slots after its header). The entry frame takes just over half of it, so about 16,300 slots stay free for `fn`'s
+# calls, and an entry frame called inside them (a stage under the CLI's own) never fits in what is left: it always
+# starts a chunk of its own
 FRAME_ROOM_SLOTS = 16_400
 _entry: Callable[..., Any] | None = None
 
@@ -73,13 +75,13 @@ def _call(fn, args, kwargs):
 
 
 def _room_entry() -> Callable[..., Any]:
-    """`_call` with FRAME_ROOM_SLOTS unused local slots added to its code (made once, 4 ms)."""
+    """`_call` with FRAME_ROOM_SLOTS more slots of evaluation stack in its frame (never used, so never written: the
+    chunk's pages behind them are not touched)."""
     global _entry
     if _entry is None:
-        code = _call.__code__
-        code = code.replace(co_varnames=code.co_varnames + tuple(f"_room{i}" for i in range(FRAME_ROOM_SLOTS)),
-                            co_nlocals=code.co_nlocals + FRAME_ROOM_SLOTS)
-        _entry = types.FunctionType(code, _call.__globals__, "_call_with_frame_room")
+        code = _call.__code__.replace(co_stacksize=_call.__code__.co_stacksize + FRAME_ROOM_SLOTS,
+                                      co_name="call_with_frame_room", co_qualname="call_with_frame_room")
+        _entry = types.FunctionType(code, _call.__globals__, "call_with_frame_room")
     return _entry
 
 
@@ -89,7 +91,7 @@ def frame_room_applies() -> bool:
     return sys.implementation.name == "cpython" and sys.version_info >= (3, 11)
 
 
-def with_frame_room(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+def with_frame_room(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
     """`fn(*args, **kwargs)`, its whole call tree inside one fresh chunk of the interpreter's frame stack.
 
     CPython (3.11 on) keeps the frames of Python calls in chunks of 16 KiB and returns a chunk to the kernel as soon
@@ -97,10 +99,11 @@ def with_frame_room(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     chunk). A loop whose calls land on a chunk's start maps and unmaps 16 KiB, and faults its pages in again, on
     every call: building the tiny preset's text-to-image pipeline (thousands of nested module and parameter set-ups)
     did so 8,600 to 37,000 times, depending only on how many frames deep its caller was, and took 1.85 s at the
-    best depth and 2.10 s at the worst; the generate job sat at a bad one (28,000). Called through an entry frame
-    too large for the current chunk, `fn` starts a chunk of 256 KiB and its call tree has about 16,300 slots
-    (130 KiB) of room in it: the same build then maps 3,500 chunks at any depth (those of imports and threads).
-    Costs 0.1 ms a call; one call per stage.
+    best depth and 2.10 s at the worst; the generate job sat at a bad one (28,000 in its whole process). Called
+    through an entry frame too large for the current chunk, `fn` starts a chunk of 256 KiB and its call tree has
+    about 16,300 slots (128 KiB) of room in it: the generate job then maps 6 such chunks in its whole process.
+    A call costs a few page faults; one call per process and one per stage. A generator or coroutine function gets
+    the room only while it is created, not while it runs.
     """
     if not frame_room_applies():
         return fn(*args, **kwargs)

@@ -106,7 +106,7 @@ def test_a_stage_runs_in_a_frame_stack_chunk_of_its_own():
 import json, resource, sys
 from revprompt.launch import process
 
-def leaf():
+def leaf(a=0, b=0, c=0, d=0, e=0, f=0, g=0):  # a frame no smaller than calls_at's, so some depth puts it on a boundary
     return None
 
 def calls_at(depth, n):
@@ -132,9 +132,11 @@ try:
 except ZeroDivisionError as exc:
     raised = type(exc).__name__
 print(json.dumps({"plain": plain, "roomy": roomy, "nested": nested, "applies": process.frame_room_applies(),
-                  "value": room(lambda a, b=0: a + b, 1, b=2), "raised": raised, "version": list(sys.version_info[:2])}))
+                  "value": room(lambda a, b=0: a + b, 1, b=2), "raised": raised,
+                  "named": room(lambda fn=0, args=0, kwargs=0: [fn, args, kwargs], fn=1, args=2, kwargs=3),
+                  "version": list(sys.version_info[:2])}))
 """)
-    assert out["value"] == 3 and out["raised"] == "ZeroDivisionError"
+    assert out["value"] == 3 and out["raised"] == "ZeroDivisionError" and out["named"] == [1, 2, 3]
     assert out["applies"] == (out["version"] >= [3, 11])
     if [3, 11] <= out["version"] < [3, 13]:  # no release of these keeps a chunk (python/cpython#142183)
         assert out["plain"] >= 1000
