@@ -67,28 +67,26 @@ def skip_collection_at_exit() -> None:
 # calls, and an entry frame called inside them (a stage under the CLI's own) never fits in what is left: it always
 # starts a chunk of its own
 FRAME_ROOM_SLOTS = 16_400
-_entry: Callable[..., Any] | None = None
 
 
 def _call(fn, args, kwargs):
     return fn(*args, **kwargs)
 
 
-def _room_entry() -> Callable[..., Any]:
-    """`_call` with FRAME_ROOM_SLOTS more slots of evaluation stack in its frame (never used, so never written: the
-    chunk's pages behind them are not touched)."""
-    global _entry
-    if _entry is None:
-        code = _call.__code__.replace(co_stacksize=_call.__code__.co_stacksize + FRAME_ROOM_SLOTS,
-                                      co_name="call_with_frame_room", co_qualname="call_with_frame_room")
-        _entry = types.FunctionType(code, _call.__globals__, "call_with_frame_room")
-    return _entry
-
-
 def frame_room_applies() -> bool:
     """True on CPython 3.11 and later: frames live in chunks of the thread's data stack (earlier versions and other
     interpreters allocate frames otherwise, and `with_frame_room` calls `fn` directly)."""
     return sys.implementation.name == "cpython" and sys.version_info >= (3, 11)
+
+
+# `_call` with FRAME_ROOM_SLOTS more slots of evaluation stack in its frame (never used, so never written: the chunk's
+# pages behind them are not touched); None where the room does not apply
+_ENTRY: Callable[..., Any] | None = None
+if frame_room_applies():
+    _ENTRY = types.FunctionType(_call.__code__.replace(co_stacksize=_call.__code__.co_stacksize + FRAME_ROOM_SLOTS,
+                                                       co_name="call_with_frame_room",
+                                                       co_qualname="call_with_frame_room"),
+                                _call.__globals__, "call_with_frame_room")
 
 
 def with_frame_room(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
@@ -105,6 +103,6 @@ def with_frame_room(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
     A call costs a few page faults; one call per process and one per stage. A generator or coroutine function gets
     the room only while it is created, not while it runs.
     """
-    if not frame_room_applies():
+    if _ENTRY is None:
         return fn(*args, **kwargs)
-    return _room_entry()(fn, args, kwargs)
+    return _ENTRY(fn, args, kwargs)
