@@ -237,13 +237,14 @@ class EngineSide(Side):
     """revprompt.training.engine.initialize on the model; Trainer._micro_step's forward, backward, clip and step."""
 
     def __init__(self, model, train, info):
-        from revprompt.training.engine import initialize, trainer_clips
+        from revprompt.training.engine import forward_entry, initialize, trainer_clips
 
         self.engine, self.optimizer, self.scheduler = initialize(model, train, info.world_size, info.device)
         # as the trainer: compiled on CUDA only (on a CPU the compile costs minutes and buys nothing)
         self.compiled = train.compile and info.device.type == "cuda"
         if self.compiled:
             self.engine.compile()
+        self.model_forward = forward_entry(self.engine, info.world_size)  # as the trainer calls the forward
         self.dtype = next(p for p in self.engine.module.parameters()).dtype
         # as Trainer.__init__: at stage 0 with fp32 weights the trainer clips (torch's foreach clip), not DeepSpeed
         self.clips = trainer_clips(self.engine.config)
@@ -256,12 +257,13 @@ class EngineSide(Side):
                    "fp32 under bf16 autocast" if self.engine.torch_autocast_enabled() else "fp32")
         self.description = (f"DeepSpeed ZeRO-{self.engine.zero_optimization_stage()}, {weights} engine, "
                             f"{type(wrapper).__name__} over {type(inner).__name__}(fused={fused}), "
-                            f"{'trainer clips' if self.clips else 'DeepSpeed clips'}"
+                            f"{'trainer clips' if self.clips else 'DeepSpeed clips'}, "
+                            f"forward through {'the module' if self.model_forward is self.engine.module else 'the engine'}"
                             f"{', engine.compile()' if self.compiled else ''}")
 
     def forward(self, batch: dict):
         batch = dict(batch, pixel_values=batch["pixel_values"].to(self.dtype))
-        return self.engine(**batch).loss
+        return self.model_forward(**batch).loss
 
     def backward(self, loss) -> None:
         self.engine.backward(loss)

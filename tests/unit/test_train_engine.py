@@ -22,7 +22,8 @@ os.environ["DS_ACCELERATOR"] = "cpu"
 import torch
 from revprompt.launch import dist
 from revprompt.launch.config import load_config
-from revprompt.training.engine import build_optimizer, clip_gradients, initialize, load_ds_config, lr_lambda
+from revprompt.training.engine import (build_optimizer, clip_gradients, forward_entry, initialize, load_ds_config,
+                                      lr_lambda)
 
 dist.ensure_group(dist.DistInfo(0, 1, 0, torch.device("cpu")))
 t = load_config("tiny", ["--train.grad_clip=0.05", "--train.precision=fp32", "--train.zero_stage=2",
@@ -110,8 +111,43 @@ bf16 = load_config("tiny", ["--train.precision=bf16", "--train.zero_stage=0", "-
 wrapped = initialize(torch.nn.Linear(8, 8), bf16, 1, torch.device("cpu"))[0]
 bf16_facts = {"optimizer": type(wrapped.optimizer).__name__, "zero_grad": type(wrapped.zero_grad).__name__}
 
+
+
+# the forward through the module (forward_entry on one rank, ZeRO-0, fp32) against the engine's own, on the tiny BLIP
+# captioner in training mode (dropout on): the same losses and weights, bit for bit, over three steps
+def blip_run(direct):
+    from revprompt.models.captioner import TrainingInputs, build_captioner
+
+    tb = load_config("tiny", ["--train.precision=fp32", "--train.zero_stage=2", "--train.micro_batch_size=4"]).train
+    model, processor = build_captioner("random-tiny", 0)
+    model.train()
+    engine, _, _ = initialize(model, tb, 1, torch.device("cpu"))
+    entry = forward_entry(engine, 1)
+    facts = {"entry": "module" if entry is engine.module else "engine",
+             "two_ranks": "module" if forward_entry(engine, 2) is engine.module else "engine"}
+    inputs = TrainingInputs(model, processor, tb.max_length)
+    pics = torch.Generator().manual_seed(3)
+    params = [p for p in model.parameters() if p.requires_grad]
+    losses = []
+    torch.manual_seed(4)  # dropout's masks: the same draws on both sides
+    for texts in (["Nike Men Red T-shirt", "Titan Watch", "Jeans", "Red Cap"], ["Bag", "Socks", "Adidas Cap", "Belt"],
+                  ["Puma Women Black Running Shoes", "Lotto Shoes", "Fossil Watch", "Navy Blue Shirt"]):
+        images = [torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8, generator=pics) for _ in texts]
+        batch = inputs(images, texts)
+        loss = (entry if direct else engine)(**batch).loss
+        engine.backward(loss)
+        clip_gradients(params, tb.grad_clip, want_norm=False)
+        engine.step()
+        losses.append(loss.item())
+    return facts, losses, [p.detach().flatten().tolist() for p in params], engine.global_steps
+
+
+entries = {name: "module" if forward_entry(initialize(torch.nn.Linear(8, 8), cfg, 1, torch.device("cpu"))[0], 1)
+           .__class__ is torch.nn.Linear else "engine" for name, cfg in (("bf16", bf16), ("autocast", auto))}
+
 print(json.dumps({"ours": ours, "theirs": theirs, "autocast": autocast_run(True), "bare_autocast": autocast_run(False),
-                  "bf16": bf16_facts}))
+                  "bf16": bf16_facts, "direct": blip_run(True), "through_engine": blip_run(False),
+                  "entries": entries}))
 '''
 
 
@@ -142,6 +178,17 @@ def test_a_wrapped_optimizer_keeps_deepspeeds_own_zero_grad(out):
     assert out["bf16"]["optimizer"] != "AdamW" and out["bf16"]["zero_grad"] == "method"
 
 
+def test_on_one_rank_at_zero_0_the_forward_through_the_module_trains_as_the_engines_forward_does(out):
+    (facts, losses, weights, steps), (_, engine_losses, engine_weights, engine_steps) = \
+        out["direct"], out["through_engine"]
+    assert facts == {"entry": "module", "two_ranks": "engine"}
+    assert losses == engine_losses and len(set(losses)) == 3  # three batches, the weights moving between them
+    assert weights == engine_weights  # bit for bit: DeepSpeed's forward added nothing to the arithmetic
+    assert steps == engine_steps == 3  # engine.step counted every step (checkpoints record it)
+    # bf16 weights (DeepSpeed's own optimizer) and autocast keep the engine's forward
+    assert out["entries"] == {"bf16": "engine", "autocast": "engine"}
+
+
 def test_bf16_autocast_steps_as_a_bare_torch_autocast_loop_does(out):
     (facts, loss_dtype, fp32, ours), (_, bare_dtype, _, bare) = out["autocast"], out["bare_autocast"]
     # DeepSpeed runs torch_autocast, not its bf16 optimizer; the weights stay fp32 and the trainer clips
@@ -160,7 +207,7 @@ from PIL import Image
 from revprompt.launch import dist
 from revprompt.launch.config import load_config
 from revprompt.models.captioner import TrainingInputs, build_captioner
-from revprompt.training.engine import clip_gradients, initialize
+from revprompt.training.engine import clip_gradients, forward_entry, initialize
 
 dist.ensure_group(dist.DistInfo(0, 1, 0, torch.device("cpu")))
 t = load_config("tiny", ["--train.captioner=random-tiny", "--train.precision=fp32", "--train.micro_batch_size=4"]).train
@@ -181,6 +228,7 @@ def run(compiled):
         # BLIP forward and backward takes 70 s on 2 cores (the UNet test covers inductor's numbers); graph capture,
         # AOT autograd and the recompile guard are the same
         engine.compile(backend="aot_eager")
+        assert forward_entry(engine, 1) is engine  # a compiled engine keeps its own forward
     params = [p for p in model.parameters() if p.requires_grad]
     losses, shapes = [], []
     for i, (pics, texts) in enumerate(zip(images, prompts)):
@@ -216,25 +264,28 @@ finite32 = st.floats(-1e6, 1e6, allow_nan=False, width=32)
 
 
 @settings(max_examples=500, deadline=None)
-@given(steps=st.lists(st.tuples(finite32, finite32, st.one_of(st.none(), finite32)), min_size=1, max_size=40),
-       dtype=st.sampled_from([torch.float32, torch.bfloat16]))
-def test_a_windows_loss_sums_on_the_device_equal_the_per_step_numbers_summed(steps, dtype):
-    from revprompt.training.loop import Losses
+@given(steps=st.lists(st.tuples(finite32, finite32, st.one_of(st.none(), finite32)), min_size=0, max_size=40),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]), head=st.booleans())
+def test_a_windows_loss_sums_equal_the_per_step_numbers_summed(steps, dtype, head):
+    from revprompt.training.loop import Losses, LossWindow
 
-    window, want = None, [0.0, 0.0, 0.0]
-    for total, lm, head in steps:
+    window, want = LossWindow(), [0.0, 0.0, 0.0]
+    for total, lm, embedding in steps:
+        embedding = embedding if head else None  # a run has a head on every step or on none
         # the model's losses in its dtype (bf16 weights give bf16 losses); the head's in fp32
         weight = torch.tensor(total, dtype=dtype, requires_grad=True)  # backward runs on `total`: it has a graph
-        losses = Losses(weight * 1.0, torch.tensor(lm, dtype=dtype), None if head is None else torch.tensor(head))
+        losses = Losses(weight * 1.0, torch.tensor(lm, dtype=dtype),
+                        None if embedding is None else torch.tensor(embedding))
         parts = losses.parts()
         assert parts.dtype == torch.float64 and not parts.requires_grad and parts.shape == (3,)
-        window = parts if window is None else window + parts
+        window.add(losses)
+        assert not window.steps[-1].total.requires_grad  # the window keeps no graph alive
         # what the loop used to add step by step: each loss as a Python float, 0 for a missing head
-        numbers = (float(weight.detach()), float(torch.tensor(lm, dtype=dtype)), 0.0 if head is None else head)
+        numbers = (float(weight.detach()), float(torch.tensor(lm, dtype=dtype)), 0.0 if embedding is None else embedding)
         assert losses.values() == numbers
         for i, value in enumerate(numbers):
             want[i] += value
-    assert window.tolist() == want
+    assert window.sums() == tuple(want)
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
