@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import time
 from importlib import resources
@@ -242,22 +243,34 @@ def initialize(model: torch.nn.Module, train: TrainConfig, world_size: int, devi
     return engine, optimizer, scheduler
 
 
+# the DeepSpeed whose engine forward `forward_entry` was read against (0.19.8); an older one did more in its forward
+FORWARD_ENTRY_SINCE = (0, 19)
+
+
 def forward_entry(engine, world_size: int):
     """What a micro-batch's forward calls: the engine, or its module where the engine's forward adds nothing to it.
 
-    DeepSpeed's forward runs the module under its autocast (train.precision = bf16-autocast), casts inputs for fp16,
-    and marks ZeRO-3's forward and a ZeRO optimizer's backward phases; it also hangs backward hooks on every output
-    tensor (BLIP's loss, logits, image and text states) and runs root-module pre/post hooks, which on one rank with
-    ZeRO-0 and a plain torch optimizer only start and stop timers that are off. There the module is called directly:
-    engine.backward and engine.step still run the backward's epilogue, the optimizer, the schedule and the step
-    counters that checkpoints record, and the losses and weights are the same bit for bit (tests/unit). On 2 CPU cores
-    the engine's forward adds 16 us of Python per call, and a bare loop through it trained the tiny preset 0.1-0.9 %
-    slower than through the module (three paired rounds). Anywhere else (several ranks, a stage that partitions,
-    bf16/fp16 weights, autocast, a compiled engine) the engine's forward runs."""
-    plain = (world_size == 1 and engine.zero_optimization_stage() == 0
-             and type(engine.optimizer).__module__.startswith("torch.optim.")  # not wrapped by a DeepSpeed optimizer
+    DeepSpeed's forward (0.19) runs the module under its autocast (train.precision = bf16-autocast), clears a ZeRO
+    optimizer's backward flags, hands deepcompile and ZeRO-3 their forward, and hangs a backward hook on every output
+    tensor (BLIP's loss, logits, image and text states) whose first call runs the backward's prologue: starting its
+    timers and a memory report. Its module pre/post hooks (timers, flops profiler, random-LTD) sit on the module
+    itself and run either way. On one rank at ZeRO-0 with a plain torch optimizer, fp32 weights, no autocast, no
+    compile, and no timers, profiler, autotuning or memory report asked for in the DeepSpeed JSON, that forward does
+    nothing for the step, so the module is called directly: engine.backward and engine.step still scale the loss for
+    gradient accumulation, run the backward's epilogue, the optimizer and the schedule, and count the steps that
+    checkpoints record; losses and weights are the same bit for bit (tests/unit). On 2 CPU cores the engine's forward
+    adds 16 us of Python per call, and a bare loop through it trained the tiny preset 0.1-0.9 % slower than through
+    the module (three paired rounds). Anywhere else the engine's forward runs."""
+    import deepspeed
+    from deepspeed.runtime.base_optimizer import DeepSpeedOptimizer
+
+    version = tuple(int(part) for part in re.findall(r"\d+", deepspeed.__version__)[:2])
+    plain = (version >= FORWARD_ENTRY_SINCE and world_size == 1 and engine.zero_optimization_stage() == 0
+             and isinstance(engine.optimizer, torch.optim.Optimizer)
+             and not isinstance(engine.optimizer, DeepSpeedOptimizer)  # not wrapped by one of DeepSpeed's
              and not engine.torch_autocast_enabled() and not engine.fp16_enabled() and not engine.bfloat16_enabled()
-             and not engine.is_compiled)
+             and not engine.is_compiled and not engine.wall_clock_breakdown() and not engine.flops_profiler_enabled()
+             and not engine.memory_breakdown() and not engine.autotuning_enabled())
     return engine.module if plain else engine
 
 

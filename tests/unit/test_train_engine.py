@@ -118,7 +118,8 @@ bf16_facts = {"optimizer": type(wrapped.optimizer).__name__, "zero_grad": type(w
 def blip_run(direct):
     from revprompt.models.captioner import TrainingInputs, build_captioner
 
-    tb = load_config("tiny", ["--train.precision=fp32", "--train.zero_stage=2", "--train.micro_batch_size=4"]).train
+    tb = load_config("tiny", ["--train.precision=fp32", "--train.zero_stage=2", "--train.micro_batch_size=4",
+                              "--train.grad_accum=2"]).train
     model, processor = build_captioner("random-tiny", 0)
     model.train()
     engine, _, _ = initialize(model, tb, 1, torch.device("cpu"))
@@ -131,19 +132,29 @@ def blip_run(direct):
     losses = []
     torch.manual_seed(4)  # dropout's masks: the same draws on both sides
     for texts in (["Nike Men Red T-shirt", "Titan Watch", "Jeans", "Red Cap"], ["Bag", "Socks", "Adidas Cap", "Belt"],
-                  ["Puma Women Black Running Shoes", "Lotto Shoes", "Fossil Watch", "Navy Blue Shirt"]):
+                  ["Puma Women Black Running Shoes", "Lotto Shoes", "Fossil Watch", "Navy Blue Shirt"],
+                  ["Wrist Band", "Peter England Men Party Blue Jeans", "Kurta", "Sandals"]):
         images = [torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8, generator=pics) for _ in texts]
         batch = inputs(images, texts)
         loss = (entry if direct else engine)(**batch).loss
         engine.backward(loss)
-        clip_gradients(params, tb.grad_clip, want_norm=False)
+        if engine.is_gradient_accumulation_boundary():  # as Trainer._micro_step: clip at the boundary
+            clip_gradients(params, tb.grad_clip, want_norm=False)
         engine.step()
         losses.append(loss.item())
-    return facts, losses, [p.detach().flatten().tolist() for p in params], engine.global_steps
+    return facts, losses, [p.detach().flatten().tolist() for p in params], [engine.global_steps, engine.micro_steps]
 
 
+# a user's DeepSpeed JSON asking for the wall-clock breakdown: its backward timers are started by the engine's forward
+import tempfile
+timed_json = os.path.join(tempfile.mkdtemp(), "zero0-timed.json")
+with open(timed_json, "w") as f:
+    json.dump({"zero_optimization": {"stage": 0}, "wall_clock_breakdown": True}, f)
+timed = load_config("tiny", ["--train.precision=fp32", "--train.zero_stage=0", f"--train.deepspeed_config={timed_json}",
+                             "--train.micro_batch_size=4"]).train
 entries = {name: "module" if forward_entry(initialize(torch.nn.Linear(8, 8), cfg, 1, torch.device("cpu"))[0], 1)
-           .__class__ is torch.nn.Linear else "engine" for name, cfg in (("bf16", bf16), ("autocast", auto))}
+           .__class__ is torch.nn.Linear else "engine"
+           for name, cfg in (("bf16", bf16), ("autocast", auto), ("timers", timed), ("fp32", t))}
 
 print(json.dumps({"ours": ours, "theirs": theirs, "autocast": autocast_run(True), "bare_autocast": autocast_run(False),
                   "bf16": bf16_facts, "direct": blip_run(True), "through_engine": blip_run(False),
@@ -182,11 +193,13 @@ def test_on_one_rank_at_zero_0_the_forward_through_the_module_trains_as_the_engi
     (facts, losses, weights, steps), (_, engine_losses, engine_weights, engine_steps) = \
         out["direct"], out["through_engine"]
     assert facts == {"entry": "module", "two_ranks": "engine"}
-    assert losses == engine_losses and len(set(losses)) == 3  # three batches, the weights moving between them
-    assert weights == engine_weights  # bit for bit: DeepSpeed's forward added nothing to the arithmetic
-    assert steps == engine_steps == 3  # engine.step counted every step (checkpoints record it)
-    # bf16 weights (DeepSpeed's own optimizer) and autocast keep the engine's forward
-    assert out["entries"] == {"bf16": "engine", "autocast": "engine"}
+    assert losses == engine_losses and len(set(losses)) == 4  # four batches, the weights moving between them
+    # bit for bit, with two micro-batches accumulated per step: the loss scaled once, as through the engine's forward
+    assert weights == engine_weights
+    assert steps == engine_steps == [2, 4]  # the engine counted 2 optimizer steps of 4 micro-batches (checkpoints)
+    # bf16 weights (DeepSpeed's own optimizer), autocast and a JSON's timers keep the engine's forward; the ZeRO-2
+    # config of the comparison above runs on one rank as stage 0 in fp32: the module
+    assert out["entries"] == {"bf16": "engine", "autocast": "engine", "timers": "engine", "fp32": "module"}
 
 
 def test_bf16_autocast_steps_as_a_bare_torch_autocast_loop_does(out):
@@ -261,15 +274,18 @@ def test_compiled_engine_trains_as_eager_does_and_compiles_once():
 
 
 finite32 = st.floats(-1e6, 1e6, allow_nan=False, width=32)
+from revprompt.training.loop import LossWindow  # noqa: E402  (the strategy below reads its FOLD)
 
 
 @settings(max_examples=500, deadline=None)
 @given(steps=st.lists(st.tuples(finite32, finite32, st.one_of(st.none(), finite32)), min_size=0, max_size=40),
-       dtype=st.sampled_from([torch.float32, torch.bfloat16]), head=st.booleans())
-def test_a_windows_loss_sums_equal_the_per_step_numbers_summed(steps, dtype, head):
-    from revprompt.training.loop import Losses, LossWindow
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]), head=st.booleans(),
+       fold=st.sampled_from([1, 2, 3, 7, LossWindow.FOLD]))
+def test_a_windows_loss_sums_equal_the_per_step_numbers_summed(steps, dtype, head, fold):
+    from revprompt.training.loop import Losses
 
     window, want = LossWindow(), [0.0, 0.0, 0.0]
+    window.FOLD = fold  # folded into the sums every `fold` micro-batches: the same numbers, in the same order
     for total, lm, embedding in steps:
         embedding = embedding if head else None  # a run has a head on every step or on none
         # the model's losses in its dtype (bf16 weights give bf16 losses); the head's in fp32
@@ -279,7 +295,8 @@ def test_a_windows_loss_sums_equal_the_per_step_numbers_summed(steps, dtype, hea
         parts = losses.parts()
         assert parts.dtype == torch.float64 and not parts.requires_grad and parts.shape == (3,)
         window.add(losses)
-        assert not window.steps[-1].total.requires_grad  # the window keeps no graph alive
+        assert len(window.steps) < fold  # at most FOLD losses kept on the device
+        assert all(not kept.total.requires_grad for kept in window.steps)  # the window keeps no graph alive
         # what the loop used to add step by step: each loss as a Python float, 0 for a missing head
         numbers = (float(weight.detach()), float(torch.tensor(lm, dtype=dtype)), 0.0 if embedding is None else embedding)
         assert losses.values() == numbers
