@@ -258,7 +258,7 @@ class EngineSide(Side):
         self.description = (f"DeepSpeed ZeRO-{self.engine.zero_optimization_stage()}, {weights} engine, "
                             f"{type(wrapper).__name__} over {type(inner).__name__}(fused={fused}), "
                             f"{'trainer clips' if self.clips else 'DeepSpeed clips'}, "
-                            f"forward through {'the module' if self.model_forward is self.engine.module else 'the engine'}"
+                            f"forward through {'the engine' if self.model_forward is self.engine else 'the module'}"
                             f"{', engine.compile()' if self.compiled else ''}")
 
     def forward(self, batch: dict):

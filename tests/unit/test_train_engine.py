@@ -298,7 +298,8 @@ def test_a_windows_loss_sums_equal_the_per_step_numbers_summed(steps, dtype, hea
         assert len(window.steps) < fold  # at most FOLD losses kept on the device
         assert all(not kept.total.requires_grad for kept in window.steps)  # the window keeps no graph alive
         # what the loop used to add step by step: each loss as a Python float, 0 for a missing head
-        numbers = (float(weight.detach()), float(torch.tensor(lm, dtype=dtype)), 0.0 if embedding is None else embedding)
+        numbers = (float(weight.detach()), float(torch.tensor(lm, dtype=dtype)),
+                   0.0 if embedding is None else embedding)
         assert losses.values() == numbers
         for i, value in enumerate(numbers):
             want[i] += value
