@@ -102,11 +102,12 @@ class LossWindow:
     def _fold(self) -> None:
         if not self.steps:
             return
-        heads = [s.embedding for s in self.steps]
-        if any(h is not None for h in heads):
-            heads = [h if h is not None else torch.zeros_like(s.lm) for h, s in zip(heads, self.steps)]
         columns = [torch.stack([s.total for s in self.steps]), torch.stack([s.lm for s in self.steps])]
-        columns.append(torch.stack(heads) if heads[0] is not None else torch.zeros_like(columns[1]))
+        if any(s.embedding is not None for s in self.steps):  # a step without one adds 0, as in `Losses.parts()`
+            columns.append(torch.stack([s.embedding if s.embedding is not None else torch.zeros_like(s.lm)
+                                        for s in self.steps]))
+        else:
+            columns.append(torch.zeros_like(columns[1]))
         for row in torch.stack([c.to(torch.float64) for c in columns], dim=1).tolist():  # the device sync
             for i, value in enumerate(row):
                 self._sums[i] += value
