@@ -186,6 +186,39 @@ def ensure_group(info: DistInfo) -> None:
                                          init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
 
 
+# the name gloo gives the thread of each TCP transport device (one per process group) that runs its epoll loop
+GLOO_LOOP_THREAD = "gloo_tcp_loop"
+
+
+def idle_lone_group_threads() -> int:
+    """In a one-rank job on gloo, put the transport threads of its process groups at idle priority (Linux
+    SCHED_IDLE); returns how many were. Elsewhere (several ranks, NCCL, no group, no SCHED_IDLE) it changes nothing.
+
+    DeepSpeed needs a process group even on one rank, and it clones the default one (two groups). Each gloo group
+    has a thread that wakes from epoll every 10 ms whether or not there is anything to send, and on one rank there
+    never is: no peer, no socket. At normal priority each wake-up preempts one of the model's threads; on 2 CPU cores
+    the same bare training step ran 0.7-1.2 % faster in the trainer's process with these threads idle (in-process
+    blocks, alternated). At idle priority they still run whenever a core is free, and get a small share otherwise.
+    With several ranks they carry the collectives and keep their priority. Lowering a thread's priority needs no
+    privilege.
+    """
+    if not (hasattr(os, "SCHED_IDLE") and torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return 0
+    if torch.distributed.get_world_size() != 1 or torch.distributed.get_backend() != "gloo":
+        return 0
+    idled = 0
+    tasks = Path("/proc/self/task")
+    for task in tasks.iterdir() if tasks.is_dir() else []:
+        try:
+            if (task / "comm").read_text().strip() != GLOO_LOOP_THREAD:
+                continue
+            os.sched_setscheduler(int(task.name), os.SCHED_IDLE, os.sched_param(0))
+            idled += 1
+        except (OSError, ValueError):  # the thread ended meanwhile, or this kernel refuses: leave it as it is
+            continue
+    return idled
+
+
 def close() -> None:
     """Leave the process group, if one is up."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():

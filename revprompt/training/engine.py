@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from ..launch import dist
 from ..launch.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -230,6 +231,10 @@ def initialize(model: torch.nn.Module, train: TrainConfig, world_size: int, devi
                                                                dist_init_required=False)
     for line in printed.getvalue().splitlines():
         log.debug("deepspeed: %s", line)
+    # after deepspeed.initialize, which clones the one-rank group: both groups' transport threads (launch/dist.py)
+    idled = dist.idle_lone_group_threads()
+    if idled:
+        log.debug("one rank: %d gloo transport threads at idle priority", idled)
     if world_size == 1 and engine.zero_optimization_stage() == 0:
         # one rank has nothing to reduce, but DeepSpeed would still flatten every gradient into buckets, "all-reduce"
         # them over the one rank and copy them back, each step (2.7 % of a tiny-model step on the CPU)

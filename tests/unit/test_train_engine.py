@@ -156,9 +156,37 @@ entries = {name: "module" if forward_entry(initialize(torch.nn.Linear(8, 8), cfg
            .__class__ is torch.nn.Linear else "engine"
            for name, cfg in (("bf16", bf16), ("autocast", auto), ("timers", timed), ("fp32", t))}
 
+
+# after initialize on one rank: every gloo transport thread (the default group's and DeepSpeed's clone's) at idle
+# priority, no other thread; collectives over both groups still give one rank's answers
+def policies():
+    seen = {}
+    for task in os.listdir("/proc/self/task"):
+        name = open(f"/proc/self/task/{task}/comm").read().strip()
+        seen.setdefault(name, set()).add(os.sched_getscheduler(int(task)))
+    return {name: sorted(found) for name, found in seen.items()}
+
+
+lone = initialize(torch.nn.Linear(8, 8), t, 1, torch.device("cpu"))[0]
+found = policies()
+collected = []
+for group in (None, lone.data_parallel_group):
+    value = torch.tensor([3.0, -1.5])
+    torch.distributed.all_reduce(value, group=group)
+    gathered = [None]
+    torch.distributed.all_gather_object(gathered, {"rank": 0, "x": 7}, group=group)
+    torch.distributed.barrier(group=group)
+    collected.append([value.tolist(), gathered])
+threads = {"loop": found.get("gloo_tcp_loop"), "others": sorted({p for name, ps in found.items()
+                                                                 if name != "gloo_tcp_loop" for p in ps}),
+           "loops": sum(1 for task in os.listdir("/proc/self/task")
+                        if open(f"/proc/self/task/{task}/comm").read().strip() == "gloo_tcp_loop"),
+           "idle": os.SCHED_IDLE, "other": os.SCHED_OTHER, "collected": collected,
+           "again": dist.idle_lone_group_threads()}
+
 print(json.dumps({"ours": ours, "theirs": theirs, "autocast": autocast_run(True), "bare_autocast": autocast_run(False),
                   "bf16": bf16_facts, "direct": blip_run(True), "through_engine": blip_run(False),
-                  "entries": entries}))
+                  "entries": entries, "threads": threads}))
 '''
 
 
@@ -183,6 +211,23 @@ def test_one_rank_fast_path_steps_as_deepspeed_does(out):
     flat_theirs = [v for p in theirs for v in p]
     assert len(flat_ours) == len(flat_theirs) == 32 * 64 + 64 + 64 * 8 + 8
     assert max(abs(a - b) for a, b in zip(flat_ours, flat_theirs)) < 1e-6
+
+
+def test_on_one_rank_the_groups_transport_threads_idle_and_their_collectives_still_answer(out):
+    threads = out["threads"]
+    # the default group and DeepSpeed's clone of it: a transport thread each, both idle, every other thread as it was
+    assert threads["loops"] >= 2 and threads["loop"] == [threads["idle"]]
+    assert threads["others"] == [threads["other"]]
+    assert threads["collected"] == [[[3.0, -1.5], [{"rank": 0, "x": 7}]]] * 2
+    assert threads["again"] == threads["loops"]  # asking again finds the same threads (idle already) and no others
+
+
+def test_without_a_one_rank_gloo_group_no_thread_changes_priority():
+    # this test process has no process group: nothing to idle, nothing touched
+    from revprompt.launch import dist
+
+    assert not torch.distributed.is_initialized()
+    assert dist.idle_lone_group_threads() == 0
 
 
 def test_a_wrapped_optimizer_keeps_deepspeeds_own_zero_grad(out):
@@ -400,3 +445,36 @@ def test_the_real_op_build_stops_on_a_stale_lock_in_one_line(tmp_path):
     pattern = rf"DeepSpeed's CPU op build: {re.escape(str(lock))} is 72\d\d s old \(more than 900 s\)"
     assert re.search(pattern, proc.stderr), proc.stderr
     assert lock.exists() and sorted(p.name for p in lock.parent.iterdir()) == ["lock"]  # nothing built, nothing removed
+
+
+TWO_RANKS = r'''
+import json, os, sys
+import torch
+import torch.distributed as dist_
+from revprompt.launch import dist
+dist_.init_process_group("gloo")
+dist_.new_group(ranks=[0, 1])  # as DeepSpeed clones the world group
+idled = dist.idle_lone_group_threads()
+loops = [os.sched_getscheduler(int(task)) for task in os.listdir("/proc/self/task")
+         if open(f"/proc/self/task/{task}/comm").read().strip() == "gloo_tcp_loop"]
+value = torch.tensor([float(dist_.get_rank() + 1)])
+dist_.all_reduce(value)
+with open(os.path.join(sys.argv[1], f"rank-{dist_.get_rank()}.json"), "w") as f:  # the ranks share one stdout
+    json.dump({"idled": idled, "loops": loops, "other": os.SCHED_OTHER, "sum": value.item()}, f)
+dist_.destroy_process_group()
+'''
+
+
+def test_with_two_ranks_the_transport_threads_keep_their_priority(tmp_path):
+    # there the transport threads carry the collectives: nothing is idled
+    script = tmp_path / "two_ranks.py"
+    script.write_text(TWO_RANKS)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script), str(tmp_path)], env=cli_env(threads=1), cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank-{rank}.json").read_text()) for rank in (0, 1)]
+    assert len(ranks) == 2
+    for rank in ranks:
+        assert rank["idled"] == 0 and rank["sum"] == 3.0
+        assert len(rank["loops"]) >= 2 and set(rank["loops"]) == {rank["other"]}
