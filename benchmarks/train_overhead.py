@@ -36,15 +36,25 @@ What is measured
              `--no-stream-side`.
 
     How the sides are run: each round starts every side (a trainer run per configuration, bare and
-    bare_stream) as its own process, and the processes take turns of `--slice-s` seconds (default 0.25,
-    as in generation_overhead.py), one running while the others are stopped (SIGSTOP to the process
-    group, DataLoader workers included; `_common.run_interleaved`). A small shared VM's speed drifts by
-    +-10 % over tens of seconds: run one after the other, identical bare runs ranged 247-281 samples/s
-    within one round, and a round's ratio swung with whichever side caught the slow spell. Taking turns,
-    all sides see the same spells. Four identical bare loops taking turns, three rounds each, were
-    within 1.8, 0.6 and 1.1 % of each other (fastest over slowest) with turns of 0.25 s, and 0.8, 1.3 and
-    2.1 % with turns of 1 s: the steady window here is long (300 steps), so the turn length matters
-    less than in the generation benchmark. The side that starts moves one place each round.
+    bare_stream) as its own process, and the processes take turns of `--slice-s` seconds (default 1),
+    one running while the others are stopped (SIGSTOP to the process group, DataLoader workers
+    included; `_common.run_interleaved`). A small shared VM's speed drifts by +-10 % over tens of
+    seconds: run one after the other, identical bare runs ranged 247-281 samples/s within one round,
+    and a round's ratio swung with whichever side caught the slow spell. Taking turns, all sides see
+    the same spells. Four identical bare loops taking turns, three rounds each, were within 1.8, 0.6 and
+    1.1 % of each other (fastest over slowest) with turns of 0.25 s, and 0.8, 1.3 and 2.1 % with turns
+    of 1 s: the steady window here is long (300 steps), so the turn length matters less for the drift
+    than in the generation benchmark. The side that starts moves one place each round.
+
+    Why turns of 1 s and not 0.25 s: every turn after the first starts with cold caches, and the step a
+    turn resumes in takes longer than one run without a stop. Measured on 2 cores with every side
+    stamping each step (a trainer process patched to stamp its steps; ad-hoc drivers, three rounds of
+    four sides, turns of 0.25 s), a resume added 3.5-6.9 ms to a bare process's step (1.4-2.8 % of its
+    window), and 3.4-10.5 ms to a process that had gone through the trainer's whole start-up (1.4-4.2 %),
+    even when that process then ran exactly the bare loop. Between resumes, that bare loop in the trainer's
+    process stepped as fast as in a bare process (medians 38.6-38.9 ms against 38.5-39.0 ms). So the
+    turns themselves charged the larger process up to 2 % more than the bare one: a cost of being stopped
+    four times a second, which no real run has. Turns of 1 s resume a quarter as often.
 
     Primary metric, the same definition on every side: steady samples/s = samples of steps K+1..N /
     the process's own time from the end of step K to the end of step N (its turns in that span; the
@@ -134,7 +144,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "(the tiny preset's: ZeRO-2, the loader in the training process)")
     parser.add_argument("--repeats", type=int, default=3,
                         help="rounds (each: every side once, all taking turns)")
-    parser.add_argument("--slice-s", type=float, default=0.25,
+    parser.add_argument("--slice-s", type=float, default=1.0,
                         help="seconds a side runs per turn before the next side's turn")
     parser.add_argument("--no-stream-side", dest="stream_side", action="store_false",
                         help="skip the bare_stream side (bare loop over the trainer's streaming loader)")
