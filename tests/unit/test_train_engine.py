@@ -163,8 +163,8 @@ def policies():
     seen = {}
     for task in os.listdir("/proc/self/task"):
         name = open(f"/proc/self/task/{task}/comm").read().strip()
-        seen.setdefault(name, set()).add(os.sched_getscheduler(int(task)))
-    return {name: sorted(found) for name, found in seen.items()}
+        seen.setdefault(name, []).append(os.sched_getscheduler(int(task)))
+    return seen
 
 
 lone = initialize(torch.nn.Linear(8, 8), t, 1, torch.device("cpu"))[0]
@@ -177,10 +177,9 @@ for group in (None, lone.data_parallel_group):
     torch.distributed.all_gather_object(gathered, {"rank": 0, "x": 7}, group=group)
     torch.distributed.barrier(group=group)
     collected.append([value.tolist(), gathered])
-threads = {"loop": found.get("gloo_tcp_loop"), "others": sorted({p for name, ps in found.items()
-                                                                 if name != "gloo_tcp_loop" for p in ps}),
-           "loops": sum(1 for task in os.listdir("/proc/self/task")
-                        if open(f"/proc/self/task/{task}/comm").read().strip() == "gloo_tcp_loop"),
+threads = {"loop": sorted(set(found.get("gloo_tcp_loop", []))),
+           "others": sorted({p for name, ps in found.items() if name != "gloo_tcp_loop" for p in ps}),
+           "loops": len(found.get("gloo_tcp_loop", [])),
            "idle": os.SCHED_IDLE, "other": os.SCHED_OTHER, "collected": collected,
            "again": dist.idle_lone_group_threads()}
 
