@@ -44,7 +44,10 @@ What is measured
     the same spells. Four identical bare loops taking turns, three rounds each, were within 1.8, 0.6 and
     1.1 % of each other (fastest over slowest) with turns of 0.25 s, and 0.8, 1.3 and 2.1 % with turns
     of 1 s: the steady window here is long (300 steps), so the turn length matters less for the drift
-    than in the generation benchmark. The side that starts moves one place each round.
+    than in the generation benchmark. The side that starts moves one place each round. Tried and dropped:
+    each cycle after the first in a seeded random order, so that no side always follows the same other side
+    into its turn (in three runs with the fixed order the worst round was the third each time): one run gave
+    0.932, 1.009, 0.947, no better, and four identical sides differed by 1.2, 4.6 and 5.6 % with it.
 
     Why turns of 1 s and not 0.25 s: every turn after the first starts with cold caches, and the step a
     turn resumes in takes longer than one run without a stop. Measured on 2 cores with every side
@@ -55,6 +58,16 @@ What is measured
     process stepped as fast as in a bare process (medians 38.6-38.9 ms against 38.5-39.0 ms). So the
     turns themselves charged the larger process up to 2 % more than the bare one: a cost of being stopped
     four times a second, which no real run has. Turns of 1 s resume a quarter as often.
+
+    Memory pages: every side's malloc takes transparent huge pages (GLIBC_TUNABLES=glibc.malloc.hugetlb=1: glibc
+    2.35 and later madvise their heap, where the kernel's THP mode is "madvise"; `--small-pages` leaves it
+    out). On a 2-core KVM guest (AMD EPYC, THP "madvise", 4 KiB pages by default), four identical bare loops
+    taking turns at 1 s differed by 1.0, 7.9, 5.7, 1.9 and 13.0 % (fastest over slowest) in five rounds, and
+    the difference sat in the steps between resumes (medians 109.7 against 124.3 ms in the worst round), not
+    in the resumes: where a process's memory landed decided the round, not its code. With huge pages on every
+    side the same check gave 2.0 and 2.0 % (steps between resumes within 0.7 and 2.6 %), every side about 5 %
+    faster, and `--identical 4 --repeats 3` (that check: rounds of N identical bare sides and nothing else)
+    1.7, 0.9 and 2.5 % (benchmarks/results/train_overhead_identical.json).
 
     Primary metric, the same definition on every side: steady samples/s = samples of steps K+1..N /
     the process's own time from the end of step K to the end of step N (its turns in that span; the
@@ -96,6 +109,7 @@ What is measured
 
 Reproduce (from the repository root; about 6 minutes on 2 idle cores, more while others use them):
     .venv/bin/python benchmarks/train_overhead.py --repeats 3
+    .venv/bin/python benchmarks/train_overhead.py --identical 4 --repeats 3   # the machine's noise floor
     .venv/bin/python benchmarks/train_overhead.py --configs 2:0 --repeats 3 --no-stream-side   # headline only
 """
 
@@ -126,6 +140,7 @@ from _common import (write_results, RESULTS, active_s, fmt, measure, ratio, revp
 from revprompt.launch.layout import RUN_MARKER  # noqa: E402
 
 DEFAULT_OUT = RESULTS / "train_overhead.json"
+IDENTICAL_OUT = RESULTS / "train_overhead_identical.json"
 BARE_MARKER = "BARE_RESULT "
 TARGET_RATIO = 0.95
 RUN_TIMEOUT_S = 900  # of a run's own turns
@@ -151,7 +166,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="OMP/MKL threads on both sides")
     parser.add_argument("--cache-mb", type=int, default=None,
                         help="train.cache_mb of the trainer and bare_stream runs (default: the preset's; 0 = off)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file")
+    parser.add_argument("--small-pages", dest="huge_pages", action="store_false",
+                        help="leave malloc on the kernel's default pages instead of transparent huge pages on every "
+                             "side (see 'Memory pages' above)")
+    parser.add_argument("--identical", type=int, default=0, metavar="N",
+                        help="instead of the comparison: rounds of N identical bare sides taking turns, their spread "
+                             "(fastest over slowest) per round: how far apart this machine puts equal work")
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"JSON results file (default {DEFAULT_OUT}, with --identical {IDENTICAL_OUT})")
     parser.add_argument("--retries", type=int, default=2,
                         help="reruns of a round that other processes disturbed (see other_cpu_s)")
     parser.add_argument("--quiet-wait", type=float, default=30.0,
@@ -171,6 +193,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--repeats: need at least 1 round")
     if not 0.05 <= args.slice_s <= 60:
         parser.error("--slice-s: between 0.05 and 60 seconds")
+    if args.identical == 1 or args.identical < 0:
+        parser.error("--identical: at least 2 sides to compare")
+    if args.out is None:
+        args.out = IDENTICAL_OUT if args.identical else DEFAULT_OUT
     if args.steps < 2 * args.log_every:
         parser.error("--steps: need at least two --log-every windows (the first is warm-up)")
     return args
@@ -433,6 +459,42 @@ def bare_work(cfg, source: str, start: float) -> dict[str, Any]:
             "build_s": built - start, "loop_s": end - built, "threads": torch.get_num_threads(), "stamps": stamps}
 
 
+def run_identical_round(args: argparse.Namespace, generated: Path, env: dict[str, str]) -> dict[str, Any]:
+    """One round of `--identical` N bare sides (data in memory) taking turns; their rates and spread."""
+    cmds = [bare_command(args, generated, "memory") for _ in range(args.identical)]
+    results, group = run_interleaved(cmds, env, args.slice_s, RUN_TIMEOUT_S, args.quiet_wait)
+    runs = [bare_result(args, "memory", proc, timing) for proc, timing in results]
+    rates = [r["steady_samples_per_s"] for r in runs]
+    spread = max(rates) / min(rates) - 1 if None not in rates else None
+    return {**group, "runs": runs, "spread": spread}
+
+
+def describe_identical(group: dict[str, Any]) -> str:
+    """A progress line for one `--identical` round."""
+    rates = ", ".join(fmt(r["steady_samples_per_s"], ".2f") for r in group["runs"])
+    return (f"{group['wall_s']:.0f} s, others {fmt(group.get('other_cpu_s'), '.2f')} CPU-s: {rates} samples/s, "
+            f"spread {fmt(None if group['spread'] is None else 100 * group['spread'], '.1f')} %")
+
+
+def identical(args: argparse.Namespace, generated: Path, env: dict[str, str]) -> dict[str, Any]:
+    """`--identical`: rounds of identical bare sides; the JSON's record."""
+    groups: list[dict[str, Any]] = []
+    discarded: list[dict[str, Any]] = []
+    for i in range(args.repeats):
+        groups.append(measure(f"round {i + 1}/{args.repeats}", args.retries, discarded,
+                              lambda n: run_identical_round(args, generated, env), describe_identical, side="round"))
+    spreads = [g["spread"] for g in groups]
+    print("spread of identical bare sides per round: "
+          + ", ".join(fmt(None if s is None else 100 * s, ".1f") + " %" for s in spreads))
+    return {"benchmark": "train_overhead --identical",
+            "command": " ".join([Path(sys.executable).name, "benchmarks/train_overhead.py"] + sys.argv[1:]),
+            "settings": {"sides": args.identical, "steps": args.steps, "log_every": args.log_every,
+                         "micro_batch": args.micro_batch, "threads": args.threads, "slice_s": args.slice_s,
+                         "glibc_tunables": env.get("GLIBC_TUNABLES")},
+            "round_spreads": spreads, "disturbed_rounds_kept": sum(g["disturbed"] for g in groups),
+            "rounds": groups, "discarded_rounds": discarded}
+
+
 def describe_round(group: dict[str, Any]) -> str:
     """Progress lines for one round: each side's steady rate, then the machine."""
     out = []
@@ -488,6 +550,7 @@ def summarise(args: argparse.Namespace, groups: list[dict[str, Any]],
                      "micro_batch": args.micro_batch, "prompts": args.prompts, "threads": args.threads,
                      "cache_mb": args.cache_mb, "precision": "fp32", "device": "cpu", "rounds": args.repeats,
                      "slice_s": args.slice_s, "configs": config_names(args),
+                     "glibc_tunables": subprocess_env(args.threads, args.huge_pages).get("GLIBC_TUNABLES"),
                      "bare_stream_workers": args.configs[0][1] if args.stream_side else None,
                      "order": "per round every side once, taking turns of slice_s seconds; the first side moves "
                               "one place each round"},
@@ -541,7 +604,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="revprompt-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    env = subprocess_env(args.threads)
+    env = subprocess_env(args.threads, huge_pages=args.huge_pages)
     groups: list[dict[str, Any]] = []
     discarded: list[dict[str, Any]] = []
     try:
@@ -550,6 +613,9 @@ def main(argv: list[str] | None = None) -> int:
             generated = workdir / "generated"
             if not (generated / "shards" / "manifest.json").is_file():
                 generate(args, generated, env)
+        if args.identical:
+            write_results(identical(args, generated, env), args.out)
+            return 0
         warm_up(args, generated, workdir / "warm-up", env)
         for i in range(args.repeats):
             groups.append(measure(f"round {i + 1}/{args.repeats}", args.retries, discarded,

@@ -3,6 +3,7 @@ time is its own turns, every child ends within its limit, and a child's workers 
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -107,6 +108,7 @@ def test_a_side_past_its_time_limit_is_killed_with_its_workers():
 
 
 HARNESS = """
+import os
 import sys
 sys.path.insert(0, sys.argv[1])
 from _common import run_interleaved
@@ -163,3 +165,46 @@ def test_the_training_benchmark_replaces_only_the_copies_it_made(tmp_path: Path)
     with pytest.raises(SystemExit, match="is not a copy this benchmark made"):
         fresh_copy(generated, mine)
     assert [p.name for p in mine.iterdir()] == ["notes.txt"] and (mine / "notes.txt").read_text() == "keep"
+
+
+# a child that touches 64 MiB from malloc and prints the KiB of its memory the kernel backs with huge pages
+HUGE = """
+import re
+buffer = bytearray(64 << 20)
+for i in range(0, len(buffer), 4096):
+    buffer[i] = 1
+print(sum(int(k) for k in re.findall(r"AnonHugePages:\\s+(\\d+) kB", open("/proc/self/smaps").read())))
+"""
+
+
+def _glibc_takes_the_tunable() -> bool:
+    """glibc 2.35 or later (GLIBC_TUNABLES glibc.malloc.hugetlb), on a kernel whose THP mode is not "never"."""
+    try:
+        name, version = os.confstr("CS_GNU_LIBC_VERSION").split()
+        mode = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except (ValueError, OSError, AttributeError):
+        return False
+    return name == "glibc" and tuple(int(x) for x in version.split(".")[:2]) >= (2, 35) and "[never]" not in mode
+
+
+def test_huge_pages_reach_every_sides_malloc_and_keep_the_users_tunables(monkeypatch):
+    import subprocess
+
+    from _common import HUGE_PAGE_TUNABLE, subprocess_env
+
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    assert "GLIBC_TUNABLES" not in subprocess_env(2)
+    assert subprocess_env(2, huge_pages=True)["GLIBC_TUNABLES"] == HUGE_PAGE_TUNABLE
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
+    assert subprocess_env(2)["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2"
+    env = subprocess_env(2, huge_pages=True)
+    assert env["GLIBC_TUNABLES"] == f"glibc.malloc.arena_max=2:{HUGE_PAGE_TUNABLE}"
+
+    def huge_kib(environment: dict[str, str]) -> int:
+        out = subprocess.run([sys.executable, "-c", HUGE], env=environment, capture_output=True, text=True, check=True)
+        return int(out.stdout)
+
+    if _glibc_takes_the_tunable():  # where the C library and kernel can: the pages are huge, and only with it
+        assert huge_kib(env) >= 32 << 10
+        assert huge_kib(subprocess_env(2)) == 0 or "[always]" in Path(
+            "/sys/kernel/mm/transparent_hugepage/enabled").read_text()
