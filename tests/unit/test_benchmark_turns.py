@@ -108,7 +108,6 @@ def test_a_side_past_its_time_limit_is_killed_with_its_workers():
 
 
 HARNESS = """
-import os
 import sys
 sys.path.insert(0, sys.argv[1])
 from _common import run_interleaved
