@@ -126,6 +126,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from revprompt.launch import process  # the standard library only
@@ -476,13 +477,21 @@ def describe_identical(group: dict[str, Any]) -> str:
             f"spread {fmt(None if group['spread'] is None else 100 * group['spread'], '.1f')} %")
 
 
-def identical(args: argparse.Namespace, generated: Path, env: dict[str, str]) -> dict[str, Any]:
-    """`--identical`: rounds of identical bare sides; the JSON's record."""
+def rounds(args: argparse.Namespace, run: Callable[[int, int], dict[str, Any]],
+           describe: Callable[[dict[str, Any]], str]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """`--repeats` rounds, `run(index, attempt)` each, a disturbed one rerun up to `--retries` times (`measure`);
+    the kept rounds and the discarded ones."""
     groups: list[dict[str, Any]] = []
     discarded: list[dict[str, Any]] = []
     for i in range(args.repeats):
         groups.append(measure(f"round {i + 1}/{args.repeats}", args.retries, discarded,
-                              lambda n: run_identical_round(args, generated, env), describe_identical, side="round"))
+                              lambda attempt, i=i: run(i, attempt), describe, side="round"))
+    return groups, discarded
+
+
+def identical(args: argparse.Namespace, generated: Path, env: dict[str, str]) -> dict[str, Any]:
+    """`--identical`: rounds of identical bare sides; the JSON's record."""
+    groups, discarded = rounds(args, lambda i, attempt: run_identical_round(args, generated, env), describe_identical)
     spreads = [g["spread"] for g in groups]
     print("spread of identical bare sides per round: "
           + ", ".join(fmt(None if s is None else 100 * s, ".1f") + " %" for s in spreads))
@@ -513,7 +522,7 @@ def config_names(args: argparse.Namespace) -> list[str]:
 
 
 def summarise(args: argparse.Namespace, groups: list[dict[str, Any]],
-              discarded: list[dict[str, Any]]) -> dict[str, Any]:
+              discarded: list[dict[str, Any]], env: dict[str, str]) -> dict[str, Any]:
     """Per-round ratios, medians and the raw rounds, as written to the JSON file."""
     import deepspeed
     import torch
@@ -550,7 +559,7 @@ def summarise(args: argparse.Namespace, groups: list[dict[str, Any]],
                      "micro_batch": args.micro_batch, "prompts": args.prompts, "threads": args.threads,
                      "cache_mb": args.cache_mb, "precision": "fp32", "device": "cpu", "rounds": args.repeats,
                      "slice_s": args.slice_s, "configs": config_names(args),
-                     "glibc_tunables": subprocess_env(args.threads, args.huge_pages).get("GLIBC_TUNABLES"),
+                     "glibc_tunables": env.get("GLIBC_TUNABLES"),
                      "bare_stream_workers": args.configs[0][1] if args.stream_side else None,
                      "order": "per round every side once, taking turns of slice_s seconds; the first side moves "
                               "one place each round"},
@@ -605,8 +614,6 @@ def main(argv: list[str] | None = None) -> int:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="revprompt-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     env = subprocess_env(args.threads, huge_pages=args.huge_pages)
-    groups: list[dict[str, Any]] = []
-    discarded: list[dict[str, Any]] = []
     try:
         generated = args.generated
         if generated is None:
@@ -617,14 +624,12 @@ def main(argv: list[str] | None = None) -> int:
             write_results(identical(args, generated, env), args.out)
             return 0
         warm_up(args, generated, workdir / "warm-up", env)
-        for i in range(args.repeats):
-            groups.append(measure(f"round {i + 1}/{args.repeats}", args.retries, discarded,
-                                  lambda n: run_round(args, i, n, generated, workdir, env), describe_round,
-                                  side="round"))
+        groups, discarded = rounds(args, lambda i, attempt: run_round(args, i, attempt, generated, workdir, env),
+                                   describe_round)
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
-    result = summarise(args, groups, discarded)
+    result = summarise(args, groups, discarded, env)
     print_table(result)
     write_results(result, args.out)
     return 0
