@@ -160,6 +160,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "(the tiny preset's: ZeRO-2, the loader in the training process)")
     parser.add_argument("--repeats", type=int, default=3,
                         help="rounds (each: every side once, all taking turns)")
+    parser.add_argument("--processes", type=int, default=3,
+                        help="processes per side per round, all taking turns; a side's rate is its processes' samples "
+                             "over their own time together (see 'Processes per side' above)")
     parser.add_argument("--slice-s", type=float, default=1.0,
                         help="seconds a side runs per turn before the next side's turn")
     parser.add_argument("--no-stream-side", dest="stream_side", action="store_false",
@@ -192,6 +195,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--configs: stage in 0..3, workers >= 0")
     if args.repeats < 1:
         parser.error("--repeats: need at least 1 round")
+    if not 1 <= args.processes <= 8:
+        parser.error("--processes: between 1 and 8 per side")
     if not 0.05 <= args.slice_s <= 60:
         parser.error("--slice-s: between 0.05 and 60 seconds")
     if args.identical == 1 or args.identical < 0:
@@ -345,28 +350,52 @@ def sides_of(args: argparse.Namespace) -> list[tuple[str, int, int]]:
     return sides
 
 
+def combine(name: str, processes: list[dict[str, Any]]) -> dict[str, Any]:
+    """One side's record from its processes' records: steady samples/s = their window samples over their window
+    time together (each process's own turns); wall and CPU time summed; each process's record kept."""
+    windows = [p for p in processes if p.get("steady_samples_per_s") is not None]
+    seconds = sum(p["window_s"] for p in windows)
+    samples = sum(p["steady_samples_per_s"] * p["window_s"] for p in windows)
+    complete = len(windows) == len(processes) and seconds > 0
+    return {"config": name, "steady_samples_per_s": samples / seconds if complete else None,
+            "window_s": seconds if complete else None,
+            "window_steps": sum(p["window_steps"] for p in windows) if complete else None,
+            "window_turns": sum(p["window_turns"] for p in windows) if complete else None,
+            "wall_s": sum(p["wall_s"] for p in processes), "cpu_s": sum(p["cpu_s"] for p in processes),
+            "final_losses": [p["final_loss"] for p in processes],
+            "process_samples_per_s": [p.get("steady_samples_per_s") for p in processes], "processes": processes}
+
+
+def slots_of(sides: list, processes: int) -> list[tuple[Any, int]]:
+    """(side, process index) in the order the processes take turns: every side's first process, then every side's
+    second, ..., so that each side's processes are spread over the whole cycle."""
+    return [(side, k) for k in range(processes) for side in sides]
+
+
 def run_round(args: argparse.Namespace, index: int, attempt: int, generated: Path, workdir: Path,
               env: dict[str, str]) -> dict[str, Any]:
-    """One round: every side once, all taking turns of `--slice-s` seconds (see `run_interleaved`); the first
-    side moves one place each round, so no side always starts first."""
+    """One round: every side as `--processes` processes, all taking turns of `--slice-s` seconds (see
+    `run_interleaved`); the first side moves one place each round, so no side always starts first."""
     sides = sides_of(args)
     shift = index % len(sides)
     sides = sides[shift:] + sides[:shift]
+    slots = slots_of(sides, args.processes)
     cmds, dirs = [], {}
-    for name, stage, workers in sides:
+    for (name, stage, workers), k in slots:
         if stage >= 0:
-            dirs[name] = workdir / f"train-{index}-{attempt}-{stage}-{workers}"
-            cmds.append(trainer_command(args, stage, workers, generated, dirs[name]))
+            dirs[name, k] = workdir / f"train-{index}-{attempt}-{stage}-{workers}-{k}"
+            cmds.append(trainer_command(args, stage, workers, generated, dirs[name, k]))
         else:
             cmds.append(bare_command(args, generated, "memory" if name == "bare" else "stream"))
     results, group = run_interleaved(cmds, env, args.slice_s, RUN_TIMEOUT_S, args.quiet_wait)
-    runs = {}
-    for (name, stage, workers), (proc, timing) in zip(sides, results):
+    processes: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in sides}
+    for ((name, stage, workers), k), (proc, timing) in zip(slots, results):
         if stage >= 0:
-            runs[name] = trainer_result(args, stage, workers, dirs[name], proc, timing)
+            processes[name].append(trainer_result(args, stage, workers, dirs[name, k], proc, timing))
         else:
-            runs[name] = bare_result(args, "memory" if name == "bare" else "stream", proc, timing)
-    return {**group, "order": [name for name, _, _ in sides], "runs": runs}
+            processes[name].append(bare_result(args, "memory" if name == "bare" else "stream", proc, timing))
+    return {**group, "order": [name for name, _, _ in sides],
+            "runs": {name: combine(name, found) for name, found in processes.items()}}
 
 
 def bare_worker(argv: list[str]) -> None:
@@ -460,21 +489,33 @@ def bare_work(cfg, source: str, start: float) -> dict[str, Any]:
             "build_s": built - start, "loop_s": end - built, "threads": torch.get_num_threads(), "stamps": stamps}
 
 
+def spread_of(rates: list[float | None]) -> float | None:
+    """Fastest over slowest, minus one; None when a rate is missing."""
+    return max(rates) / min(rates) - 1 if rates and None not in rates else None
+
+
 def run_identical_round(args: argparse.Namespace, generated: Path, env: dict[str, str]) -> dict[str, Any]:
-    """One round of `--identical` N bare sides (data in memory) taking turns; their rates and spread."""
-    cmds = [bare_command(args, generated, "memory") for _ in range(args.identical)]
+    """One round of `--identical` N bare sides (data in memory), each as `--processes` processes, all taking turns;
+    the sides' rates and spread, and the spread of the single processes."""
+    slots = slots_of(list(range(args.identical)), args.processes)
+    cmds = [bare_command(args, generated, "memory") for _ in slots]
     results, group = run_interleaved(cmds, env, args.slice_s, RUN_TIMEOUT_S, args.quiet_wait)
-    runs = [bare_result(args, "memory", proc, timing) for proc, timing in results]
-    rates = [r["steady_samples_per_s"] for r in runs]
-    spread = max(rates) / min(rates) - 1 if None not in rates else None
-    return {**group, "runs": runs, "spread": spread}
+    processes: list[list[dict[str, Any]]] = [[] for _ in range(args.identical)]
+    for (side, _), (proc, timing) in zip(slots, results):
+        processes[side].append(bare_result(args, "memory", proc, timing))
+    runs = [combine("bare", found) for found in processes]
+    singles = [rate for run in runs for rate in run["process_samples_per_s"]]
+    return {**group, "runs": runs, "spread": spread_of([r["steady_samples_per_s"] for r in runs]),
+            "process_spread": spread_of(singles)}
 
 
 def describe_identical(group: dict[str, Any]) -> str:
     """A progress line for one `--identical` round."""
     rates = ", ".join(fmt(r["steady_samples_per_s"], ".2f") for r in group["runs"])
+    singles = "" if len(group["runs"][0]["processes"]) == 1 else \
+        f" (single processes: spread {fmt(None if group['process_spread'] is None else 100 * group['process_spread'], '.1f')} %)"
     return (f"{group['wall_s']:.0f} s, others {fmt(group.get('other_cpu_s'), '.2f')} CPU-s: {rates} samples/s, "
-            f"spread {fmt(None if group['spread'] is None else 100 * group['spread'], '.1f')} %")
+            f"spread {fmt(None if group['spread'] is None else 100 * group['spread'], '.1f')} %{singles}")
 
 
 def rounds(args: argparse.Namespace, run: Callable[[int, int], dict[str, Any]],
@@ -497,10 +538,12 @@ def identical(args: argparse.Namespace, generated: Path, env: dict[str, str]) ->
           + ", ".join(fmt(None if s is None else 100 * s, ".1f") + " %" for s in spreads))
     return {"benchmark": "train_overhead --identical",
             "command": " ".join([Path(sys.executable).name, "benchmarks/train_overhead.py"] + sys.argv[1:]),
-            "settings": {"sides": args.identical, "steps": args.steps, "log_every": args.log_every,
+            "settings": {"sides": args.identical, "processes_per_side": args.processes, "steps": args.steps,
+                         "log_every": args.log_every,
                          "micro_batch": args.micro_batch, "threads": args.threads, "slice_s": args.slice_s,
                          "glibc_tunables": env.get("GLIBC_TUNABLES")},
-            "round_spreads": spreads, "disturbed_rounds_kept": sum(g["disturbed"] for g in groups),
+            "round_spreads": spreads, "round_process_spreads": [g["process_spread"] for g in groups],
+            "disturbed_rounds_kept": sum(g["disturbed"] for g in groups),
             "rounds": groups, "discarded_rounds": discarded}
 
 
@@ -509,9 +552,10 @@ def describe_round(group: dict[str, Any]) -> str:
     out = []
     for name in group["order"]:
         run = group["runs"][name]
+        singles = ", ".join(fmt(r, ".1f") for r in run["process_samples_per_s"])
         out.append(f"\n  {name:<17} steady {fmt(run.get('steady_samples_per_s'), '7.2f')} samples/s over "
-                   f"{fmt(run.get('window_s'), '.1f')} s of its own ({run.get('window_turns')} turns), process "
-                   f"{run['wall_s']:6.1f} s / {run['cpu_s']:6.1f} s CPU")
+                   f"{fmt(run.get('window_s'), '.1f')} s of its own ({run.get('window_turns')} turns; processes "
+                   f"{singles}), processes {run['wall_s']:6.1f} s / {run['cpu_s']:6.1f} s CPU")
     return (f"{group['wall_s']:.0f} s, others {fmt(group.get('other_cpu_s'), '.2f')} CPU-s, "
             f"order {', '.join(group['order'])}" + "".join(out))
 
@@ -558,10 +602,11 @@ def summarise(args: argparse.Namespace, groups: list[dict[str, Any]],
         "settings": {"preset": "tiny", "steps": args.steps, "log_every": args.log_every,
                      "micro_batch": args.micro_batch, "prompts": args.prompts, "threads": args.threads,
                      "cache_mb": args.cache_mb, "precision": "fp32", "device": "cpu", "rounds": args.repeats,
-                     "slice_s": args.slice_s, "configs": config_names(args),
+                     "slice_s": args.slice_s, "processes_per_side": args.processes, "configs": config_names(args),
                      "glibc_tunables": env.get("GLIBC_TUNABLES"),
                      "bare_stream_workers": args.configs[0][1] if args.stream_side else None,
-                     "order": "per round every side once, taking turns of slice_s seconds; the first side moves "
+                     "order": "per round every side as processes_per_side processes (every side's first, then "
+                              "every side's second, ...), all taking turns of slice_s seconds; the first side moves "
                               "one place each round"},
         "environment": {"python": platform.python_version(), "torch": torch.__version__,
                         "deepspeed": deepspeed.__version__, "transformers": transformers.__version__,

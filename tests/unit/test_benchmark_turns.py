@@ -207,3 +207,52 @@ def test_huge_pages_reach_every_sides_malloc_and_keep_the_users_tunables(monkeyp
         assert huge_kib(env) >= 32 << 10
         assert huge_kib(subprocess_env(2)) == 0 or "[always]" in Path(
             "/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+def process_record(rate: float | None, window_s: float, loss: float = 2.0) -> dict:
+    return {"steady_samples_per_s": rate, "window_s": window_s if rate is not None else None,
+            "window_steps": round(rate * window_s / 16) if rate is not None else None,
+            "window_turns": max(1, round(window_s)), "wall_s": window_s + 5.0, "cpu_s": 2 * window_s, "final_loss": loss}
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.lists(st.tuples(st.floats(1.0, 1000.0), st.floats(0.5, 100.0)), min_size=1, max_size=8))
+def test_a_sides_rate_is_its_processes_samples_over_their_own_time_together(runs):
+    from train_overhead import combine
+
+    side = combine("bare", [process_record(rate, seconds) for rate, seconds in runs])
+    samples = sum(rate * seconds for rate, seconds in runs)
+    seconds = sum(s for _, s in runs)
+    assert side["steady_samples_per_s"] == pytest.approx(samples / seconds, rel=1e-12)
+    # between its slowest and fastest process, each weighted by the time it ran
+    assert min(r for r, _ in runs) * (1 - 1e-12) <= side["steady_samples_per_s"] <= max(r for r, _ in runs) * (1 + 1e-12)
+    assert side["window_s"] == pytest.approx(seconds)
+    assert side["process_samples_per_s"] == [r for r, _ in runs] and len(side["processes"]) == len(runs)
+    assert side["wall_s"] == pytest.approx(sum(s + 5.0 for _, s in runs))
+
+
+def test_a_side_with_a_process_that_has_no_window_has_no_rate():
+    from train_overhead import combine
+
+    side = combine("zero2/workers0", [process_record(300.0, 10.0), process_record(None, 10.0)])
+    assert side["steady_samples_per_s"] is None and side["window_s"] is None
+    assert side["process_samples_per_s"] == [300.0, None]
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.integers(1, 6), st.integers(1, 8))
+def test_every_side_runs_its_processes_spread_over_the_cycle(sides, processes):
+    from train_overhead import slots_of
+
+    slots = slots_of(list(range(sides)), processes)
+    assert len(slots) == sides * processes and len(set(slots)) == len(slots)
+    # every side's k-th process takes its turn before any side's (k+1)-th, the sides in the round's order each time
+    ks = [k for _, k in slots]
+    assert ks == sorted(ks)
+    for k in range(processes):
+        assert [side for side, j in slots if j == k] == list(range(sides))
+    for side in range(sides):
+        assert [k for s, k in slots if s == side] == list(range(processes))
