@@ -217,7 +217,8 @@ class TrainStream(IterableDataset):
 
 
 def build_loader(stream: TrainStream, num_workers: int, pin_memory: bool) -> Iterable[dict]:
-    """Ready batches (batch_size=None) from a DataLoader; 0 workers reads in the training process.
+    """Ready batches (batch_size=None) from a DataLoader; 0 workers reads in the training process (without pinned
+    memory, straight from the stream).
 
     Without pinned memory (a CPU device), workers hand batches over as numpy arrays through the DataLoader's pipe
     and they become tensors again here, sharing the received buffer: torch's default moves every tensor of every
@@ -225,6 +226,10 @@ def build_loader(stream: TrainStream, num_workers: int, pin_memory: bool) -> Ite
     the tiny preset the trainer stepped 8 % slower fed by a worker that way, 4 % this way). With pinned memory
     (CUDA) the tensors travel as torch's default has them, to be pinned.
     """
+    if not num_workers and not pin_memory:
+        # in the training process with nothing to pin, a DataLoader would only call next() on the stream, inside a
+        # profiler range and its fetcher, and pass the batch through `_as_is`: the stream is the loader
+        return stream
     if num_workers and not pin_memory:
         return _PipedLoader(DataLoader(stream, batch_size=None, num_workers=num_workers, collate_fn=_to_numpy,
                                        prefetch_factor=4, multiprocessing_context=_wide_pipe_context()))
