@@ -36,7 +36,8 @@ What is measured
              `--no-stream-side`.
 
     How the sides are run: each round starts every side (a trainer run per configuration, bare and
-    bare_stream) as its own process, and the processes take turns of `--slice-s` seconds (default 1),
+    bare_stream) as `--processes` processes (default 3; see 'Processes per side' below), and the processes
+    take turns of `--slice-s` seconds (default 1),
     one running while the others are stopped (SIGSTOP to the process group, DataLoader workers
     included; `_common.run_interleaved`). A small shared VM's speed drifts by +-10 % over tens of
     seconds: run one after the other, identical bare runs ranged 247-281 samples/s within one round,
@@ -68,6 +69,20 @@ What is measured
     side the same check gave 2.0 and 2.0 % (steps between resumes within 0.7 and 2.6 %), every side about 5 %
     faster, and `--identical 4 --repeats 3` (that check: rounds of N identical bare sides and nothing else)
     1.7, 0.9 and 2.5 % (benchmarks/results/train_overhead_identical.json).
+
+    Processes per side: a process draws its speed once, at its start. On a 2-vCPU KVM guest (Intel Xeon,
+    THP "madvise", huge pages as below), four identical bare loops taking turns, one process each, differed by
+    0.7, 4.6 and 1.4 % (fastest over slowest) in three rounds, and in the 4.6 % round two processes ran at
+    304-305 samples/s and the other two at 317-318 from end to end: the gap stayed with the process, whatever
+    the moment (without address-space randomisation, `setarch -R`, it was 8.0, 4.5 and 2.8 %: not the layout
+    of the virtual addresses). One trainer process against one bare process drew that lottery every round.
+    So each side runs as K processes, its turns spread over the whole cycle (every side's first process, then
+    every side's second, ...), and a side's rate is its processes' window samples over their window time
+    together. Six identical loops, three rounds: single processes 3.8, 2.2 and 7.6 % apart, the same six grouped
+    in threes 1.1, 0.5 and 1.4 %; `--identical 2 --repeats 3` (two sides of three processes) 2.1, 2.2 and 3.2 %
+    (single processes 4.6, 4.1 and 5.3 %), the second side the faster in all three rounds: the order of the
+    identical sides does not rotate, and whether a place in the cycle is worth a percent or two is not yet known.
+    `--identical N` runs N sides of K processes and prints both spreads.
 
     Primary metric, the same definition on every side: steady samples/s = samples of steps K+1..N /
     the process's own time from the end of step K to the end of step N (its turns in that span; the
@@ -107,9 +122,9 @@ What is measured
     costs the training process too: hence the preset's 0 workers. On a GPU machine the workers run on
     cores the model does not use.
 
-Reproduce (from the repository root; about 6 minutes on 2 idle cores, more while others use them):
+Reproduce (from the repository root; about 15 minutes on 2 idle cores of a fast machine, 45 on a slow one):
     .venv/bin/python benchmarks/train_overhead.py --repeats 3
-    .venv/bin/python benchmarks/train_overhead.py --identical 4 --repeats 3   # the machine's noise floor
+    .venv/bin/python benchmarks/train_overhead.py --identical 2 --repeats 3   # the machine's noise floor
     .venv/bin/python benchmarks/train_overhead.py --configs 2:0 --repeats 3 --no-stream-side   # headline only
 """
 
