@@ -80,9 +80,10 @@ What is measured
     every side's second, ...), and a side's rate is its processes' window samples over their window time
     together. Six identical loops, three rounds: single processes 3.8, 2.2 and 7.6 % apart, the same six grouped
     in threes 1.1, 0.5 and 1.4 %; `--identical 2 --repeats 3` (two sides of three processes) 2.1, 2.2 and 3.2 %
-    (single processes 4.6, 4.1 and 5.3 %), the second side the faster in all three rounds: the order of the
-    identical sides does not rotate, and whether a place in the cycle is worth a percent or two is not yet known.
-    `--identical N` runs N sides of K processes and prints both spreads.
+    (single processes 4.6, 4.1 and 5.3 %), the second side the faster in all three rounds: the identical sides'
+    order did not rotate then. It rotates now, as the comparison's does: `--identical 2 --repeats 4` gave 0.3,
+    0.6, 0.4 and 0.7 % (single processes 1.9, 1.2, 2.5 and 3.4 %). `--identical N` runs N sides of K processes
+    and prints both spreads.
 
     Primary metric, the same definition on every side: steady samples/s = samples of steps K+1..N /
     the process's own time from the end of step K to the end of step N (its turns in that span; the
@@ -124,7 +125,7 @@ What is measured
 
 Reproduce (from the repository root; about 15 minutes on 2 idle cores of a fast machine, 45 on a slow one):
     .venv/bin/python benchmarks/train_overhead.py --repeats 3
-    .venv/bin/python benchmarks/train_overhead.py --identical 2 --repeats 3   # the machine's noise floor
+    .venv/bin/python benchmarks/train_overhead.py --identical 2 --repeats 4   # the machine's noise floor
     .venv/bin/python benchmarks/train_overhead.py --configs 2:0 --repeats 3 --no-stream-side   # headline only
 """
 
@@ -509,10 +510,13 @@ def spread_of(rates: list[float | None]) -> float | None:
     return max(rates) / min(rates) - 1 if rates and None not in rates else None
 
 
-def run_identical_round(args: argparse.Namespace, generated: Path, env: dict[str, str]) -> dict[str, Any]:
+def run_identical_round(args: argparse.Namespace, index: int, generated: Path, env: dict[str, str]) -> dict[str, Any]:
     """One round of `--identical` N bare sides (data in memory), each as `--processes` processes, all taking turns;
-    the sides' rates and spread, and the spread of the single processes."""
-    slots = slots_of(list(range(args.identical)), args.processes)
+    the sides' rates (in side order) and spread, and the spread of the single processes. The first side moves one
+    place each round, as in the comparison."""
+    shift = index % args.identical
+    order = list(range(args.identical))[shift:] + list(range(args.identical))[:shift]
+    slots = slots_of(order, args.processes)
     cmds = [bare_command(args, generated, "memory") for _ in slots]
     results, group = run_interleaved(cmds, env, args.slice_s, RUN_TIMEOUT_S, args.quiet_wait)
     processes: list[list[dict[str, Any]]] = [[] for _ in range(args.identical)]
@@ -520,7 +524,7 @@ def run_identical_round(args: argparse.Namespace, generated: Path, env: dict[str
         processes[side].append(bare_result(args, "memory", proc, timing))
     runs = [combine("bare", found) for found in processes]
     singles = [rate for run in runs for rate in run["process_samples_per_s"]]
-    return {**group, "runs": runs, "spread": spread_of([r["steady_samples_per_s"] for r in runs]),
+    return {**group, "order": order, "runs": runs, "spread": spread_of([r["steady_samples_per_s"] for r in runs]),
             "process_spread": spread_of(singles)}
 
 
@@ -547,7 +551,8 @@ def rounds(args: argparse.Namespace, run: Callable[[int, int], dict[str, Any]],
 
 def identical(args: argparse.Namespace, generated: Path, env: dict[str, str]) -> dict[str, Any]:
     """`--identical`: rounds of identical bare sides; the JSON's record."""
-    groups, discarded = rounds(args, lambda i, attempt: run_identical_round(args, generated, env), describe_identical)
+    groups, discarded = rounds(args, lambda i, attempt: run_identical_round(args, i, generated, env),
+                               describe_identical)
     spreads = [g["spread"] for g in groups]
     print("spread of identical bare sides per round: "
           + ", ".join(fmt(None if s is None else 100 * s, ".1f") + " %" for s in spreads))
