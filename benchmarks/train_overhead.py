@@ -141,8 +141,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from revprompt.launch import process  # the standard library only
@@ -175,7 +175,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="trainer configurations as zero_stage:num_workers, comma-separated; first = headline "
                              "(the tiny preset's: ZeRO-2, the loader in the training process)")
     parser.add_argument("--repeats", type=int, default=3,
-                        help="rounds (each: every side once, all taking turns)")
+                        help="rounds (each: every side as --processes processes, all taking turns)")
     parser.add_argument("--processes", type=int, default=3,
                         help="processes per side per round, all taking turns; a side's rate is its processes' samples "
                              "over their own time together (see 'Processes per side' above)")
@@ -382,6 +382,12 @@ def combine(name: str, processes: list[dict[str, Any]]) -> dict[str, Any]:
             "process_samples_per_s": [p.get("steady_samples_per_s") for p in processes], "processes": processes}
 
 
+def rotated(items: list, index: int) -> list:
+    """`items` with the first moved `index` places on (round `index`'s order), so that no side always starts first."""
+    shift = index % len(items)
+    return items[shift:] + items[:shift]
+
+
 def slots_of(sides: list, processes: int) -> list[tuple[Any, int]]:
     """(side, process index) in the order the processes take turns: every side's first process, then every side's
     second, ..., so that each side's processes are spread over the whole cycle."""
@@ -392,9 +398,7 @@ def run_round(args: argparse.Namespace, index: int, attempt: int, generated: Pat
               env: dict[str, str]) -> dict[str, Any]:
     """One round: every side as `--processes` processes, all taking turns of `--slice-s` seconds (see
     `run_interleaved`); the first side moves one place each round, so no side always starts first."""
-    sides = sides_of(args)
-    shift = index % len(sides)
-    sides = sides[shift:] + sides[:shift]
+    sides = rotated(sides_of(args), index)
     slots = slots_of(sides, args.processes)
     cmds, dirs = [], {}
     for (name, stage, workers), k in slots:
@@ -510,12 +514,16 @@ def spread_of(rates: list[float | None]) -> float | None:
     return max(rates) / min(rates) - 1 if rates and None not in rates else None
 
 
+def percent(fraction: float | None) -> str:
+    """A spread as a percentage with one decimal ('-' when missing)."""
+    return fmt(None if fraction is None else 100 * fraction, ".1f")
+
+
 def run_identical_round(args: argparse.Namespace, index: int, generated: Path, env: dict[str, str]) -> dict[str, Any]:
     """One round of `--identical` N bare sides (data in memory), each as `--processes` processes, all taking turns;
     the sides' rates (in side order) and spread, and the spread of the single processes. The first side moves one
     place each round, as in the comparison."""
-    shift = index % args.identical
-    order = list(range(args.identical))[shift:] + list(range(args.identical))[:shift]
+    order = rotated(list(range(args.identical)), index)
     slots = slots_of(order, args.processes)
     cmds = [bare_command(args, generated, "memory") for _ in slots]
     results, group = run_interleaved(cmds, env, args.slice_s, RUN_TIMEOUT_S, args.quiet_wait)
@@ -532,9 +540,9 @@ def describe_identical(group: dict[str, Any]) -> str:
     """A progress line for one `--identical` round."""
     rates = ", ".join(fmt(r["steady_samples_per_s"], ".2f") for r in group["runs"])
     singles = "" if len(group["runs"][0]["processes"]) == 1 else \
-        f" (single processes: spread {fmt(None if group['process_spread'] is None else 100 * group['process_spread'], '.1f')} %)"
+        f" (single processes: spread {percent(group['process_spread'])} %)"
     return (f"{group['wall_s']:.0f} s, others {fmt(group.get('other_cpu_s'), '.2f')} CPU-s: {rates} samples/s, "
-            f"spread {fmt(None if group['spread'] is None else 100 * group['spread'], '.1f')} %{singles}")
+            f"spread {percent(group['spread'])} %{singles}")
 
 
 def rounds(args: argparse.Namespace, run: Callable[[int, int], dict[str, Any]],
@@ -555,7 +563,7 @@ def identical(args: argparse.Namespace, generated: Path, env: dict[str, str]) ->
                                describe_identical)
     spreads = [g["spread"] for g in groups]
     print("spread of identical bare sides per round: "
-          + ", ".join(fmt(None if s is None else 100 * s, ".1f") + " %" for s in spreads))
+          + ", ".join(percent(s) + " %" for s in spreads))
     return {"benchmark": "train_overhead --identical",
             "command": " ".join([Path(sys.executable).name, "benchmarks/train_overhead.py"] + sys.argv[1:]),
             "settings": {"sides": args.identical, "processes_per_side": args.processes, "steps": args.steps,

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from _common import close_exit_handle, exit_handle, run_interleaved, wait_for_exit  # noqa: E402
@@ -209,13 +210,11 @@ def test_huge_pages_reach_every_sides_malloc_and_keep_the_users_tunables(monkeyp
             "/sys/kernel/mm/transparent_hugepage/enabled").read_text()
 
 
-from hypothesis import given, settings, strategies as st  # noqa: E402
-
-
 def process_record(rate: float | None, window_s: float, loss: float = 2.0) -> dict:
     return {"steady_samples_per_s": rate, "window_s": window_s if rate is not None else None,
             "window_steps": round(rate * window_s / 16) if rate is not None else None,
-            "window_turns": max(1, round(window_s)), "wall_s": window_s + 5.0, "cpu_s": 2 * window_s, "final_loss": loss}
+            "window_turns": max(1, round(window_s)), "wall_s": window_s + 5.0, "cpu_s": 2 * window_s,
+            "final_loss": loss}
 
 
 @settings(max_examples=2000, deadline=None)
@@ -228,7 +227,8 @@ def test_a_sides_rate_is_its_processes_samples_over_their_own_time_together(runs
     seconds = sum(s for _, s in runs)
     assert side["steady_samples_per_s"] == pytest.approx(samples / seconds, rel=1e-12)
     # between its slowest and fastest process, each weighted by the time it ran
-    assert min(r for r, _ in runs) * (1 - 1e-12) <= side["steady_samples_per_s"] <= max(r for r, _ in runs) * (1 + 1e-12)
+    slowest, fastest = min(r for r, _ in runs), max(r for r, _ in runs)
+    assert slowest * (1 - 1e-12) <= side["steady_samples_per_s"] <= fastest * (1 + 1e-12)
     assert side["window_s"] == pytest.approx(seconds)
     assert side["process_samples_per_s"] == [r for r, _ in runs] and len(side["processes"]) == len(runs)
     assert side["wall_s"] == pytest.approx(sum(s + 5.0 for _, s in runs))
@@ -256,3 +256,15 @@ def test_every_side_runs_its_processes_spread_over_the_cycle(sides, processes):
         assert [side for side, j in slots if j == k] == list(range(sides))
     for side in range(sides):
         assert [k for s, k in slots if s == side] == list(range(processes))
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.integers(1, 8), st.integers(0, 1000))
+def test_over_as_many_rounds_as_sides_every_side_starts_once(sides, first_round):
+    from train_overhead import rotated
+
+    orders = [rotated(list(range(sides)), first_round + i) for i in range(sides)]
+    assert all(sorted(order) == list(range(sides)) for order in orders)
+    assert sorted(order[0] for order in orders) == list(range(sides))
+    # the order itself is kept: a side always follows the same other side
+    assert all(order[(order.index(0) + 1) % sides] == 1 % sides for order in orders)
