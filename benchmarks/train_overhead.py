@@ -178,7 +178,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="rounds (each: every side as --processes processes, all taking turns)")
     parser.add_argument("--processes", type=int, default=3,
                         help="processes per side per round, all taking turns; a side's rate is its processes' samples "
-                             "over their own time together (see 'Processes per side' above)")
+                             "over their own time together (see 'Processes per side' above). Every process of a round "
+                             "is alive until it ends: about 0.7 GB each (a bare one held 0.69 GB resident), 12 with "
+                             "the default sides")
     parser.add_argument("--slice-s", type=float, default=1.0,
                         help="seconds a side runs per turn before the next side's turn")
     parser.add_argument("--no-stream-side", dest="stream_side", action="store_false",
