@@ -484,6 +484,9 @@ class Trainer:
                        mininterval=1.0)
         window = self._new_window()
         read_stats: dict[int, torch.Tensor] = {}
+        # training mode for the micro-steps: a captioner comes out of from_pretrained in eval mode (no dropout, and
+        # transformers' gradient checkpointing only runs in training); validation goes to eval and back
+        self.engine.train()
         try:
             data = iter(loader)
             while self.pos.step < self.t.max_steps:
