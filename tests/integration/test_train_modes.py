@@ -10,11 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
-
-from revprompt.shards.manifest import scan_manifest, write_manifest
-from revprompt.shards.writer import ShardWriter, encode_image
-from tests.conftest import ROOT, cli_env
+from tests.conftest import ROOT, cli_env, copy_run, train_args
 
 # the trainer as `revprompt train` builds it (run_stage), with a hook that records the mode of every forward
 SCRIPT = r'''
@@ -36,26 +32,11 @@ print(json.dumps({"code": code, "seen": seen}))
 '''
 
 
-def write_split(root: Path, split: str, count: int, rng: np.random.Generator) -> None:
-    writer = ShardWriter(root / split / "000000.tar")
-    for i in range(count):
-        pixels = rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)
-        writer.write(f"{split}{i}_0000", {"jpg": encode_image(pixels, "jpg"), "txt": f"Navy Blue Shirt {i}".encode()})
-    writer.close()
-
-
-def test_micro_steps_train_in_training_mode_and_validation_in_eval_mode(tmp_path: Path):
-    root = tmp_path / "run" / "shards"
-    rng = np.random.default_rng(0)
-    write_split(root, "train", 8, rng)
-    write_split(root, "val", 4, rng)
-    write_manifest(root, scan_manifest(root, "handmade", {"train": 1, "val": 1}))
-
+def test_micro_steps_train_in_training_mode_and_validation_in_eval_mode(generated_run: Path, tmp_path: Path):
+    run_dir = copy_run(generated_run, tmp_path / "run")  # its val split: one batch of validation
     proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT, "--config", "tiny", f"--run.dir={tmp_path / 'run'}",
-         "--generate.splits=train,val", "--train.max_steps=4", "--train.val_every=2", "--train.val_batches=1",
-         "--train.val_captions=0", "--train.save_every=1000", "--train.micro_batch_size=4", "--train.log_every=2",
-         "--train.embedding_head=false"],
+        [sys.executable, "-c", SCRIPT, *train_args(run_dir, train__max_steps=4, train__val_every=2,
+                                                   train__val_captions=0, train__num_workers=0)],
         env=cli_env(threads=1), cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
